@@ -1,0 +1,93 @@
+"""Timing and CSV helpers shared by every benchmark in bench/."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+CSV_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def versions() -> str:
+    parts = [f"torch {torch.__version__}"]
+    try:
+        import triton
+
+        parts.append(f"triton {triton.__version__}")
+    except ImportError:
+        pass
+    if torch.version.cuda:
+        parts.append(f"cuda {torch.version.cuda}")
+    return ", ".join(parts)
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, min_seconds: float = 0.0):
+    """(p20, p50, p80) of fn's wall time in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p20, p50, p80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=25, rep=100)
+        return p20, p50, p80
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10)
+    return q[1], statistics.median(times), q[7]
+
+
+def append_csv(rows: list[dict], path: str | None = None):
+    """Append rows (dicts with the same keys) to the CSV, with device/versions/commit/time."""
+    path = path or os.environ.get("FASTUNLEARN_BENCH_CSV", CSV_DEFAULT)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = [dict(r, versions=versions(), commit=commit(), timestamp=stamp) for r in rows]
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def print_table(rows: list[dict], cols: list[str]):
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,29 @@
+// The fastunlearn operator namespace: every schema is defined here, once.
+// Backends register implementations with TORCH_LIBRARY_IMPL in their own files
+// (csrc/<op>.cpp for CPU, csrc/cuda/<op>_torch.cpp for CUDA); the Triton kernels are
+// separate triton_op registrations made from Python (kernels/<op>.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastunlearn, m) {
+  // noise: 0 normal, 1 laplace, 2 cauchy, 3 uniform(-1, 1). quantize: 0 = off.
+  // mean/std: per-channel (C,) float32; when std is given, grad is w.r.t. (u - mean) / std.
+  m.def(
+      "boundary_step(Tensor u, Tensor u0, Tensor grad, float eps, float alpha, float lamda, "
+      "float gamma, int noise, int quantize, int seed, int offset, Tensor? mean, Tensor? std) "
+      "-> Tensor");
+  // mode: 0 argmax, 1 nearest_incorrect, 2 soft, 3 topk. targets / dlogits come back as
+  // (0,)-shaped tensors when the mode / want_grad does not ask for them.
+  m.def(
+      "relabel_check(Tensor logits, Tensor y, int mode, int topk, bool want_grad) "
+      "-> (Tensor relabel, Tensor success, Tensor margin, Tensor targets, Tensor dlogits)");
+}
+
+// The Python module itself only carries the build facts; the ops live in torch.ops.fastunlearn.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef FASTUNLEARN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,152 @@
+"""UnlearnConfig: every knob of the method, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from .reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
+
+REFRESH_MODES = ("auto", "iteration", "epoch", "once")
+REMAIN_TARGETS = ("labels", "distill")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("auto", True, False)
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+COMPAT = (None, "authors")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Settings of one unlearning run. Defaults are the authors' (DESIGN.md section 2).
+
+    eps            L-inf radius of the search ball, in pixel units ([0, 1] images).
+    steps          inner steps T; 1 is FGSM.
+    alpha          step size; None means eps for T = 1 and 2.5 * eps / T otherwise.
+    gamma, noise   scale and law of the perturbation z (normal, laplace, cauchy, uniform(-1,1)).
+    lamda, lamda_schedule   pull back towards the original image, and how it decays.
+    quantize       q of the 1/q pixel grid (255 for 8-bit images); 0 turns rounding off.
+    relabel        argmax | nearest_incorrect | soft | topk; topk: k for relabel="topk".
+    early_exit     stop searching a sample once it has crossed the boundary (T > 1).
+    random_start   start the search from a uniform point in the eps ball.
+    refresh        when the search is redone with fresh noise: iteration | epoch | once | auto.
+    epochs, lr, momentum, batch_size   the fine-tune (SGD).
+    remain_reg     rho, weight of the remain-set term; remain_target: labels | distill.
+    search_batch_size   samples per search chunk; None sizes it from free memory.
+    seed           seeds the noise and the batch order.
+    precision      auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16.
+    compile        torch.compile the train step: auto | True | False.
+    backend        backend of the fused ops: auto | torch | cpu | cuda | triton.
+    compat         None, or "authors" to reproduce the published code's known defects.
+    """
+
+    eps: float = 0.1
+    steps: int = 1
+    alpha: Optional[float] = None
+    gamma: float = 0.0
+    lamda: float = 0.0
+    noise: str = "normal"
+    lamda_schedule: str = "constant"
+    quantize: int = 255
+    relabel: str = "argmax"
+    topk: int = 3
+    early_exit: bool = True
+    random_start: bool = False
+    refresh: str = "auto"
+    epochs: int = 10
+    lr: float = 1e-5
+    momentum: float = 0.9
+    batch_size: int = 64
+    remain_reg: float = 0.0
+    remain_target: str = "labels"
+    search_batch_size: Optional[int] = None
+    seed: int = 0
+    precision: str = "auto"
+    compile: object = "auto"
+    backend: str = "auto"
+    compat: Optional[str] = None
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"UnlearnConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                bad(name, "a number")
+            return v
+
+        if number("eps") <= 0 or self.eps > 1:
+            bad("eps", "in (0, 1] (pixel units)")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            bad("steps", "an integer >= 1")
+        if self.alpha is not None and number("alpha") <= 0:
+            bad("alpha", "None or > 0")
+        if number("gamma") < 0:
+            bad("gamma", ">= 0")
+        if number("lamda") < 0:
+            bad("lamda", ">= 0")
+        if self.noise not in NOISE_KINDS:
+            bad("noise", f"one of {NOISE_KINDS}")
+        if self.lamda_schedule not in LAMDA_SCHEDULES:
+            bad("lamda_schedule", f"one of {LAMDA_SCHEDULES}")
+        if isinstance(self.quantize, bool) or not isinstance(self.quantize, int) or self.quantize < 0:
+            bad("quantize", "an integer >= 0 (0 turns rounding off)")
+        if self.quantize and self.eps * self.quantize < 1:
+            bad("eps", f">= one grid step 1/quantize = {1 / self.quantize:.5g}, or quantize=0")
+        if self.relabel not in RELABEL_MODES:
+            bad("relabel", f"one of {RELABEL_MODES}")
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            bad("topk", "an integer >= 1")
+        if self.refresh not in REFRESH_MODES:
+            bad("refresh", f"one of {REFRESH_MODES}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            bad("epochs", "an integer >= 0")
+        if number("lr") <= 0:
+            bad("lr", "> 0")
+        if not 0 <= number("momentum") < 1:
+            bad("momentum", "in [0, 1)")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad("batch_size", "an integer >= 1")
+        if number("remain_reg") < 0:
+            bad("remain_reg", ">= 0")
+        if self.remain_target not in REMAIN_TARGETS:
+            bad("remain_target", f"one of {REMAIN_TARGETS}")
+        if self.search_batch_size is not None and (
+                not isinstance(self.search_batch_size, int) or self.search_batch_size < 1):
+            bad("search_batch_size", "None or an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            bad("seed", "an integer in [0, 2**63)")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"one of {PRECISIONS}")
+        if self.compile not in COMPILE_MODES:
+            bad("compile", "'auto', True or False")
+        if self.backend not in BACKENDS:
+            bad("backend", f"one of {BACKENDS}")
+        if self.compat not in COMPAT:
+            bad("compat", "None or 'authors'")
+
+    @property
+    def step_size(self) -> float:
+        """alpha, with the default filled in."""
+        if self.alpha is not None:
+            return float(self.alpha)
+        return float(self.eps) if self.steps == 1 else 2.5 * float(self.eps) / self.steps
+
+    @property
+    def deterministic_search(self) -> bool:
+        """True when every redo of the search gives the same labels."""
+        return self.gamma == 0 and not self.random_start
+
+    @property
+    def refresh_mode(self) -> str:
+        """refresh with "auto" resolved: once when the search is deterministic."""
+        if self.refresh != "auto":
+            return self.refresh
+        return "once" if self.deterministic_search else "iteration"
+
+    def replace(self, **changes) -> "UnlearnConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

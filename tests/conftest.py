@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter; it must be set before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def gen():
+    """A fresh, randomly seeded generator: tests draw new inputs on every run.
+
+    The seed is printed so a failure can be replayed with FASTUNLEARN_TEST_SEED.
+    """
+    seed = int(os.environ.get("FASTUNLEARN_TEST_SEED", torch.seed() % 2**31))
+    print(f"test seed: {seed}")
+    return torch.Generator().manual_seed(seed)
