@@ -2,11 +2,18 @@
 
 Boundary relabelling with a perturbed sign-gradient search (Nahass et al., 2025), with
 fused native and Triton kernels, a batched search engine and a compiled fine-tune.
+
+    import fastunlearn as fu
+    res = fu.unlearn(model, forget=(x_f, y_f), remain=(x_r, y_r), config=fu.UnlearnConfig())
+    res.model  # a new model; the input model is untouched
 """
 
 from ._backends import backends
+from .api import UnlearnResult, boundary_relabel, compose, interpolate, unlearn
 from .config import UnlearnConfig
+from .metrics import evaluate
 
 __version__ = "0.1.0"
 
-__all__ = ["UnlearnConfig", "backends", "__version__"]
+__all__ = ["UnlearnConfig", "UnlearnResult", "backends", "boundary_relabel", "compose", "evaluate", "interpolate",
+           "unlearn", "__version__"]

@@ -220,12 +220,30 @@ def noise_offset(refresh: int, step: int, steps: int, n_total: int, first: int, 
     return ((refresh * steps + step) * n_total + first) * per_sample
 
 
-def input_grad(model, u, y, mean, std, grad_wrt_normalized=True):
-    """Per-sample CE input gradient and the logits it came from (weights untouched)."""
+def random_start_point(u0, eps, quantize, seed, offset):
+    """A uniform point of the eps ball around u0 (inside [0, 1], on the grid when quantize)."""
+    z = philox_noise(u0.numel(), "uniform", seed, offset, device=u0.device).reshape(u0.shape)
+    u064 = u0.to(torch.float64)
+    lo = torch.clamp(u064 - eps, min=0.0)
+    hi = torch.clamp(u064 + eps, max=1.0)
+    v = u064 + eps * z
+    if quantize:
+        lo, hi = quantize_bounds(lo, hi, quantize)
+        v = torch.floor(v * quantize + 0.5) / quantize
+    return torch.minimum(torch.maximum(v, lo), hi).to(u0.dtype)
+
+
+def input_grad(model, u, y, mean, std):
+    """Per-sample CE input gradient w.r.t. pixels, and the logits it came from.
+
+    The logits gradient softmax - onehot(y) is formed in float64 (relabel_check): for a
+    confident sample p_y - 1 is tiny, and float32 autograd of cross_entropy loses its sign
+    pattern to rounding.
+    """
     x = u.detach().clone().requires_grad_(True)
     logits = model(normalize(x, mean, std))
-    loss = F.cross_entropy(logits.float(), y, reduction="sum")
-    (g,) = torch.autograd.grad(loss, x)
+    dlogits = relabel_check(logits.detach(), y, want_grad=True).dlogits
+    (g,) = torch.autograd.grad(logits, x, grad_outputs=dlogits.to(logits.dtype))
     return g, logits.detach()
 
 
@@ -243,13 +261,7 @@ def search(model, x0, y, *, eps, alpha, steps=1, lamda=0.0, lamda_schedule="cons
     u0 = x0
     u = u0.clone()
     if random_start:
-        # Uniform draw in the ball from its own noise block (step index -1).
-        z = philox_noise(u.numel(), "uniform", seed, noise_offset(refresh, steps, steps, n_total, first, per_sample),
-                         device=u.device).reshape(u.shape)
-        u = torch.clamp(u0 + eps * z.to(u.dtype), 0.0, 1.0)
-        if quantize:
-            lo, hi = quantize_bounds(torch.clamp(u0.double() - eps, min=0), torch.clamp(u0.double() + eps, max=1), quantize)
-            u = torch.minimum(torch.maximum(torch.floor(u.double() * quantize + 0.5) / quantize, lo), hi).to(u0.dtype)
+        u = random_start_point(u0, eps, quantize, seed, noise_offset(refresh, steps, steps, n_total, first, per_sample))
     active = torch.ones(u.shape[0], dtype=torch.bool, device=u.device)
     for t in range(steps):
         g, logits = input_grad(model, u, y, mean, std)
@@ -260,8 +272,7 @@ def search(model, x0, y, *, eps, alpha, steps=1, lamda=0.0, lamda_schedule="cons
         lam = lamda_at(lamda, lamda_schedule, t if steps > 1 else refresh, steps)
         u_next = boundary_step(u, u0, g, eps=eps, alpha=alpha, lamda=lam, gamma=gamma, noise=noise,
                                quantize=quantize, seed=seed,
-                               offset=noise_offset(refresh, t, steps, n_total, first, per_sample),
-                               mean=mean, std=std)
+                               offset=noise_offset(refresh, t, steps, n_total, first, per_sample))
         mask = active.reshape((-1,) + (1,) * (u.dim() - 1))
         u = torch.where(mask, u_next, u)
     return u

@@ -1,0 +1,269 @@
+"""The boundary search engine: Algorithm 1 on a frozen copy, in big chunks, one forward per step.
+
+Per chunk of the forget set, each step t does one forward of the frozen model on the
+samples still searching. ``relabel_check`` on its logits gives both the boundary check of
+iterate t (early exit) and dlogits = softmax - onehot(y), which seeds the input-only
+backward for step t. ``boundary_step`` then moves the iterate. A last forward checks
+u_T. So T steps cost T forward+backward passes plus one forward, on the active samples
+only, and no weight gradient is ever computed.
+
+The noise of sample i at (refresh r, step t) comes from a fixed block of Philox counters
+(``reference.noise_offset``), so labels do not depend on the chunk size, on the order in
+which chunks run, or on which other samples have already stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import reference
+from .config import UnlearnConfig
+from .ops import boundary_step, relabel_check
+
+
+@dataclass
+class SearchResult:
+    """O(N) outputs of a search (rows follow the forget set's order).
+
+    relabels   (R, N) int64 new labels, one row per refresh.
+    success    (R, N) bool, the iterate crossed the boundary (argmax != y).
+    margin     (R, N) float32, logit[y] - best other logit at the final iterate.
+    targets    (R, N, K) float32 soft / top-k targets, or None for hard relabel modes.
+    steps      (R, N) int16, the inner steps each sample took before it stopped.
+    """
+
+    relabels: torch.Tensor
+    success: torch.Tensor
+    margin: torch.Tensor
+    targets: Optional[torch.Tensor]
+    steps: torch.Tensor
+
+    @property
+    def refreshes(self) -> int:
+        return self.relabels.shape[0]
+
+    def train_targets(self, refresh: int) -> torch.Tensor:
+        """What the fine-tune fits for one refresh: soft targets when the mode has them."""
+        return self.targets[refresh] if self.targets is not None else self.relabels[refresh]
+
+
+def frozen_copy(model: nn.Module, device: torch.device, channels_last: bool = False) -> nn.Module:
+    """A copy of the model for the search: eval mode, no weight gradients. The input is untouched."""
+    frozen = copy.deepcopy(model).to(device).eval()
+    frozen.requires_grad_(False)
+    if channels_last:
+        frozen = frozen.to(memory_format=torch.channels_last)
+    return frozen
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _chunk_size(model, sample: torch.Tensor, device: torch.device, requested: Optional[int]) -> int:
+    if requested:
+        return requested
+    if device.type != "cuda":
+        # Large enough to amortise per-call overhead, small enough to stay in cache-friendly sizes.
+        return 512
+    free, _ = torch.cuda.mem_get_info(device)
+    # Measure one small forward + input backward and scale it to half the free memory.
+    probe = sample[:8].to(device, torch.float32).requires_grad_(True)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    model(probe).float().sum().backward()
+    per_sample = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
+    return int(max(64, min(65536, 0.5 * free // per_sample)))
+
+
+class _Normalizer:
+    def __init__(self, mean, std, channels, device):
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=device).reshape(-1)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=device).reshape(-1)
+        if self.mean is None and self.std is not None:
+            self.mean = torch.zeros(channels, device=device)
+        if self.std is None and self.mean is not None:
+            self.std = torch.ones(channels, device=device)
+
+    def __call__(self, u):
+        if self.mean is None:
+            return u
+        shape = (1, -1) + (1,) * (u.dim() - 2)
+        return (u - self.mean.reshape(shape)) / self.std.reshape(shape)
+
+
+def _as_pixels(x: torch.Tensor, device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
+def _rows(x, start, stop):
+    """Rows [start, stop) of a tensor or a Dataset, as an (images, labels) pair."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop]
+    items = [x[i] for i in range(start, stop)]
+    imgs = [torch.as_tensor(img) for img, _ in items]
+    return torch.stack(imgs)
+
+
+def run_search(model: nn.Module, x, y: torch.Tensor, config: UnlearnConfig, *, mean=None, std=None,
+               device=None, refreshes: int = 1, progress: bool = False, frozen: Optional[nn.Module] = None
+               ) -> SearchResult:
+    """Search every forget sample ``refreshes`` times (fresh noise each time).
+
+    x: (N, C, H, W) uint8 or float in [0, 1], on any device, or a Dataset of (image, label)
+    whose images are such tensors; chunks are moved to ``device`` one at a time, so the
+    forget set may be larger than the device memory.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    frozen = frozen if frozen is not None else frozen_copy(model, device)
+    n = len(y)
+    first_chunk = _rows(x, 0, min(n, 8))
+    channels = first_chunk.shape[1]
+    per_sample = first_chunk[0].numel()
+    norm = _Normalizer(mean, std, channels, device)
+    autocast = resolve_precision(config.precision, device)
+    chunk = _chunk_size(lambda t: frozen(norm(t)), _as_pixels(first_chunk, device), device, config.search_batch_size)
+    alpha = config.step_size
+    steps = config.steps
+
+    out_lab = torch.empty(refreshes, n, dtype=torch.int64)
+    out_ok = torch.empty(refreshes, n, dtype=torch.bool)
+    out_margin = torch.empty(refreshes, n, dtype=torch.float32)
+    out_steps = torch.empty(refreshes, n, dtype=torch.int16)
+    out_targets = None
+
+    total = refreshes * math.ceil(n / chunk)
+    bar = _progress(total, progress, "search")
+    for r in range(refreshes):
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            u0 = _as_pixels(_rows(x, start, stop), device)
+            yc = y[start:stop].to(device)
+            res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n, start, per_sample, autocast)
+            lab, ok, margin, targets, took = res
+            out_lab[r, start:stop] = lab.cpu()
+            out_ok[r, start:stop] = ok.cpu()
+            out_margin[r, start:stop] = margin.cpu()
+            out_steps[r, start:stop] = took.cpu().to(torch.int16)
+            if targets is not None:
+                if out_targets is None:
+                    out_targets = torch.empty(refreshes, n, targets.shape[1], dtype=torch.float32)
+                out_targets[r, start:stop] = targets.cpu()
+            bar.update(1)
+    bar.close()
+    return SearchResult(out_lab, out_ok, out_margin, out_targets, out_steps)
+
+
+def _forward(frozen, norm, u, autocast, need_grad):
+    """Logits of the frozen model at u, and the normalised input they were taken at."""
+    nu = norm(u).detach()
+    if need_grad:
+        nu.requires_grad_(True)
+    with torch.set_grad_enabled(need_grad), torch.autocast(u.device.type, dtype=autocast or torch.float32,
+                                                           enabled=autocast is not None):
+        logits = frozen(nu)
+    return logits, nu
+
+
+def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh, n_total, first, per_sample,
+                  autocast):
+    m = u0.shape[0]
+    dev = u0.device
+    u = u0.clone()
+    if cfg.random_start:
+        start = reference.noise_offset(refresh, steps, steps, n_total, first, per_sample)
+        u = reference.random_start_point(u0, cfg.eps, cfg.quantize, cfg.seed, start)
+    lab = torch.empty(m, dtype=torch.int64, device=dev)
+    ok = torch.empty(m, dtype=torch.bool, device=dev)
+    margin = torch.empty(m, dtype=torch.float32, device=dev)
+    took = torch.full((m,), steps, dtype=torch.int32, device=dev)
+    targets = None
+    active = torch.arange(m, device=dev)
+    mean_std = dict(mean=norm.mean, std=norm.std) if norm.mean is not None else {}
+
+    def record(rows, rc, t):
+        nonlocal targets
+        lab[rows] = rc.relabel
+        ok[rows] = rc.success
+        margin[rows] = rc.margin
+        took[rows] = t
+        if rc.targets is not None:
+            if targets is None:
+                targets = torch.zeros(m, rc.targets.shape[1], dtype=torch.float32, device=dev)
+            targets[rows] = rc.targets
+
+    for t in range(steps + 1):
+        last = t == steps
+        logits, nu = _forward(frozen, norm, u[active], autocast, need_grad=not last)
+        rc = relabel_check(logits.detach(), y[active], mode=cfg.relabel, topk=cfg.topk, want_grad=not last,
+                           backend=cfg.backend)
+        if last:
+            record(active, rc, t)
+            break
+        dlogits = rc.dlogits
+        if cfg.early_exit and steps > 1 and t > 0:
+            done = rc.success
+            if bool(done.any()):
+                record(active[done], _select(rc, done), t)
+                keep = ~done
+                active = active[keep]
+                if active.numel() == 0:
+                    break
+                if float(done.float().mean()) > 1 / 3:
+                    # A fresh forward on the survivors (1 pass) beats a backward through the
+                    # rows that stopped (2 passes each) once a third of them stopped.
+                    logits, nu = _forward(frozen, norm, u[active], autocast, need_grad=True)
+                    dlogits = dlogits[keep]
+                else:
+                    dlogits = dlogits * keep.unsqueeze(1)
+                    (g_all,) = torch.autograd.grad(logits, nu, grad_outputs=dlogits.to(logits.dtype))
+                    logits = None
+                    g = g_all[keep]
+        if logits is not None:
+            (g,) = torch.autograd.grad(logits, nu, grad_outputs=dlogits.to(logits.dtype))
+        lam = reference.lamda_at(cfg.lamda, cfg.lamda_schedule, t if steps > 1 else refresh, steps)
+        offset = reference.noise_offset(refresh, t, steps, n_total, first, per_sample)
+        step_kw = dict(eps=cfg.eps, alpha=alpha, lamda=lam, gamma=cfg.gamma, noise=cfg.noise,
+                       quantize=cfg.quantize, seed=cfg.seed, offset=offset, backend=cfg.backend, **mean_std)
+        if active.numel() == m:
+            u = boundary_step(u, u0, g.to(u.dtype), **step_kw)
+        elif cfg.gamma == 0:
+            u[active] = boundary_step(u[active], u0[active], g.to(u.dtype), **step_kw)
+        else:
+            # The noise of a row is fixed by its position in the chunk, so step the whole
+            # chunk and keep only the rows still searching.
+            full = torch.zeros_like(u)
+            full[active] = g.to(u.dtype)
+            stepped = boundary_step(u, u0, full, **step_kw)
+            u[active] = stepped[active]
+    return lab, ok, margin, targets, took
+
+
+def _select(rc: reference.RelabelResult, rows) -> reference.RelabelResult:
+    return reference.RelabelResult(*(None if v is None else v[rows] for v in rc))
+
+
+class _NoBar:
+    def update(self, k=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled, desc):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
