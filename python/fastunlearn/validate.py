@@ -30,6 +30,17 @@ def pair(data, name: str, *, allow_none: bool = False):
         if allow_none:
             return None
         raise ValueError(f"{name} is required: give an (x, y) pair or a Dataset")
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        # Checked on the raw pair: the loaders' conversion is lenient, the API is not.
+        raw_x, raw_y = data
+        if hasattr(raw_x, "shape") and len(raw_x.shape) != 4:
+            raise ValueError(f"{name} images must be (N, C, H, W), got shape {tuple(raw_x.shape)}"
+                             + (" (add a channel dim with x.unsqueeze(1))" if len(raw_x.shape) == 3 else ""))
+        if hasattr(raw_y, "dtype") and (str(raw_y.dtype).startswith(("torch.float", "float", "torch.bool", "bool"))):
+            raise TypeError(f"{name} labels must be integers (int64), got {raw_y.dtype}")
+        if hasattr(raw_x, "dtype") and not str(raw_x.dtype).endswith(("uint8", "float32", "float64", "float16",
+                                                                       "bfloat16")):
+            raise TypeError(f"{name} images must be float in [0, 1] or uint8, got {raw_x.dtype}")
     x, y = as_tensors(data, name=name)
     if x.dim() != 4:
         raise ValueError(f"{name} images must be (N, C, H, W), got shape {tuple(x.shape)}"

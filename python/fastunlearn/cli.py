@@ -1,0 +1,384 @@
+"""The `fastunlearn` command: demo, train, unlearn, eval, compose, backends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DESCRIPTION = """\
+Targeted unlearning of image classifiers: make a trained model forget a class, part of
+a class, or every sample matching a metadata rule, keep its accuracy elsewhere, and show
+it with accuracy and membership-inference metrics.
+
+Images are handled in pixel space ([0, 1] or uint8); normalisation (mean/std) is stored
+with the model and applied inside. Model files are safetensors written by `train`,
+`unlearn` or `compose`.
+"""
+
+EPILOG = """\
+examples:
+  fastunlearn demo                                   # train, forget class 0, compare with retraining
+  fastunlearn train --data digits --arch smallcnn --out orig.safetensors
+  fastunlearn unlearn --model orig.safetensors --data digits --forget-class 3 --out forgot.safetensors
+  fastunlearn eval --model forgot.safetensors --data digits --forget-class 3
+  fastunlearn unlearn --model retina.safetensors --data retina --data-dir DIR \\
+      --forget-rule "device == Topcon NW400" --metadata retina_meta.csv --out r2.safetensors
+  fastunlearn compose --backbone a.safetensors --head b.safetensors --out c.safetensors
+"""
+
+
+# ------------------------------------------------------------------- data
+def load_splits(name: str, data_dir=None) -> tuple[str, dict]:
+    from . import data
+
+    key = name.lower()
+    if key in ("auto", "default"):
+        return data.load_default(data_dir)
+    if key in ("fashion", "fashion-mnist", "fashionmnist"):
+        return "fashion-mnist", data.load_fashion_mnist(data_dir)
+    if key == "digits":
+        return "digits", data.load_digits()
+    if key in ("retina", "retinamnist"):
+        path = _find_file(data_dir, "retinamnist.npz")
+        return "retinamnist", data.load_medmnist(path)
+    if key.endswith(".npz"):
+        return os.path.basename(key), data.load_medmnist(name)
+    if os.path.isdir(name):
+        return os.path.basename(os.path.normpath(name)), data.load_fashion_mnist(name)
+    raise SystemExit(f"error: --data {name!r} is not a known dataset (auto, fashion-mnist, digits, retina), "
+                     "a MedMNIST .npz file, or a directory of IDX files")
+
+
+def _find_file(data_dir, filename):
+    for d in filter(None, [data_dir, os.environ.get("FASTUNLEARN_DATA"), "."]):
+        p = os.path.join(d, filename)
+        if os.path.exists(p):
+            return p
+    raise SystemExit(f"error: {filename} not found; pass --data-dir DIR (looked in --data-dir, $FASTUNLEARN_DATA, .)")
+
+
+def add_data_args(p, forget=True):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="auto", help="auto | fashion-mnist | digits | retina | FILE.npz | IDX directory "
+                   "(default: auto = FashionMNIST if installed, else sklearn digits)")
+    g.add_argument("--data-dir", help="where the dataset files are (default: $FASTUNLEARN_DATA, Debian's "
+                   "/usr/share/datasets/fashion-mnist)")
+    g.add_argument("--train-size", type=int, help="use only the first N training images (seeded shuffle)")
+    if forget:
+        f = p.add_argument_group("forget set (pick one; selected from the training split)")
+        f.add_argument("--forget-class", type=int, nargs="+", help="forget every sample of these classes")
+        f.add_argument("--forget-fraction", type=float, help="with --forget-class: forget only this seeded fraction")
+        f.add_argument("--forget-indices", help="file of training-set indices to forget (one per line or comma-separated)")
+        f.add_argument("--forget-rule", action="append", help='metadata rule, e.g. "device == Topcon NW400" or '
+                       '"macular_thickness_um >= 300" (repeat to AND rules); needs --metadata')
+        f.add_argument("--metadata", help="CSV with an 'index' column (training-set row) and the rule's columns")
+
+
+def select_forget(args, y):
+    from . import forget
+
+    chosen = [a for a in ("forget_class", "forget_indices", "forget_rule") if getattr(args, a)]
+    if len(chosen) != 1:
+        raise SystemExit("error: choose exactly one of --forget-class, --forget-indices, --forget-rule "
+                         f"(got {', '.join('--' + c.replace('_', '-') for c in chosen) or 'none'})")
+    if args.forget_class:
+        if args.forget_fraction is not None:
+            return forget.fraction_of_class(y, args.forget_class, args.forget_fraction, seed=args.seed)
+        return forget.by_class(y, args.forget_class)
+    if args.forget_indices:
+        with open(args.forget_indices) as f:
+            idx = [int(t) for t in f.read().replace(",", " ").split()]
+        return forget.by_indices(len(y), idx)
+    if not args.metadata:
+        raise SystemExit("error: --forget-rule needs --metadata CSV")
+    return forget.by_metadata(args.metadata, args.forget_rule, n=len(y))
+
+
+def subset(pair, n, seed):
+    if n is None or n >= len(pair[1]):
+        return pair
+    idx = torch.randperm(len(pair[1]), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return pair[0][idx], pair[1][idx]
+
+
+def prepare_data(args):
+    from . import forget as fg
+
+    name, splits = load_splits(args.data, args.data_dir)
+    train = subset(splits["train"], args.train_size, args.seed)
+    idx = select_forget(args, train[1])
+    f, r = fg.split(train[0], train[1], idx)
+    return name, splits, train, f, r, splits["test"]
+
+
+# --------------------------------------------------------------- printing
+def metrics_table(rows: dict, keys=("forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "seconds")):
+    names = {"forget_acc": "forget", "remain_acc": "remain", "test_acc": "test", "mia_lr": "MIA-LR",
+             "mia_efficacy": "MIA-eff", "seconds": "time (s)", "gap": "gap"}
+    keys = [k for k in keys if any(k in m for m in rows.values())]
+    w = max(len(n) for n in rows) + 2
+    lines = ["".ljust(w) + "".join(names.get(k, k).rjust(10) for k in keys)]
+    for label, m in rows.items():
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            if v is None:
+                cells.append("-".rjust(10))
+            elif k.endswith("_acc"):
+                cells.append(f"{100 * v:9.2f}%")
+            else:
+                cells.append(f"{v:10.3f}")
+        lines.append(label.ljust(w) + "".join(cells))
+    return "\n".join(lines)
+
+
+def config_from_args(args):
+    from .config import UnlearnConfig
+
+    fields = {k: getattr(args, k) for k in ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule",
+                                             "relabel", "topk", "refresh", "epochs", "lr", "batch_size",
+                                             "remain_reg", "remain_target", "seed", "precision", "backend")
+              if getattr(args, k, None) is not None}
+    try:
+        return UnlearnConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+def add_config_args(p, defaults=None):
+    from .config import UnlearnConfig
+    from .reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
+
+    d = UnlearnConfig() if defaults is None else defaults
+    g = p.add_argument_group("method (defaults are the authors' settings)")
+    g.add_argument("--eps", type=float, default=d.eps, help=f"L-inf search radius in pixel units (default {d.eps})")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"inner search steps T; 1 = FGSM (default {d.steps})")
+    g.add_argument("--alpha", type=float, help="step size (default eps for T=1, 2.5*eps/T otherwise)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help=f"noise scale (default {d.gamma})")
+    g.add_argument("--noise", choices=NOISE_KINDS, default=d.noise, help="noise law")
+    g.add_argument("--lamda", type=float, default=d.lamda, help=f"pull towards the original image (default {d.lamda})")
+    g.add_argument("--lamda-schedule", choices=LAMDA_SCHEDULES, default=d.lamda_schedule)
+    g.add_argument("--relabel", choices=RELABEL_MODES, default=d.relabel, help="how the new label is chosen")
+    g.add_argument("--topk", type=int, default=d.topk, help="k for --relabel topk")
+    g.add_argument("--refresh", choices=("auto", "iteration", "epoch", "once"), default=d.refresh,
+                   help="when the search is redone with fresh noise (auto: once if deterministic)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"fine-tune epochs (default {d.epochs})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"fine-tune learning rate (default {d.lr})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"fine-tune batch (default {d.batch_size})")
+    g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
+    g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target)
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
+    g.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default=d.backend,
+                   help="backend of the fused ops (see `fastunlearn backends`)")
+
+
+def add_common(p):
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data subsets, noise and batch order")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def device_of(args):
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# --------------------------------------------------------------- commands
+def cmd_backends(args):
+    from . import backends
+
+    for k, v in backends().items():
+        print(f"{k:7s} {v}")
+
+
+def cmd_train(args):
+    from . import data
+    from .checkpoint import save_model
+    from .models import create_model
+    from .train import train_classifier
+
+    name, splits = load_splits(args.data, args.data_dir)
+    train = subset(splits["train"], args.train_size, args.seed)
+    x, y = train
+    mean, std = data.channel_stats(x)
+    arch = {"name": args.arch, "in_channels": int(x.shape[1]), "num_classes": int(y.max()) + 1}
+    if args.width is not None:
+        arch["width"] = args.width
+    model = create_model(**arch)
+    model = train_classifier(model, train, epochs=args.train_epochs, lr=args.train_lr, mean=mean, std=std,
+                             device=device_of(args), seed=args.seed, progress=not args.no_progress)
+    save_model(model, args.out, arch, mean=mean, std=std, dataset=name)
+    from .metrics import evaluate
+
+    m = evaluate(model, remain=train, test=splits["test"], mean=mean, std=std, device=device_of(args), mia=False)
+    print(f"saved {args.out}: train {100 * m['remain_acc']:.2f}%, test {100 * m['test_acc']:.2f}%")
+
+
+def cmd_unlearn(args):
+    from . import unlearn
+    from .checkpoint import atomic_write_text, load_model, save_model
+    from .metrics import evaluate
+
+    dev = device_of(args)
+    model, meta = load_model(args.model, dev)
+    name, splits, _, f, r, test = prepare_data(args)
+    cfg = config_from_args(args)
+    print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name} ({cfg.refresh_mode} search)")
+    res = unlearn(model, f, r, config=cfg, mean=meta.get("mean"), std=meta.get("std"), device=dev,
+                  progress=not args.no_progress)
+    meta_out = {k: v for k, v in meta.items() if k != "arch"}
+    save_model(res.model, args.out, meta["arch"], **meta_out, unlearned_from=os.path.basename(args.model),
+               config=cfg.to_dict())
+    rows = {"original": evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev),
+            "unlearned": dict(evaluate(res.model, f, r, test, meta.get("mean"), meta.get("std"), dev),
+                              seconds=res.seconds)}
+    print(metrics_table(rows))
+    print(f"saved {args.out} (search {res.timings['search']:.2f}s, fine-tune {res.timings['finetune']:.2f}s, "
+          f"backend {res.backend}; {100 * float(res.success.float().mean()):.1f}% of the forget set crossed)")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=2))
+
+
+def cmd_eval(args):
+    from .checkpoint import atomic_write_text, load_model
+    from .metrics import evaluate, gap
+
+    dev = device_of(args)
+    _, _, _, f, r, test = prepare_data(args)
+    rows = {}
+    for label, path in [("model", args.model)] + ([("retrain", args.retrain)] if args.retrain else []):
+        model, meta = load_model(path, dev)
+        rows[label] = evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev,
+                               per_class=args.per_class)
+    if args.retrain:
+        rows["model"]["gap"] = gap(rows["model"], rows["retrain"])
+    print(metrics_table(rows, ("forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap")))
+    if args.per_class:
+        for label, m in rows.items():
+            print(f"{label} per-class test accuracy: "
+                  + ", ".join(f"{c}: {100 * a:.1f}%" for c, a in m["per_class"]["test"].items()))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=2, default=str))
+
+
+def cmd_compose(args):
+    from .api import compose
+    from .checkpoint import load_model, save_model
+
+    dev = device_of(args)
+    a, meta = load_model(args.backbone, dev)
+    b, _ = load_model(args.head, dev)
+    remain = None
+    if args.finetune:
+        _, _, _, _, remain, _ = prepare_data(args)
+    out = compose(a, b, head_name=args.head_name, remain=remain, finetune=args.finetune, epochs=args.epochs,
+                  lr=args.lr, mean=meta.get("mean"), std=meta.get("std"), device=dev,
+                  progress=not args.no_progress)
+    meta_out = {k: v for k, v in meta.items() if k != "arch"}
+    save_model(out, args.out, meta["arch"], **meta_out, composed_from=[args.backbone, args.head])
+    print(f"saved {args.out}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+# ------------------------------------------------------------------- main
+def build_parser():
+    p = argparse.ArgumentParser(prog="fastunlearn", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    d = sub.add_parser("demo", help="train a small model, forget one class, compare with retraining",
+                       description="Train an original model on a real dataset (FashionMNIST when installed, else "
+                       "sklearn digits), retrain it without one class as the gold standard, unlearn that class "
+                       "from the original, and print original / retrain / unlearned side by side "
+                       "(forget, remain and test accuracy, MIA). A few minutes on 2 CPU cores.", formatter_class=fmt)
+    add_data_args(d, forget=False)
+    d.add_argument("--forget-class", type=int, default=0, help="class to forget")
+    d.add_argument("--arch", default="allcnn", help="allcnn | smallcnn | resnet18")
+    d.add_argument("--width", type=float, default=0.25, help="width multiplier of AllCNN (1 = the paper's 96/192)")
+    d.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original and the retrain")
+    d.add_argument("--test-size", type=int, default=2000, help="test images used for the metrics")
+    d.add_argument("--out", default="runs/demo", help="folder for models, metrics.json and plots")
+    d.add_argument("--authors", action="store_true", help="use the authors' settings (lr 1e-5) for the unlearning")
+    add_common(d)
+    d.set_defaults(func=cmd_demo, train_size=10000)
+
+    t = sub.add_parser("train", help="train an original model on a dataset", formatter_class=fmt,
+                       description="Train a classifier and save it (with its mean/std) as a model file.")
+    add_data_args(t, forget=False)
+    t.add_argument("--arch", default="allcnn", help="allcnn | smallcnn | resnet18 | resnet34 | resnet50")
+    t.add_argument("--width", type=float, help="width multiplier (allcnn, smallcnn)")
+    t.add_argument("--train-epochs", type=int, default=5)
+    t.add_argument("--train-lr", type=float, default=0.05)
+    t.add_argument("--out", required=True, help="output model file (.safetensors)")
+    add_common(t)
+    t.set_defaults(func=cmd_train)
+
+    u = sub.add_parser("unlearn", help="make a model forget a set of training samples", formatter_class=fmt,
+                       description="Search each forget sample's nearest decision boundary with perturbed sign "
+                       "gradients, relabel it there, fine-tune a copy of the model on the relabelled set "
+                       "(optionally regularised on the remain set), save it, and print before/after metrics.")
+    u.add_argument("--model", required=True, help="model file written by `fastunlearn train`")
+    u.add_argument("--out", required=True, help="output model file (.safetensors), written atomically")
+    u.add_argument("--json", help="also write the metrics as JSON here")
+    add_data_args(u)
+    add_config_args(u)
+    add_common(u)
+    u.set_defaults(func=cmd_unlearn)
+
+    e = sub.add_parser("eval", help="forget / remain / test accuracy, MIA, gap to a retrained model",
+                       formatter_class=fmt, description="Evaluate a model on the forget, remain and test sets. "
+                       "MIA-LR: logistic regression on per-sample loss, test vs forget (0.5 = indistinguishable). "
+                       "MIA-eff: fraction of forget samples an SVC on confidence calls non-members.")
+    e.add_argument("--model", required=True)
+    e.add_argument("--retrain", help="a model retrained without the forget set, to report the gap")
+    e.add_argument("--per-class", action="store_true", help="also print per-class test accuracy")
+    e.add_argument("--json", help="write the metrics as JSON here")
+    add_data_args(e)
+    add_common(e)
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compose", help="backbone of one model + head of another", formatter_class=fmt,
+                       description="Take the feature extractor of --backbone (a run that kept remain accuracy) "
+                       "and the classifier head of --head (a run that forgot), optionally fine-tune on the remain set.")
+    c.add_argument("--backbone", required=True)
+    c.add_argument("--head", required=True)
+    c.add_argument("--head-name", help="attribute path of the head (default: found automatically)")
+    c.add_argument("--finetune", choices=("head", "full"), help="fine-tune on the remain set (needs the data args)")
+    c.add_argument("--epochs", type=int, default=1)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--out", required=True)
+    add_data_args(c)
+    add_common(c)
+    c.set_defaults(func=cmd_compose)
+
+    b = sub.add_parser("backends", help="which fused-op backends are available, and why not")
+    b.set_defaults(func=cmd_backends)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
