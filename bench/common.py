@@ -67,16 +67,29 @@ def timeit(fn, device: torch.device, *, warmup: int = 3, reps: int = 20, min_sec
 
 
 def append_csv(rows: list[dict], path: str | None = None):
-    """Append rows (dicts with the same keys) to the CSV, with device/versions/commit/time."""
+    """Append rows to a CSV, with device/versions/commit/time added to each.
+
+    Rows may carry different keys; the header is the union, and an existing file whose
+    header lacks a new key is rewritten with the wider header (old rows get blanks).
+    """
     path = path or os.environ.get("FASTUNLEARN_BENCH_CSV", CSV_DEFAULT)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = [dict(r, versions=versions(), commit=commit(), timestamp=stamp) for r in rows]
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    keys: list[str] = []
+    old_rows: list[dict] = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            old_rows = list(reader)
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(old_rows + rows)
+    os.replace(tmp, path)
     return path
 
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 from . import reference
 from .config import UnlearnConfig
 from .ops import boundary_step, relabel_check
+from .source import ImageSource
 
 
 @dataclass
@@ -106,28 +107,20 @@ def _as_pixels(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
 
 
-def _rows(x, start, stop):
-    """Rows [start, stop) of a tensor or a Dataset, as an (images, labels) pair."""
-    if isinstance(x, torch.Tensor):
-        return x[start:stop]
-    items = [x[i] for i in range(start, stop)]
-    imgs = [torch.as_tensor(img) for img, _ in items]
-    return torch.stack(imgs)
-
-
-def run_search(model: nn.Module, x, y: torch.Tensor, config: UnlearnConfig, *, mean=None, std=None,
+def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnConfig, *, mean=None, std=None,
                device=None, refreshes: int = 1, progress: bool = False, frozen: Optional[nn.Module] = None
                ) -> SearchResult:
     """Search every forget sample ``refreshes`` times (fresh noise each time).
 
     x: (N, C, H, W) uint8 or float in [0, 1], on any device, or a Dataset of (image, label)
-    whose images are such tensors; chunks are moved to ``device`` one at a time, so the
-    forget set may be larger than the device memory.
+    whose images are such tensors (y may then be None), or an ImageSource. Chunks are moved
+    to ``device`` one at a time, so the forget set may be larger than the device memory.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     frozen = frozen if frozen is not None else frozen_copy(model, device)
-    n = len(y)
-    first_chunk = _rows(x, 0, min(n, 8))
+    src = x if isinstance(x, ImageSource) else ImageSource(x, y)
+    n = len(src)
+    first_chunk = src.rows(0, min(n, 8))[0]
     channels = first_chunk.shape[1]
     per_sample = first_chunk[0].numel()
     norm = _Normalizer(mean, std, channels, device)
@@ -147,8 +140,9 @@ def run_search(model: nn.Module, x, y: torch.Tensor, config: UnlearnConfig, *, m
     for r in range(refreshes):
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            u0 = _as_pixels(_rows(x, start, stop), device)
-            yc = y[start:stop].to(device)
+            xc, yc = src.rows(start, stop)
+            u0 = _as_pixels(xc, device)
+            yc = yc.to(device)
             res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n, start, per_sample, autocast)
             lab, ok, margin, targets, took = res
             out_lab[r, start:stop] = lab.cpu()

@@ -1,0 +1,151 @@
+"""An op-for-op rewrite of the authors' unlearning loop, the baseline of every benchmark.
+
+It keeps their structure and costs: for each forget batch of 64 the frozen copy computes a
+full backward (weight gradients included), the noise is drawn on the host side of the
+chain as a separate tensor, the step is a chain of separate eager ops, and the relabel is a
+second forward that builds an autograd graph; a remain batch is drawn every iteration
+whether or not it is used. Their known defects are not reproduced: the normalisation is
+the dataset's own (given as mean/std), the lambda term is in pixel space, and targets are
+labels. Data comes from memory (tensors), which only makes this baseline faster than the
+original, whose loader decodes one PIL image at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import UnlearnConfig
+
+
+def _norm(u, mean, std):
+    if mean is None:
+        return u
+    return (u - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)
+
+
+def _draw(kind, shape, device):
+    if kind == "normal":
+        return torch.randn(shape, device=device)
+    if kind == "cauchy":
+        return torch.distributions.Cauchy(0.0, 1.0).sample(shape).to(device)
+    if kind == "laplace":
+        return torch.distributions.Laplace(0.0, 1.0).sample(shape).to(device)
+    return torch.distributions.Uniform(-1.0, 1.0).sample(shape).to(device)
+
+
+def _lamda(cfg: UnlearnConfig, iteration: int, total: int) -> float:
+    # Their schedules count the outer iteration, 1-based.
+    if cfg.lamda_schedule == "inverse":
+        return cfg.lamda / iteration
+    if cfg.lamda_schedule == "exponential":
+        return cfg.lamda * math.exp(-0.01 * iteration)
+    if cfg.lamda_schedule == "linear":
+        return cfg.lamda * (1 - iteration / total)
+    return cfg.lamda
+
+
+def fgsm_perturb(test_model, x, y, cfg: UnlearnConfig, mean, std, iteration=1, total=1):
+    """Their FGSM.perturb on one batch: full backward, eager step chain, round after clamp."""
+    test_model.zero_grad()
+    x_adv = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(test_model(_norm(x_adv, mean, std)), y)
+    loss.backward()  # weights have requires_grad=True in their frozen copy: weight grads too
+    z = _draw(cfg.noise, x_adv.shape, x.device)  # drawn even when gamma = 0, as they do
+    g = x_adv.grad.detach()
+    if cfg.lamda > 0:
+        d = g - _lamda(cfg, iteration, total) * (x_adv.detach() - x) + cfg.gamma * z
+    else:
+        d = g + cfg.gamma * z
+    step = cfg.step_size
+    x_new = x_adv.detach() + d.sign() * step
+    delta = torch.clamp(x_new - x, -cfg.eps, cfg.eps)
+    x_new = torch.clamp(x + delta, 0.0, 1.0)
+    return torch.round(x_new * 255) / 255
+
+
+def authors_search(test_model, x, y, cfg: UnlearnConfig, mean=None, std=None, batch_size=64):
+    """Their inner search over a forget set, batch by batch, with the relabel forward.
+
+    Returns (relabels, success) like the engine, for label agreement checks.
+    """
+    labels = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i:i + batch_size]
+        yb = y[i:i + batch_size]
+        test_model.eval()
+        x_adv = fgsm_perturb(test_model, xb, yb, cfg, mean, std)
+        adv_logits = test_model(_norm(x_adv, mean, std))  # builds a graph, as theirs does
+        labels.append(torch.argmax(adv_logits, dim=1))
+    relabels = torch.cat(labels)
+    return relabels, relabels != y
+
+
+def _as_pixels(x, device):
+    x = x.to(device)
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=None, std=None, device=None,
+                    progress=False):
+    """Their whole loop (search redone every iteration, then one SGD step). Returns (model, seconds)."""
+    device = torch.device(device or next(model.parameters()).device)
+    fx, fy = forget
+    rx, ry = remain
+    fx = _as_pixels(fx, device)
+    rx = _as_pixels(rx, device)
+    fy, ry = fy.to(device), ry.to(device)
+    mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=device)
+    std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=device)
+    t0 = time.perf_counter()
+    test_model = copy.deepcopy(model).to(device)
+    unlearn_model = copy.deepcopy(model).to(device)
+    optimizer = torch.optim.SGD(unlearn_model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    b = cfg.batch_size
+    batches_per_epoch = math.ceil(fx.shape[0] / b)
+    total = cfg.epochs * batches_per_epoch
+
+    def batches(n):
+        while True:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n, b):
+                yield perm[i:i + b]
+
+    forget_gen, remain_gen = batches(fx.shape[0]), batches(rx.shape[0])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="authors' loop", leave=False)
+    for itr in range(total):
+        fi, ri = next(forget_gen), next(remain_gen)
+        x, y = fx[fi], fy[fi]
+        x_rem, y_rem = rx[ri], ry[ri]  # loaded every iteration, used or not
+        test_model.eval()
+        x_adv = fgsm_perturb(test_model, x, y, cfg, mean, std, itr + 1, total)
+        adv_logits = test_model(_norm(x_adv, mean, std))
+        pred_label = torch.argmax(adv_logits, dim=1)
+        unlearn_model.train()
+        unlearn_model.zero_grad()
+        optimizer.zero_grad()
+        if cfg.remain_reg > 0:
+            remain_loss = F.cross_entropy(unlearn_model(_norm(x_rem, mean, std)), y_rem)
+            remain_contrib = remain_loss * cfg.remain_reg
+        else:
+            remain_contrib = 0
+        loss = F.cross_entropy(unlearn_model(_norm(x, mean, std)), pred_label) + remain_contrib
+        loss.backward()
+        optimizer.step()
+        if bar is not None:
+            bar.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if bar is not None:
+        bar.close()
+    return unlearn_model.eval(), time.perf_counter() - t0

@@ -1,0 +1,131 @@
+"""Plain supervised training: the original models to unlearn from, and retrained references."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import as_tensors
+from .metrics import _model_device, prepare
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+AUGMENTS = ("crop", "flip", "crop+flip")
+
+
+def _augment_mode(augment) -> tuple[bool, bool]:
+    if augment is True:
+        return True, True
+    if augment is False or augment is None:
+        return False, False
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be True, False or one of {AUGMENTS}, got {augment!r}")
+    return "crop" in augment, "flip" in augment
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``pad`` and crop back at a random offset, independently per sample."""
+    n, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    b = torch.arange(n, device=x.device)[:, None, None, None]
+    ch = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[b, ch, rows, cols]
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.05, batch_size: int = 128,
+                     mean=None, std=None, device=None, seed: int = 0, augment: Union[bool, str] = False,
+                     weight_decay: float = 5e-4, progress: bool = True, desc: str = "train",
+                     schedule: str = "onecycle", momentum: float = 0.9,
+                     label_smoothing: float = 0.0) -> torch.nn.Module:
+    """A trained copy of ``model`` (the input is never modified), returned in eval mode.
+
+    SGD with momentum and a one-cycle (default), cosine or constant learning rate, cross-
+    entropy loss. ``train`` is an (x, y) pair or a Dataset; x may stay uint8 on the CPU,
+    each batch is moved and converted on ``device`` (default: where the model is).
+    ``augment``: True (= "crop+flip"), "crop", "flip" or False; crop pads by H/8.
+    The run is reproducible for a given seed on CPU and leaves the global RNG untouched.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    crop, flip = _augment_mode(augment)
+    x, y = as_tensors(train, "train")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("train is empty")
+    dev = _model_device(model, device)
+    net = copy.deepcopy(model).to(dev)
+    if epochs == 0:
+        return net.eval()
+
+    steps_per_epoch = math.ceil(n / batch_size)
+    # A trailing batch of one sample would break BatchNorm in train mode.
+    drop_single = n % batch_size == 1 and n > 1
+    if drop_single:
+        steps_per_epoch -= 1
+    total = steps_per_epoch * epochs
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
+    elif schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    else:
+        sched = None
+    pad = max(1, x.shape[-1] // 8)
+
+    forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)  # dropout and any other module-level randomness
+        g = torch.Generator().manual_seed(seed)
+        net.train()
+        bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+        try:
+            for epoch in range(epochs):
+                order = torch.randperm(n, generator=g)
+                seen = correct = 0
+                loss_sum = 0.0
+                for s in range(steps_per_epoch):
+                    idx = order[s * batch_size:(s + 1) * batch_size]
+                    xb = x[idx.to(x.device)].to(dev, non_blocking=True)
+                    yb = y[idx.to(y.device)].to(dev, non_blocking=True)
+                    xb = prepare(xb)
+                    if crop:
+                        xb = random_crop(xb, pad, g)
+                    if flip:
+                        xb = random_flip(xb, g)
+                    xb = prepare(xb, mean, std)
+                    logits = net(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    if progress:
+                        seen += yb.shape[0]
+                        loss_sum += float(loss) * yb.shape[0]
+                        correct += int((logits.argmax(1) == yb).sum())
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}",
+                                        acc=f"{correct / seen:.3f}", refresh=False)
+                    bar.update(1)
+        finally:
+            bar.close()
+    return net.eval()
