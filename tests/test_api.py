@@ -110,7 +110,7 @@ def test_bad_input_is_refused_before_work(gen, case, monkeypatch):
     # Any search started before the check fires would be a bug: make it loud.
     import fastunlearn.api as api
 
-    monkeypatch.setattr(api, "run_search", lambda *a, **k: pytest.fail("work started before validation"))
+    monkeypatch.setattr(api, "sharded_search", lambda *a, **k: pytest.fail("work started before validation"))
     with pytest.raises(exc, match=pattern):
         fu.unlearn(model, config=FAST, progress=False, **kwargs)
 

@@ -10,11 +10,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import _backends, reference, validate
+from . import _backends, validate
+from .compose import _finetune_on_remain, _set_submodule, compose, interpolate  # noqa: F401
 from .config import UnlearnConfig
 from .finetune import finetune
 from .ops._dispatch import resolve
-from .search import SearchResult, frozen_copy, run_search
+from .distributed import sharded_search
+from .search import SearchResult, frozen_copy
+from .source import ImageSource
 
 
 @dataclass
@@ -84,8 +87,8 @@ def unlearn(model: nn.Module, forget, remain=None, config: Optional[UnlearnConfi
         raise ValueError(f"config.remain_reg={config.remain_reg} needs a remain set: pass remain=(x, y)")
     frozen = frozen_copy(model, dev)
     t0 = time.perf_counter()
-    search = run_search(model, fx, fy, config, mean=mean_t, std=std_t, device=dev, refreshes=_refreshes(config),
-                        progress=progress, frozen=frozen)
+    search = sharded_search(model, ImageSource(fx, fy), config, mean=mean_t, std=std_t, device=dev,
+                            refreshes=_refreshes(config), progress=progress, frozen=frozen)
     t_search = time.perf_counter() - t0
     trainable = copy.deepcopy(model).to(dev)
     trainable.requires_grad_(True)
@@ -109,92 +112,9 @@ def boundary_relabel(model: nn.Module, x, y=None, config: Optional[UnlearnConfig
     data = x if y is None else (x, y)
     config, pairs, dev, mean_t, std_t = _prepare(model, config, mean, std, device, forget=data)
     fx, fy = pairs["forget"]
-    res = run_search(model, fx, fy, config, mean=mean_t, std=std_t, device=dev, refreshes=1, progress=progress)
+    res = sharded_search(model, ImageSource(fx, fy), config, mean=mean_t, std=std_t, device=dev, refreshes=1,
+                         progress=progress)
     return res.relabels[0], res.success[0]
-
-
-# ---------------------------------------------------------------- composition
-def _set_submodule(root: nn.Module, name: str, module: nn.Module):
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
-
-
-def compose(backbone: nn.Module, head: nn.Module, *, head_name: Optional[str] = None, remain=None,
-            finetune: Optional[str] = None, epochs: int = 1, lr: float = 1e-3, batch_size: int = 128,
-            mean=None, std=None, device=None, seed: int = 0, progress: bool = True) -> nn.Module:
-    """A new model: the feature extractor of ``backbone`` with the classifier head of ``head``.
-
-    The head is found by name (``.classifier``, ``.fc``, ``.head``, the last layer of a
-    Sequential) or given as ``head_name``. finetune: None, "head" (backbone frozen, BatchNorm
-    statistics kept) or "full", on ``remain`` with its true labels.
-    """
-    from .models import head_of
-
-    validate.check_model(backbone)
-    validate.check_model(head)
-    if finetune not in (None, "head", "full"):
-        raise ValueError(f"finetune must be None, 'head' or 'full', got {finetune!r}")
-    if type(backbone) is not type(head):
-        raise TypeError(f"backbone and head must be the same architecture, got {type(backbone).__name__} "
-                        f"and {type(head).__name__}")
-    name = head_name or head_of(backbone)[0]
-    try:
-        head_module = head.get_submodule(name)
-    except AttributeError as e:
-        raise ValueError(f"head model has no submodule {name!r}") from e
-    out = copy.deepcopy(backbone)
-    _set_submodule(out, name, copy.deepcopy(head_module))
-    if finetune is None:
-        return out.eval()
-    if remain is None:
-        raise ValueError(f"finetune={finetune!r} needs a remain set: pass remain=(x, y)")
-    rx, ry = validate.pair(remain, "remain")
-    dev = validate.check_devices(out, device, remain=rx)
-    mean_t, std_t = validate.mean_std(mean, std, rx.shape[1])
-    return _finetune_on_remain(out, name, rx, ry, finetune, epochs, lr, batch_size, mean_t, std_t, dev, seed,
-                               progress)
-
-
-def _finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress):
-    from .search import _as_pixels, _Normalizer, _progress
-
-    model.to(dev)
-    norm = _Normalizer(mean, std, rx.shape[1], dev)
-    head = model.get_submodule(head_name)
-    params = list(head.parameters()) if mode == "head" else list(model.parameters())
-    model.requires_grad_(mode == "full")
-    head.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    n = rx.shape[0]
-    for e in range(epochs):
-        if mode == "head":
-            model.eval()  # a frozen backbone keeps its BatchNorm statistics too
-            head.train()
-        else:
-            model.train()
-        perm = torch.randperm(n, generator=gen)
-        bar = _progress((n + batch_size - 1) // batch_size, progress, f"compose fine-tune {e + 1}/{epochs}")
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            loss = nn.functional.cross_entropy(model(norm(_as_pixels(rx[idx], dev))).float(), ry[idx].to(dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-        bar.close()
-    model.requires_grad_(True)
-    return model.eval()
-
-
-def interpolate(model_a: nn.Module, model_b: nn.Module, t: float) -> nn.Module:
-    """A new model with weights (1 - t) * a + t * b (integer buffers from a)."""
-    if not 0 <= t <= 1:
-        raise ValueError(f"t must be in [0, 1], got {t}")
-    if type(model_a) is not type(model_b):
-        raise TypeError(f"models must share an architecture, got {type(model_a).__name__} and {type(model_b).__name__}")
-    return reference.interpolate(model_a, model_b, t)
 
 
 def backend_report() -> str:

@@ -108,13 +108,15 @@ def _as_pixels(x: torch.Tensor, device) -> torch.Tensor:
 
 
 def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnConfig, *, mean=None, std=None,
-               device=None, refreshes: int = 1, progress: bool = False, frozen: Optional[nn.Module] = None
-               ) -> SearchResult:
+               device=None, refreshes: int = 1, progress: bool = False, frozen: Optional[nn.Module] = None,
+               index_base: int = 0, n_total: Optional[int] = None) -> SearchResult:
     """Search every forget sample ``refreshes`` times (fresh noise each time).
 
     x: (N, C, H, W) uint8 or float in [0, 1], on any device, or a Dataset of (image, label)
     whose images are such tensors (y may then be None), or an ImageSource. Chunks are moved
     to ``device`` one at a time, so the forget set may be larger than the device memory.
+    index_base / n_total: where these rows sit in a larger forget set (a shard of it), so
+    each sample draws the noise it would draw in a search over the whole set.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     frozen = frozen if frozen is not None else frozen_copy(model, device)
@@ -143,7 +145,8 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
             xc, yc = src.rows(start, stop)
             u0 = _as_pixels(xc, device)
             yc = yc.to(device)
-            res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n, start, per_sample, autocast)
+            res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
+                                per_sample, autocast)
             lab, ok, margin, targets, took = res
             out_lab[r, start:stop] = lab.cpu()
             out_ok[r, start:stop] = ok.cpu()

@@ -61,6 +61,13 @@ class ImageSource:
         _check_chunk(x, self.name)
         return x, y
 
+    def subset(self, start: int, stop: int) -> "ImageSource":
+        """Rows [start, stop) as a source of their own (a view for tensors, lazy for Datasets)."""
+        if self.x is not None:
+            return ImageSource(self.x[start:stop], self.y[start:stop], self.name)
+        ds = torch.utils.data.Subset(self.dataset, range(start, stop))
+        return ImageSource(ds, None if self.y is None else self.y[start:stop], self.name)
+
     def labels(self) -> torch.Tensor:
         """All labels (reads only the labels' part of each item for a Dataset)."""
         if self.y is None:
