@@ -45,6 +45,55 @@ def check_args(u, u0, grad, eps, alpha, quantize, noise, seed, offset):
         raise ValueError(f"seed and offset must be in [0, 2**63), got seed={seed}, offset={offset}")
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _fake_boundary_step(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std):
+    """Shape, dtype and layout of the native op's output, for FakeTensor / torch.compile tracing."""
+    torch._check(u.dim() >= 2, lambda: f"boundary_step: u must be (N, C, ...), got shape {tuple(u.shape)}")
+    torch._check(u.dtype in FLOAT_DTYPES, lambda: f"boundary_step: u must be float32, bfloat16 or float16, got {u.dtype}")
+    for name, t in (("u0", u0), ("grad", grad)):
+        torch._check(t.shape == u.shape,
+                     lambda: f"boundary_step: {name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
+        torch._check(t.dtype == u.dtype, lambda: f"boundary_step: {name} must have u's dtype {u.dtype}, got {t.dtype}")
+    torch._check(0 <= noise <= 3, lambda: f"boundary_step: noise code must be 0..3, got {noise}")
+    torch._check(quantize >= 0, lambda: f"boundary_step: quantize must be >= 0, got {quantize}")
+    c = u.shape[1]
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None:
+            torch._check(v.dim() == 1 and v.shape[0] == c,
+                         lambda: f"boundary_step: {name} must be a ({c},) tensor, got {tuple(v.shape)}")
+    fmt = torch.channels_last if _is_channels_last(u) else torch.contiguous_format
+    return torch.empty_like(u, memory_format=fmt)
+
+
+# The schema comes from the extension, so the fake kernel can only be attached once it loaded.
+if _backends.native() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastunlearn::boundary_step", "CPU"):
+    torch.library.register_fake("fastunlearn::boundary_step")(_fake_boundary_step)
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(device_type: str, backend: str) -> str:
+    """resolve() evaluated once at trace time: torch.compile sees a constant, not the probing."""
+    return resolve("boundary_step", torch.device(device_type), backend)
+
+
+def _channel_vector(v, name: str, channels: int, like: torch.Tensor):
+    if not torch.compiler.is_compiling():
+        return channel_vector(v, name, channels, like)
+    # Traced: the positivity check of std becomes an assert inside the graph instead of a
+    # read-back that would break it.
+    if v is None:
+        return None
+    t = torch.as_tensor(v, dtype=torch.float32, device=like.device).reshape(-1)
+    torch._check(t.numel() == channels, lambda: f"{name} must have one value per channel ({channels})")
+    if name == "std":
+        torch._assert_async((t > 0).all(), "std must be positive")
+    return t.contiguous()
+
+
 def boundary_step(u, u0, grad, *, eps, alpha, lamda=0.0, gamma=0.0, noise="normal", quantize=255,
                   seed=0, offset=0, mean=None, std=None, backend="auto"):
     """u_next = round_q(clip_[0,1](clip_ball(u + alpha * sign(g - lamda (u - u0) + gamma z)))).
@@ -56,13 +105,18 @@ def boundary_step(u, u0, grad, *, eps, alpha, lamda=0.0, gamma=0.0, noise="norma
     """
     check_args(u, u0, grad, eps, alpha, quantize, noise, seed, offset)
     c = u.shape[1]
-    mean_t = channel_vector(mean, "mean", c, u)
-    std_t = channel_vector(std, "std", c, u)
-    which = resolve("boundary_step", u.device, backend)
+    mean_t = _channel_vector(mean, "mean", c, u)
+    std_t = _channel_vector(std, "std", c, u)
+    which = _backend_for(u.device.type, backend)
     args = dict(eps=float(eps), alpha=float(alpha), lamda=float(lamda), gamma=float(gamma), noise=noise,
                 quantize=int(quantize), seed=int(seed), offset=int(offset))
     if which == "torch":
         return reference.boundary_step(u, u0, grad, mean=mean_t, std=std_t, **args)
+    out_dtype = u.dtype
+    if not (u0.dtype == grad.dtype == u.dtype):
+        # The kernels take one storage dtype. Widening to float32 is exact and they compute
+        # in float32 anyway, so this matches a mixed-dtype call to the reference.
+        u, u0, grad = u.float(), u0.float(), grad.float()
     u0, grad = _layout_like(u, u0), _layout_like(u, grad)
     u = _layout_like(u, u)
     call = (u, u0, grad, args["eps"], args["alpha"], args["lamda"], args["gamma"], NOISE_CODES[noise],
@@ -70,6 +124,7 @@ def boundary_step(u, u0, grad, *, eps, alpha, lamda=0.0, gamma=0.0, noise="norma
     if which == "triton":
         from ..kernels.boundary_step import boundary_step_triton
 
-        return boundary_step_triton(*call)
-    _backends.native()
-    return torch.ops.fastunlearn.boundary_step(*call)
+        out = boundary_step_triton(*call)
+    else:
+        out = torch.ops.fastunlearn.boundary_step(*call)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
