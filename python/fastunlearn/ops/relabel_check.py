@@ -31,9 +31,42 @@ def check_args(logits, y, mode, topk):
         raise ValueError(f"mode must be one of {tuple(MODE_CODES)}, got {mode!r}")
     if mode == "topk" and int(topk) < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+    if torch.compiler.is_compiling():
+        # Reading the range back would break the graph; the assert stays inside it.
+        torch._assert_async(((y >= 0) & (y < logits.shape[1])).all(),
+                            f"labels must lie in [0, {logits.shape[1]})")
+    elif y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
         raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got range "
                          f"[{int(y.min())}, {int(y.max())}]")
+
+
+@torch.compiler.assume_constant_result
+def _backend_for(device_type: str, backend: str) -> str:
+    """resolve() evaluated once at trace time: torch.compile sees a constant, not the probing."""
+    return resolve("relabel_check", torch.device(device_type), backend)
+
+
+def _fake_relabel_check(logits, y, mode, topk, want_grad):
+    """Shapes and dtypes of the native op's outputs, for FakeTensor / torch.compile tracing."""
+    torch._check(logits.dim() == 2, lambda: f"relabel_check: logits must be (N, classes), got {tuple(logits.shape)}")
+    torch._check(logits.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"relabel_check: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    torch._check(y.dim() == 1 and y.shape[0] == logits.shape[0],
+                 lambda: f"relabel_check: y must be ({logits.shape[0]},), got {tuple(y.shape)}")
+    torch._check(y.dtype == torch.int64, lambda: f"relabel_check: y must be int64, got {y.dtype}")
+    torch._check(0 <= mode <= 3, lambda: f"relabel_check: mode must be 0..3, got {mode}")
+    torch._check(mode != 3 or topk >= 1, lambda: f"relabel_check: topk must be >= 1, got {topk}")
+    n, k = logits.shape
+    f32 = dict(dtype=torch.float32)
+    return (logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.bool), logits.new_empty(n, **f32),
+            logits.new_empty((n, k) if mode in (2, 3) else (0,), **f32),
+            logits.new_empty((n, k) if want_grad else (0,), **f32))
+
+
+# The schema comes from the extension, so the fake kernel can only be attached once it loaded.
+if _backends.native() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastunlearn::relabel_check", "CPU"):
+    torch.library.register_fake("fastunlearn::relabel_check")(_fake_relabel_check)
 
 
 def _none_if_empty(t):
@@ -50,7 +83,7 @@ def relabel_check(logits, y, *, mode="argmax", topk=3, want_grad=False, backend=
     """
     check_args(logits, y, mode, topk)
     y = y.to(torch.int64)
-    which = resolve("relabel_check", logits.device, backend)
+    which = _backend_for(logits.device.type, backend)
     if which == "torch":
         return reference.relabel_check(logits, y, mode=mode, topk=topk, want_grad=want_grad)
     call = (logits.contiguous(), y.contiguous(), MODE_CODES[mode], int(topk), bool(want_grad))
@@ -59,7 +92,6 @@ def relabel_check(logits, y, *, mode="argmax", topk=3, want_grad=False, backend=
 
         out = relabel_check_triton(*call)
     else:
-        _backends.native()
-        out = torch.ops.fastunlearn.relabel_check(*call)
+        out = torch.ops.fastunlearn.relabel_check(*call)  # resolve() loaded the extension
     relabel, success, margin, targets, dlogits = out
     return RelabelResult(relabel, success, margin, _none_if_empty(targets), _none_if_empty(dlogits))
