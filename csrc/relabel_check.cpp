@@ -230,9 +230,20 @@ void relabel_rows(const scalar_t* logits, const int64_t* y, int64_t begin, int64
     }
     if (want_grad) {
       float* g = dlogits + r * k;
+      // y's entry is -(sum of the other probabilities), summed directly: p_y - 1 in float
+      // keeps no correct digit once p_y is within an ulp of 1, and the sign pattern of the
+      // input gradient of a confident sample comes from exactly those digits.
+      double s_other = 0.0;
+      for (int64_t lo = 0; lo < k; lo += kSumChunk) {
+        const int64_t hi = std::min(k, lo + kSumChunk);
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = lo; j < hi; ++j) part += j == yr ? 0.0f : g[j];
+        s_other += part;
+      }
 #pragma omp simd
       for (int64_t j = 0; j < k; ++j) g[j] *= inv_s;
-      g[yr] -= 1.0f;
+      g[yr] = static_cast<float>(-s_other / s);
     }
   }
 }

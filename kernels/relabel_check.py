@@ -106,6 +106,7 @@ def _relabel_check_kernel(logits_ptr, y_ptr, relabel_ptr, success_ptr, margin_pt
                 last_i = cand_i
                 sel += tl.exp(cand_v - m_safe)
             inv_sel = tl.where(topk_all != 0, inv_s, 1.0 / sel)
+        e_other = tl.zeros([ROWS], tl.float32)
         for start in range(0, k, BLOCK_K):
             cols = start + cols0
             msk = row_ok[:, None] & (cols[None, :] < k)
@@ -119,8 +120,16 @@ def _relabel_check_kernel(logits_ptr, y_ptr, relabel_ptr, success_ptr, margin_pt
                 member = (x > last_v[:, None]) | ((x == last_v[:, None]) & (cols[None, :] <= last_i[:, None]))
                 tl.store(targets_ptr + offs, tl.where(member, e * inv_sel[:, None], 0.0), mask=msk)
             if WANT_GRAD:
-                g = tl.where(cols[None, :] == yv[:, None], p - 1.0, p)
-                tl.store(dlogits_ptr + offs, g, mask=msk)
+                not_y = cols[None, :] != yv[:, None]
+                tl.store(dlogits_ptr + offs, p, mask=msk & not_y)
+                e_other += tl.sum(tl.where(msk & not_y, e, 0.0), axis=1)
+        if WANT_GRAD:
+            # y's entry is -(sum of the other probabilities), summed directly: p_y - 1 in
+            # float keeps no correct digit once p_y is within an ulp of 1.
+            # Below one half, p_y - 1 does not cancel and is the more accurate of the two.
+            p_y = tl.exp(x_y - m_safe) * inv_s
+            g_y = tl.where(p_y < 0.5, p_y - 1.0, -e_other * inv_s)
+            tl.store(dlogits_ptr + base + yv, g_y, mask=row_ok)
 
 
 def _launch_config(n: int, k: int):

@@ -248,6 +248,23 @@ def test_extreme_logits(backend, gen):
         check(backend, x, y, mode, 3, True)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda", "torch"])
+def test_confident_rows_keep_the_digits_of_the_true_class_gradient(backend, gen):
+    """For p_y within an ulp of 1, dlogits[y] = -(sum of the other p) must keep its digits:
+    the sign pattern of a confident sample's input gradient comes from them."""
+    _need(backend)
+    n, k = 64, 10
+    x = torch.randn(n, k, generator=gen)
+    y = torch.randint(0, k, (n,), generator=gen)
+    x[torch.arange(n), y] += torch.empty(n).uniform_(12, 30, generator=gen)
+    got = ops.relabel_check(x, y, want_grad=True, backend=backend).dlogits[torch.arange(n), y].double()
+    p = torch.softmax(x.double(), dim=1)
+    p[torch.arange(n), y] = 0.0
+    expect = -p.sum(1)  # summed without y: a difference with 1 would cancel even in float64
+    rel = ((got - expect).abs() / expect.abs()).max()
+    assert rel < 1e-4, f"{backend}: worst relative error {float(rel):.3g} of dlogits[y]"
+
+
 def test_python_fallback_agrees_with_cpu(gen):
     x, y = make_inputs(33, 10, torch.float32, gen)
     a = ops.relabel_check(x, y, mode="topk", want_grad=True, backend="torch")

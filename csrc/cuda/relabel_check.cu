@@ -177,6 +177,7 @@ __global__ void __launch_bounds__(kWarp * NW * ROWS)
 
   float* trow = mode >= 2 ? targets + row * static_cast<int64_t>(k) : nullptr;
   float* grow = want_grad ? dlogits + row * static_cast<int64_t>(k) : nullptr;
+  float e_other = 0.0f;  // this thread's share of sum_{j != y} exp(x_j - m)
   for (int j = t; j < k; j += kThreads) {
     const float v = load_f(x + j);
     const float e = exp_shift(v, m);
@@ -187,7 +188,20 @@ __global__ void __launch_bounds__(kWarp * NW * ROWS)
       const bool in = v > last.v || (v == last.v && j <= last.i);
       trow[j] = in ? e * inv_sel : 0.0f;
     }
-    if (want_grad) grow[j] = j == yr ? p - 1.0f : p;
+    if (want_grad && j != yr) {
+      grow[j] = p;
+      e_other += e;
+    }
+  }
+  if (want_grad) {
+    // y's entry is -(sum of the other probabilities), summed directly: p_y - 1 in float
+    // keeps no correct digit once p_y is within an ulp of 1.
+    const float s_other = group_sum<NW>(e_other, sh);
+    if (t == 0 && y_ok) {
+      // Below one half, p_y - 1 does not cancel and is the more accurate of the two.
+      const float p_y = exp_shift(load_f(x + yr), m) * inv_s;
+      grow[yr] = p_y < 0.5f ? p_y - 1.0f : -s_other * inv_s;
+    }
   }
 }
 

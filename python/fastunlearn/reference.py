@@ -181,8 +181,10 @@ def relabel_check(logits, y, *, mode="argmax", topk=3, want_grad=False) -> Relab
         targets = (sel / sel.sum(dim=1, keepdim=True)).to(torch.float32)
     dlogits = None
     if want_grad:
+        # p_y - 1 cancels even in float64 for a confident sample; -(sum of the others) does not.
         dlogits = p.clone()
-        dlogits[rows, y] -= 1.0
+        dlogits[rows, y] = 0.0
+        dlogits[rows, y] = -dlogits.sum(dim=1)
         dlogits = dlogits.to(torch.float32)
     return RelabelResult(relabel.to(torch.int64), top != y, margin.to(torch.float32), targets, dlogits)
 
