@@ -32,6 +32,8 @@ class UnlearnConfig:
     refresh        when the search is redone with fresh noise: iteration | epoch | once | auto.
     epochs, lr, momentum, batch_size   the fine-tune (SGD).
     remain_reg     rho, weight of the remain-set term; remain_target: labels | distill.
+    joint_batch    one forward over forget + remain batches together (BatchNorm sees both);
+                   False keeps the authors' separate forwards.
     search_batch_size   samples per search chunk; None sizes it from free memory.
     seed           seeds the noise and the batch order.
     precision      auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16.
@@ -59,6 +61,7 @@ class UnlearnConfig:
     batch_size: int = 64
     remain_reg: float = 0.0
     remain_target: str = "labels"
+    joint_batch: bool = False
     search_batch_size: Optional[int] = None
     seed: int = 0
     precision: str = "auto"
@@ -112,6 +115,8 @@ class UnlearnConfig:
             bad("remain_reg", ">= 0")
         if self.remain_target not in REMAIN_TARGETS:
             bad("remain_target", f"one of {REMAIN_TARGETS}")
+        if not isinstance(self.joint_batch, bool):
+            bad("joint_batch", "True or False")
         if self.search_batch_size is not None and (
                 not isinstance(self.search_batch_size, int) or self.search_batch_size < 1):
             bad("search_batch_size", "None or an integer >= 1")

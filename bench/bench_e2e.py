@@ -1,0 +1,182 @@
+"""End to end: fu.unlearn against an op-for-op rewrite of the authors' loop, same model, data, config.
+
+One process, one original model (trained here for a few epochs, or loaded with --model),
+one forget set (a class of a FashionMNIST subset) and its remain set. Both runs use the
+authors' defaults (batch 64, lr 1e-5, momentum 0.9, 10 epochs, eps 0.1, gamma 0), so the
+quality comparison is fair; the rewrite gets its data already in memory as float tensors.
+Prints wall time, the ratio, forget / remain / test accuracy and MIA-LR for both, where
+our time goes (search, fine-tune, compile, set-up), the share of the rewrite's time spent
+in its per-iteration search, and the p50 of a warm revision of 64 samples through
+fu.Unlearner. Appends rows to the CSV. --profile DIR also writes a torch.profiler trace
+of our run and a roofline summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_csv, device_name, print_table, sync  # noqa: E402
+
+import fastunlearn as fu  # noqa: E402
+from fastunlearn import data  # noqa: E402
+from fastunlearn.authors import authors_search, authors_unlearn  # noqa: E402
+from fastunlearn.metrics import evaluate  # noqa: E402
+from fastunlearn.models import create_model  # noqa: E402
+from fastunlearn.train import train_classifier  # noqa: E402
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="FashionMNIST directory (default: $FASTUNLEARN_DATA or Debian's path)")
+    p.add_argument("--train-size", type=int, default=6000, help="training subset (seeded); 0 = all")
+    p.add_argument("--forget-class", type=int, default=0)
+    p.add_argument("--arch", default="allcnn")
+    p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
+    p.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original")
+    p.add_argument("--model", help="a .safetensors original to load; trained and saved there if missing")
+    p.add_argument("--epochs", type=int, default=10, help="unlearning epochs (both runs)")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile our train step")
+    p.add_argument("--precision", default="auto", help="our precision: auto | fp32 | bf16 (the rewrite runs fp32)")
+    p.add_argument("--warm-reps", type=int, default=7, help="warm revisions of 64 samples timed (0 = skip)")
+    p.add_argument("--no-authors-split", action="store_true", help="skip timing the rewrite's search alone")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
+    p.add_argument("--csv", default=None, help="CSV file to append rows to (default bench/results.csv)")
+    return p.parse_args(argv)
+
+
+def load(args):
+    name, splits = data.load_default(args.data_dir)
+    x, y = splits["train"]
+    if args.train_size and args.train_size < len(y):
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.train_size]
+        x, y = x[idx.sort().values], y[idx.sort().values]
+    f = y == args.forget_class
+    return name, (x, y), (x[f], y[f]), (x[~f], y[~f]), splits["test"]
+
+
+def original_model(args, train, mean, std, dev):
+    from fastunlearn.checkpoint import load_model, save_model
+
+    if args.model and os.path.exists(args.model):
+        model, _ = load_model(args.model, dev)
+        return model
+    arch = {"name": args.arch, "in_channels": int(train[0].shape[1]), "num_classes": int(train[1].max()) + 1}
+    if args.arch in ("allcnn", "smallcnn"):
+        arch["width"] = args.width if args.arch == "allcnn" else int(args.width)
+    model = create_model(**arch)
+    model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, progress=False)
+    if args.model:
+        save_model(model, args.model, arch, mean=mean, std=std)
+    return model.to(dev).eval()
+
+
+def timed(fn, dev):
+    sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    name, train, forget, remain, test = load(args)
+    mean, std = data.channel_stats(train[0])
+    model = original_model(args, train, mean, std, dev)
+    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
+    cfg = fu.UnlearnConfig(epochs=args.epochs, compile=compile_flag, precision=args.precision, seed=args.seed)
+    auth_cfg = cfg.replace(precision="fp32")
+    kw = dict(mean=mean, std=std, device=dev)
+
+    # The rewrite first, then ours: neither gains from the other having warmed a cache.
+    t_auth, (auth_model, _) = timed(lambda: authors_unlearn(model, forget, remain, auth_cfg, **kw), dev)
+    t_ours, res = timed(lambda: fu.unlearn(model, forget, remain, config=cfg, progress=False, **kw), dev)
+
+    ev = dict(forget=forget, remain=remain, test=test, max_shadow=1000, **kw)
+    m_orig = evaluate(model, **ev)
+    m_auth = evaluate(auth_model, **ev)
+    m_ours = evaluate(res.model, **ev)
+
+    auth_search_share = None
+    if not args.no_authors_split:
+        # One epoch of the rewrite's search alone (its frozen copy keeps weight gradients),
+        # scaled to every epoch: the part of its time that refresh="once" removes.
+        import copy
+
+        test_model = copy.deepcopy(model).to(dev)
+        fx = forget[0].to(dev).float() / 255
+        t_s, _ = timed(lambda: authors_search(test_model, fx, forget[1].to(dev), auth_cfg,
+                                              torch.tensor(mean, device=dev), torch.tensor(std, device=dev)), dev)
+        auth_search_share = min(1.0, t_s * args.epochs / t_auth)
+
+    warm_p50 = None
+    if args.warm_reps:
+        session = fu.Unlearner(model, cfg, **kw)
+        g = torch.Generator().manual_seed(args.seed + 1)
+        times = []
+        for i in range(args.warm_reps + 1):
+            idx = torch.randperm(len(forget[1]), generator=g)[:64]
+            t, _ = timed(lambda: session.revise((forget[0][idx], forget[1][idx]), progress=False), dev)
+            if i:  # the first revision pays set-up and compile
+                times.append(t)
+        warm_p50 = 1e3 * statistics.median(times)
+
+    dname = device_name(dev)
+    rows = [dict(provider="original", **m_orig),
+            dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
+            dict(provider=f"fastunlearn ({res.config.refresh_mode}, compile={res.config.compile})", seconds=t_ours,
+                 ratio=t_auth / t_ours, **m_ours)]
+    print(f"\nend to end: forget class {args.forget_class} ({len(forget[1])} of {len(train[1])} {name} training "
+          f"images), {args.arch} width {args.width}, {args.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
+          f"eps {cfg.eps}, gamma {cfg.gamma}; {dname}")
+    print_table(rows, ["provider", "seconds", "ratio", "forget_acc", "remain_acc", "test_acc", "mia_lr"])
+    t = res.timings
+    print(f"\nours: search {t['search']:.3f}s, fine-tune {t['finetune']:.3f}s (compile {t['compile']:.3f}s), "
+          f"set-up {t['setup']:.3f}s, other {t_ours - t['search'] - t['finetune'] - t['setup']:.3f}s")
+    if auth_search_share is not None:
+        print(f"rewrite: its per-iteration search is about {100 * auth_search_share:.0f}% of its time")
+    if warm_p50 is not None:
+        print(f"warm revision of 64 samples (fu.Unlearner.revise): p50 {warm_p50:.1f} ms over {args.warm_reps} runs")
+    d_forget = 100 * (m_ours["forget_acc"] - m_auth["forget_acc"])
+    d_remain = 100 * (m_ours["remain_acc"] - m_auth["remain_acc"])
+    print(f"quality vs rewrite: forget {d_forget:+.2f} points, remain {d_remain:+.2f} points")
+
+    common = {"bench": "e2e", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
+              "n_forget": len(forget[1]), "n_remain": len(remain[1]), "epochs": args.epochs,
+              "threads": torch.get_num_threads()}
+    csv_row = dict(common, provider="fastunlearn vs authors' rewrite", seconds_ours=t_ours, seconds_authors=t_auth,
+                   ratio=t_auth / t_ours, search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
+                   compile=str(res.config.compile), warm_revision_p50_ms=warm_p50,
+                   authors_search_share=auth_search_share,
+                   **{f"ours_{k}": v for k, v in m_ours.items()}, **{f"authors_{k}": v for k, v in m_auth.items()},
+                   **{f"original_{k}": v for k, v in m_orig.items()})
+    path = append_csv([csv_row], args.csv)
+    print(f"\nappended 1 row to {path}")
+
+    if args.profile:
+        from fastunlearn import profiling
+
+        trace_path = profiling.trace(lambda: fu.unlearn(model, forget, remain, config=cfg.replace(epochs=1),
+                                                        progress=False, **kw),
+                                     os.path.join(args.profile, "trace.json"), dev)
+        rows, peaks = profiling.roofline(model, forget[0][:512], forget[1][:512], cfg, device=dev, mean=mean, std=std)
+        print("\n" + profiling.write_summary(rows, peaks, args.profile, dname))
+        print(f"trace (one epoch of ours): {trace_path}")
+    return csv_row
+
+
+if __name__ == "__main__":
+    main()

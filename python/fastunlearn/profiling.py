@@ -1,0 +1,183 @@
+"""Profiling for the benchmarks and for users' own models: a trace and a roofline summary.
+
+``trace`` records a torch.profiler trace (Chrome / Perfetto JSON). ``roofline`` runs the
+three parts of an unlearning run on a model, the boundary search, one fine-tune step and
+the fused elementwise ops, and reports for each the achieved TFLOP/s and GB/s next to the
+device's measured peaks (a large matmul for compute, a large copy for bandwidth).
+
+FLOPs come from torch.utils.flop_counter's registry, the one FlopCounterMode uses
+(matmuls and convolutions, forward and backward); the counting mode here applies it per op
+without FlopCounterMode's module hooks, which torch.autograd.grad (the search's
+input-only backward) does not support. Bytes are the sizes of every op's tensor inputs and outputs, so
+they count what each op touches once; caches can make the real DRAM traffic smaller,
+and elementwise chains that a compiler fuses touch less.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable, device: torch.device, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_peaks(device, reps: int = 5) -> dict:
+    """Measured peaks: matmul TFLOP/s (bf16 on CUDA, fp32 on CPU) and copy GB/s."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
+    else:
+        n, dtype, nbytes = 2048, torch.float32, 1 << 27
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = _median_seconds(lambda: torch.mm(a, b), device, reps)
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    t_cp = _median_seconds(lambda: dst.copy_(src), device, reps)
+    return {"matmul_tflops": 2 * n ** 3 / t_mm / 1e12, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "copy_gbps": 2 * nbytes / t_cp / 1e9}
+
+
+class CounterMode(TorchDispatchMode):
+    """FLOPs (torch.utils.flop_counter's formulas) and bytes of every op's tensor inputs and
+    outputs, each op counted on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.flops += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        if packet not in _NO_TRAFFIC:
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if isinstance(t, torch.Tensor):
+                    self.bytes += t.numel() * t.element_size()
+        return out
+
+
+_NO_TRAFFIC = {torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.t, torch.ops.aten.transpose,
+               torch.ops.aten.permute, torch.ops.aten.expand, torch.ops.aten.detach, torch.ops.aten.alias,
+               torch.ops.aten.slice, torch.ops.aten.select, torch.ops.aten.unsqueeze, torch.ops.aten.squeeze,
+               torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided}
+
+
+def measure_region(name: str, fn: Callable, device, peaks: dict, reps: int = 5) -> dict:
+    """Time, FLOPs and bytes of one call of fn, against the peaks."""
+    device = torch.device(device)
+    with CounterMode() as bc:
+        fn()
+    flops = bc.flops
+    seconds = _median_seconds(fn, device, reps)
+    tflops = flops / seconds / 1e12
+    gbps = bc.bytes / seconds / 1e9
+    intensity = flops / bc.bytes if bc.bytes else float("inf")
+    ridge = peaks["matmul_tflops"] * 1e12 / (peaks["copy_gbps"] * 1e9)
+    return {"region": name, "ms": 1e3 * seconds, "gflop": flops / 1e9, "mbytes": bc.bytes / 1e6,
+            "tflops": tflops, "gbps": gbps, "pct_peak_flops": 100 * tflops / peaks["matmul_tflops"],
+            "pct_peak_bw": 100 * gbps / peaks["copy_gbps"], "flop_per_byte": intensity,
+            "bound": "compute" if intensity > ridge else "memory"}
+
+
+def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=None, mean=None, std=None,
+             device=None, reps: int = 5, peaks: Optional[dict] = None) -> tuple[list, dict]:
+    """(rows, peaks): the search over x, one fine-tune step on a batch of x, and the fused
+    elementwise ops on x's shape, each measured on ``model`` (which is not modified)."""
+    import copy
+
+    from .config import UnlearnConfig
+    from .finetune import FinetuneEngine, default_channels_last
+    from .ops import boundary_step, relabel_check
+    from .search import SearchResult, frozen_copy, run_search
+
+    cfg = config or UnlearnConfig()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    peaks = peaks or measure_peaks(device)
+    cl = default_channels_last(model, device)
+    frozen = frozen_copy(model, device, channels_last=cl)
+    x, y = x.to(device), y.to(device)
+    rows = [measure_region(f"search ({x.shape[0]} samples, T={cfg.steps})",
+                           lambda: run_search(frozen, x, y, cfg, mean=mean, std=std, device=device, frozen=frozen),
+                           device, peaks, reps)]
+    bs = min(cfg.batch_size, x.shape[0])
+    engine = FinetuneEngine(copy.deepcopy(model).requires_grad_(True), cfg, mean=mean, std=std, device=device,
+                            teacher=frozen, channels_last=cl)
+    xb, yb = x[:bs], y[:bs]
+    engine.model.train()
+    if engine.compiled:
+        engine.step(xb, yb)  # compile outside the measurement
+    rows.append(measure_region(f"train step (batch {bs})", lambda: engine.step(xb, yb), device, peaks, reps))
+    u0 = (x.float() / 255 if x.dtype == torch.uint8 else x.float())
+    g = torch.randn_like(u0)
+    logits = torch.randn(x.shape[0], 10, device=device)
+    ms = {} if mean is None else {"mean": torch.as_tensor(mean, device=device), "std": torch.as_tensor(std, device=device)}
+    rows.append(measure_region("boundary_step (elementwise)",
+                               lambda: boundary_step(u0, u0, g, eps=cfg.eps, alpha=cfg.step_size, quantize=cfg.quantize,
+                                                     backend=cfg.backend, **ms), device, peaks, reps))
+    rows.append(measure_region("relabel_check (elementwise)",
+                               lambda: relabel_check(logits, y % 10, mode=cfg.relabel, want_grad=True,
+                                                     backend=cfg.backend), device, peaks, reps))
+    return rows, peaks
+
+
+def trace(fn: Callable, path: str, device) -> str:
+    """Run fn under torch.profiler and write a Chrome / Perfetto trace to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with profile(activities=acts, record_shapes=True, with_flops=True) as prof:
+        fn()
+        _sync(device)
+    prof.export_chrome_trace(path)
+    return path
+
+
+def format_summary(rows: list, peaks: dict, device_name: str) -> str:
+    head = (f"roofline on {device_name}: peak matmul {peaks['matmul_tflops']:.3g} TFLOP/s "
+            f"({peaks['matmul_dtype']}), peak copy {peaks['copy_gbps']:.3g} GB/s")
+    cols = ["region", "ms", "gflop", "mbytes", "tflops", "gbps", "pct_peak_flops", "pct_peak_bw", "bound"]
+    table = [cols] + [[r[c] if isinstance(r[c], str) else f"{r[c]:.4g}" for c in cols] for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in table]
+    return "\n".join([head] + lines)
+
+
+def write_summary(rows: list, peaks: dict, out_dir: str, device_name: str) -> str:
+    """roofline.txt and roofline.json in out_dir; returns the text."""
+    from .checkpoint import atomic_write_text
+
+    text = format_summary(rows, peaks, device_name)
+    atomic_write_text(os.path.join(out_dir, "roofline.txt"), text + "\n")
+    atomic_write_text(os.path.join(out_dir, "roofline.json"),
+                      json.dumps({"device": device_name, "peaks": peaks, "regions": rows}, indent=2))
+    return text

@@ -1,0 +1,227 @@
+"""The fine-tune engine: losses against reference.py, resume, compile, remain handling."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastunlearn as fu
+from fastunlearn import reference
+from fastunlearn.finetune import FinetuneEngine, StopRun, finetune, load_checkpoint
+from fastunlearn.search import SearchResult
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def model_with_dropout(classes=4, channels=2, seed=0, p=0.3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(channels, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                         nn.Conv2d(5, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Flatten(), nn.Dropout(p), nn.Linear(6 * 4 * 4, classes))
+
+
+def data(gen, n, classes=4, channels=2, size=7):
+    # An odd image size on purpose: 7x7 -> 4x4 after the stride-2 conv.
+    x = torch.randint(0, 256, (n, channels, size, size), generator=gen, dtype=torch.uint8)
+    return x, torch.randint(0, classes, (n,), generator=gen)
+
+
+def search_of(labels=None, targets=None):
+    ref = labels if labels is not None else targets.argmax(1)
+    n = ref.shape[0]
+    return SearchResult(ref.unsqueeze(0), torch.ones(1, n, dtype=torch.bool), torch.zeros(1, n),
+                        None if targets is None else targets.unsqueeze(0), torch.ones(1, n, dtype=torch.int16))
+
+
+def pixels(x, mean, std):
+    return reference.normalize(x.float() / 255, mean, std).float()
+
+
+def params_close(a: nn.Module, b: nn.Module, rtol=1e-5, atol=1e-6):
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        if pa.is_floating_point():
+            torch.testing.assert_close(pa, pb, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------ one step vs reference
+@pytest.mark.parametrize("kind", ["hard", "soft", "distill", "joint"])
+def test_one_step_matches_reference_losses(gen, kind):
+    """One SGD step of the engine equals one computed by hand with reference.forget_loss /
+    remain_loss: hard and soft targets, distillation, and the joint batch."""
+    k, n_f, n_r = 4, 13, 11
+    fx, fy = data(gen, n_f, k)
+    rx, ry = data(gen, n_r, k)
+    mean, std = torch.tensor([0.4, 0.6]), torch.tensor([0.3, 0.2])
+    if kind == "hard":
+        search = search_of(labels=torch.randint(0, k, (n_f,), generator=gen))
+    else:
+        search = search_of(targets=torch.softmax(3 * torch.randn(n_f, k, generator=gen), 1))
+    rho = 0.0 if kind == "hard" else 0.7
+    cfg = fu.UnlearnConfig(epochs=1, batch_size=64, lr=0.05, momentum=0.9, remain_reg=rho,
+                           remain_target="distill" if kind == "distill" else "labels", joint_batch=kind == "joint")
+    original = model_with_dropout(k, p=0.0).eval()  # no dropout: the hand step draws no random mask
+    teacher = copy.deepcopy(original).eval().requires_grad_(False)
+
+    # By hand.
+    hand = copy.deepcopy(original).train()
+    opt = torch.optim.SGD(hand.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    tgt = search.train_targets(0)
+    uf, ur = pixels(fx, mean, std), pixels(rx, mean, std)
+    if rho == 0:
+        loss = reference.forget_loss(hand(uf), tgt)
+    elif kind == "joint":
+        logits = hand(torch.cat([uf, ur]))
+        loss = reference.forget_loss(logits[:n_f], tgt) + rho * reference.remain_loss(logits[n_f:], ry, None,
+                                                                                        "labels")
+    else:
+        with torch.no_grad():
+            t_logits = teacher(ur)
+        lr_ = reference.remain_loss(hand(ur), ry, t_logits, cfg.remain_target)
+        loss = reference.forget_loss(hand(uf), tgt) + rho * lr_
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+    ours = copy.deepcopy(original)
+    ours, history = finetune(ours, fx, search, cfg, remain=(rx, ry) if rho else None, teacher=teacher, mean=mean,
+                             std=std, progress=False)
+    assert len(history) == 1
+    assert history[0]["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    params_close(ours, hand)
+    # The step moved the weights: the comparison is not between two untouched copies.
+    assert not torch.allclose(hand[0].weight, original[0].weight)
+
+
+# ------------------------------------------------------------------ resume
+def run_case(gen):
+    fx, fy = data(gen, 37)
+    rx, ry = data(gen, 29)
+    relabels = torch.randint(0, 4, (3, 37), generator=gen)
+    search = SearchResult(relabels, torch.ones(3, 37, dtype=torch.bool), torch.zeros(3, 37), None,
+                          torch.ones(3, 37, dtype=torch.int16))
+    cfg = fu.UnlearnConfig(epochs=3, batch_size=8, lr=0.05, remain_reg=0.5, refresh="epoch", seed=int(
+        torch.randint(0, 1000, (1,), generator=gen)))
+    return fx, (rx, ry), search, cfg
+
+
+def train(fx, remain, search, cfg, **kw):
+    engine = FinetuneEngine(model_with_dropout(), cfg, mean=[0.5, 0.5], std=[0.25, 0.25])
+    history = engine.run(fx, search, remain, progress=False, **kw)
+    return engine.model, history
+
+
+@pytest.mark.parametrize("stop_at,every", [(11, 4), (10, 5), (5, 5)])
+def test_resume_after_interrupt_is_bitwise_identical(gen, tmp_path, stop_at, every):
+    """Stop after `stop_at` steps (mid-epoch, on an epoch boundary: 37 / 8 -> 5 steps an
+    epoch), resume from the last checkpoint: same weights, buffers and history, bit for bit."""
+    fx, remain, search, cfg = run_case(gen)
+    full, full_hist = train(fx, remain, search, cfg)
+
+    def interrupt(step, info):
+        if step == stop_at:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(fx, remain, search, cfg, checkpoint_dir=str(tmp_path), checkpoint_every=every, on_step=interrupt)
+    ckpt = str(tmp_path / "checkpoint.pt")
+    assert load_checkpoint(ckpt)["step"] == (stop_at // every) * every
+    resumed, hist = train(fx, remain, search, cfg, resume=ckpt)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in hist] == \
+           [{k: v for k, v in r.items() if k != "seconds"} for r in full_hist]
+    # A run that did not resume differs: the comparison can fail.
+    other = model_with_dropout(seed=1)
+    assert not torch.equal(other[0].weight, resumed[0].weight)
+
+
+def test_max_steps_then_resume_through_unlearn(gen, tmp_path):
+    """The public path: stop with max_steps, resume with fu.unlearn(resume=...), compare."""
+    x, y = data(gen, 30)
+    rx, ry = data(gen, 20)
+    model = model_with_dropout()
+    cfg = fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05, remain_reg=0.3, remain_target="distill")
+    kw = dict(config=cfg, mean=[0.5, 0.5], std=[0.25, 0.25], progress=False)
+    full = fu.unlearn(model, (x, y), (rx, ry), **kw)
+    part = fu.unlearn(model, (x, y), (rx, ry), checkpoint_dir=str(tmp_path), checkpoint_every=3, max_steps=6, **kw)
+    assert not torch.equal(part.model[0].weight, full.model[0].weight)
+    res = fu.unlearn(model, (x, y), (rx, ry), resume=str(tmp_path / "checkpoint.pt"),
+                     output=str(tmp_path / "out.safetensors"), **kw)
+    for (name, a), b in zip(full.model.state_dict().items(), res.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(saved["0.weight"], full.model[0].weight)
+
+
+def test_resume_refuses_other_config(gen, tmp_path):
+    fx, remain, search, cfg = run_case(gen)
+    def interrupt(step, info):
+        if step == 2:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train(fx, remain, search, cfg, checkpoint_dir=str(tmp_path), checkpoint_every=2, on_step=interrupt)
+    with pytest.raises(ValueError, match=r"different config \(lr: 0.05 -> 0.1\)"):
+        train(fx, remain, search, cfg.replace(lr=0.1), resume=str(tmp_path / "checkpoint.pt"))
+
+
+def test_stop_run_returns_partial_history(gen):
+    fx, remain, search, cfg = run_case(gen)
+
+    def stop(step, info):
+        if step == 7:
+            raise StopRun
+
+    _, hist = train(fx, remain, search, cfg, on_step=stop)
+    assert len(hist) == 1  # the first epoch (5 steps) finished, the second did not
+
+
+# --------------------------------------------------------------- probe / data
+def test_probe_pairs_and_callable(gen):
+    fx, remain, search, cfg = run_case(gen)
+    cfg = cfg.replace(remain_reg=0.0)
+    _, hist = train(fx, None, search, cfg, probe=((fx, search.relabels[0]), remain))
+    assert [sorted(r) for r in hist] == [["epoch", "forget_loss", "loss", "probe_forget_acc",
+                                          "probe_remain_acc", "seconds"]] * 3
+    assert all(0 <= r["probe_forget_acc"] <= 1 for r in hist)
+    seen = []
+    _, hist = train(fx, None, search, cfg, probe=lambda m: seen.append(m.training) or {"n": len(seen)})
+    assert [r["n"] for r in hist] == [1, 2, 3] and seen == [False] * 3  # probes see the model in eval mode
+
+
+def test_float_and_uint8_pixels_agree(gen):
+    fx, remain, search, cfg = run_case(gen)
+    a, _ = train(fx, remain, search, cfg)
+    b, _ = train(fx.float() / 255, (remain[0].float() / 255, remain[1]), search, cfg)
+    params_close(a, b)
+
+
+def test_compile_matches_eager(gen):
+    """torch.compile of the train step agrees with eager within float tolerance."""
+    fx, fy = data(gen, 24)
+    search = search_of(labels=torch.randint(0, 4, (24,), generator=gen))
+    cfg = fu.UnlearnConfig(epochs=1, batch_size=12, lr=0.05)
+    models = {}
+    for compiled in (False, True):
+        # No dropout: compiled code draws its masks from a different generator.
+        engine = FinetuneEngine(model_with_dropout(p=0.0), cfg.replace(compile=compiled), mean=[0.5, 0.5],
+                                std=[0.25, 0.25])
+        engine.run(fx, search, progress=False)
+        models[compiled] = engine.model
+        assert (engine.compile_seconds > 0) == compiled
+    params_close(models[False], models[True], rtol=1e-4, atol=1e-5)
+
+
+def test_joint_batch_is_validated():
+    with pytest.raises(ValueError, match="joint_batch must be True or False"):
+        fu.UnlearnConfig(joint_batch="yes")

@@ -1,0 +1,118 @@
+"""fu.Unlearner: warm revisions equal fu.unlearn, start from the original, leave the user's model alone."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastunlearn as fu
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(classes=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+
+def data(gen, n, classes=5):
+    x = torch.randint(0, 256, (n, 3, 9, 9), generator=gen, dtype=torch.uint8)
+    return x, torch.randint(0, classes, (n,), generator=gen)
+
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def assert_same_model(a: nn.Module, b: nn.Module):
+    for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), name
+
+
+@pytest.mark.parametrize("cfg", [
+    fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05),
+    fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05, steps=3, gamma=0.05, relabel="soft", remain_reg=0.5,
+                     remain_target="distill"),
+    fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05, relabel="topk", topk=2, remain_reg=0.5, joint_batch=True),
+], ids=["hard", "noisy-soft-distill", "topk-joint"])
+def test_second_revision_equals_fresh_unlearn(gen, cfg):
+    """A warm session's second revision equals fu.unlearn on the same request, bit for bit:
+    each revision starts again from the original weights and a fresh optimizer."""
+    model = small_model()
+    before = copy.deepcopy(model.state_dict())
+    a, b = data(gen, 21), data(gen, 19)
+    remain = data(gen, 30)
+    session = fu.Unlearner(model, cfg, mean=MEAN, std=STD)
+    first = session.revise(a, remain, progress=False)
+    second = session.revise(b, remain, progress=False)
+    fresh = fu.unlearn(model, b, remain, config=cfg, mean=MEAN, std=STD, progress=False)
+    assert_same_model(second.model, fresh.model)
+    assert torch.equal(second.relabels, fresh.relabels)
+    if cfg.relabel in ("soft", "topk"):
+        assert torch.equal(second.search.targets, fresh.search.targets)
+    assert [r["loss"] for r in second.history] == [r["loss"] for r in fresh.history]
+    # The two revisions differ (different forget sets), and the user's model is untouched.
+    assert not torch.equal(first.model[0].weight, second.model[0].weight)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert second.timings["setup"] == 0.0 and first.timings["setup"] > 0
+
+
+def test_result_model_is_independent_and_contiguous(gen):
+    model = small_model()
+    session = fu.Unlearner(model, fu.UnlearnConfig(epochs=1, batch_size=8, lr=0.05))
+    r1 = session.revise(data(gen, 16), progress=False)
+    w = r1.model[0].weight.clone()
+    session.revise(data(gen, 16), progress=False)
+    assert torch.equal(r1.model[0].weight, w)  # a later revision does not reach into an earlier result
+    assert r1.model[0].weight.is_contiguous() and not r1.model.training
+
+
+class Untouchable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 50
+
+    def __getitem__(self, i):
+        raise AssertionError("the remain set was read although remain_reg == 0")
+
+
+def test_remain_reg_zero_never_reads_the_remain_set(gen):
+    cfg = fu.UnlearnConfig(epochs=1, batch_size=8, lr=0.05)
+    res = fu.unlearn(small_model(), data(gen, 16), Untouchable(), config=cfg, progress=False)
+    assert len(res.history) == 1 and "remain_loss" not in res.history[0]
+    with pytest.raises(AssertionError, match="remain set was read"):
+        fu.unlearn(small_model(), data(gen, 16), Untouchable(), config=cfg.replace(remain_reg=0.5),
+                   progress=False)
+
+
+def test_revise_writes_safetensors_and_probe_history(gen, tmp_path):
+    from fastunlearn.checkpoint import read_header
+
+    f, r = data(gen, 16), data(gen, 24)
+    session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05), mean=MEAN, std=STD)
+    res = session.revise(f, r, progress=False, probe=(f, r), checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    assert (tmp_path / "checkpoint.pt").exists()
+    _, meta = read_header(str(tmp_path / "model.safetensors"))
+    assert meta["config"]["epochs"] == 2
+    assert [r["epoch"] for r in res.history] == [1, 2]
+    assert all(0 <= row["probe_forget_acc"] <= 1 and 0 <= row["probe_remain_acc"] <= 1 for row in res.history)
+
+
+def test_session_checks_data_against_the_model(gen):
+    session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=1, batch_size=8))
+    x, y = data(gen, 8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        session.revise((x, y + 5), progress=False)
+    session.revise((x, y), progress=False)
+    with pytest.raises(ValueError, match="3 channels"):
+        session.revise((x[:, :1], y), progress=False)
+    with pytest.raises(TypeError, match="UnlearnConfig"):
+        fu.Unlearner(small_model(), config={"epochs": 1})
