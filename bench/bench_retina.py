@@ -1,0 +1,148 @@
+"""RetinaMNIST: selective unlearning of 10 %, 50 % and 100 % of one class, report and plots in one command.
+
+    python bench/bench_retina.py --out runs/retina            # a few minutes on 2 CPU cores
+
+Data: MedMNIST v2 RetinaMNIST (5-grade diabetic retinopathy fundus images, 28x28 RGB;
+1,080 train / 120 val / 400 test), from $FASTUNLEARN_DATA/retinamnist.npz or --data.
+Model: SmallCNN (width 16), trained --train-epochs epochs on the train split; for each
+fraction a retrained reference is the same recipe on the remain set.
+
+Forget set: a seeded fraction of the class (forget.fraction_of_class). Every method starts from
+the same original model. Ours is fu.sweep with a selection rule that needs no retrained model:
+  100 %: the best remain accuracy with forget accuracy <= 3 % (a model that never saw the
+         class cannot name it);
+  < 100 %: forget accuracy nearest the original model's accuracy on the held-out val images
+         of the class (what a model that never saw those particular images gets), remain
+         accuracy as the tie-breaker.
+Writes out/frac_<p>/ (table.csv, metrics.json, report.md, mia_hist.png, tsne.png) per fraction
+and out/report.md with the trade-off figure (tradeoff.png) and the mean gap to retraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import append_csv, device_name  # noqa: E402
+
+import fastunlearn as fu  # noqa: E402
+from fastunlearn import baselines, data, forget  # noqa: E402
+from fastunlearn.checkpoint import atomic_write_text  # noqa: E402
+from fastunlearn.metrics import accuracy, predict_logits  # noqa: E402
+from fastunlearn.models import create_model  # noqa: E402
+from fastunlearn.plots import tradeoff_curves  # noqa: E402
+from fastunlearn.report import markdown_table  # noqa: E402
+from fastunlearn.train import train_classifier  # noqa: E402
+
+GRID = {"relabel": ["nearest_incorrect", "soft_incorrect", "argmax"], "gamma": [0.0], "remain_reg": [1.0],
+        "remain_target": ["distill"], "lr": [1e-4, 1e-3], "epochs": [1, 3, 6], "batchnorm": ["frozen", "train"],
+        "compose": [None]}
+BASELINE_SETTINGS = {"finetune_remain": dict(epochs=2, lr=0.01), "neggrad": dict(epochs=2, lr=1e-3),
+                     "neggrad_plus": dict(epochs=2, lr=1e-2, alpha=0.9), "random_labels": dict(epochs=3, lr=1e-3),
+                     "boundary_shrink": dict(epochs=10, lr=1e-5), "scrub": dict(epochs=2, lr=5e-4)}
+
+
+def _find_data(path):
+    for p in filter(None, [path, os.path.join(os.environ.get("FASTUNLEARN_DATA", ""), "retinamnist.npz"),
+                           "/work/shared/data/retinamnist.npz", "retinamnist.npz"]):
+        if os.path.exists(p):
+            return p
+    raise SystemExit("retinamnist.npz not found: pass --data PATH or set FASTUNLEARN_DATA")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/retina")
+    p.add_argument("--data", help="path of retinamnist.npz")
+    p.add_argument("--forget-class", type=int, default=0)
+    p.add_argument("--fractions", default="0.1,0.5,1.0")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--train-epochs", type=int, default=15)
+    p.add_argument("--baselines", default=",".join(BASELINE_SETTINGS))
+    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_retina.csv"))
+    args = p.parse_args(argv)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    splits = data.load_medmnist(_find_data(args.data))
+    x, y = splits["train"]
+    val, test = splits["val"], splits["test"]
+    mean, std = data.channel_stats(x)
+    arch = dict(name="smallcnn", in_channels=3, num_classes=5, width=args.width)
+    kw = dict(mean=mean, std=std, device=dev, seed=args.seed, progress=False)
+    c = args.forget_class
+    original = train_classifier(create_model(**arch), (x, y), args.train_epochs, lr=0.05, **kw)
+    vmask = val[1] == c
+    held_out_acc = accuracy(predict_logits(original, val[0][vmask], mean, std), val[1][vmask])
+    print(f"original: val accuracy on class {c}: {100 * held_out_acc:.1f}% ({int(vmask.sum())} images)")
+
+    tradeoff, summary, tables = [], {}, []
+    names = [n for n in args.baselines.split(",") if n]
+    for frac in [float(v) for v in args.fractions.split(",")]:
+        idx = forget.fraction_of_class(y, c, frac, seed=args.seed)
+        f, r = forget.split(x, y, idx)
+        retrain = baselines.retrain(original, r, epochs=args.train_epochs, lr=0.05, **kw)
+        models = {"original": original, "retrain": retrain}
+        res = fu.unlearn(original, f, r, config=fu.UnlearnConfig(seed=args.seed), mean=mean, std=std, device=dev,
+                         progress=False)
+        models["authors"] = res
+        rule = dict(max_forget_acc=0.03) if frac >= 1 else dict(target_forget_acc=held_out_acc)
+        sw = fu.sweep(original, f, r, grid=GRID, base=fu.UnlearnConfig(batch_size=32, seed=args.seed), mean=mean,
+                      std=std, device=dev, **rule)
+        models["ours (sweep)"] = (sw.model, sw.search_seconds + sw.chosen.seconds)
+        for n in names:
+            models[n] = baselines.run_all(original, f, r, names=[n], mean=mean, std=std, device=dev, seed=args.seed,
+                                          settings={n: BASELINE_SETTINGS.get(n, {})})[n]
+        out = os.path.join(args.out, f"frac_{int(round(100 * frac)):03d}")
+        rep = fu.report(models, f, r, test, out_dir=out, mean=mean, std=std, device=dev, seed=args.seed,
+                        title=f"RetinaMNIST: unlearning {100 * frac:g}% of class {c} ({len(f[1])} images)",
+                        notes=dict(fraction=frac, forget=len(f[1]), remain=len(r[1]), model=arch,
+                                   train_epochs=args.train_epochs, sweep_rule=rule, sweep_chosen=sw.chosen.settings,
+                                   sweep_seconds=sw.seconds, grid=GRID, baselines=BASELINE_SETTINGS))
+        tables.append((frac, len(f[1]), rep))
+        for m, row in rep.rows.items():
+            tradeoff.append(dict(row, method=m, fraction=frac))
+            summary.setdefault(m, []).append(row["gap"])
+        print(f"\n{100 * frac:g}% of class {c}: sweep chose {sw.chosen.settings}")
+        print(markdown_table(rep.rows, ("forget_acc", "remain_acc", "test_acc", "mia_lr", "gap", "seconds")))
+
+    os.makedirs(args.out, exist_ok=True)
+    png = tradeoff_curves([t for t in tradeoff if t["method"] != "original"] +
+                          [t for t in tradeoff if t["method"] == "original"],
+                          os.path.join(args.out, "tradeoff.png"), keys=("forget_acc", "remain_acc", "test_acc",
+                                                                          "mia_lr", "gap"),
+                          title=f"RetinaMNIST class {c}: unlearning a growing share of the class")
+    mean_gap = {m: float(np.mean(v)) for m, v in summary.items()}
+    lines = [f"# RetinaMNIST: unlearning part or all of class {c}", "",
+             f"SmallCNN width {args.width}, {args.train_epochs} training epochs; test split (400 images). "
+             "Gap: mean |difference| to the retrained model over forget / remain / test accuracy and MIA-LR.", "",
+             "| method | " + " | ".join(f"gap at {100 * f:g}% (pts)" for f, _, _ in tables) + " | mean gap (pts) |",
+             "|---" * (len(tables) + 2) + "|"]
+    for m in summary:
+        lines.append(f"| {m} | " + " | ".join(f"{100 * g:.2f}" for g in summary[m]) + f" | {100 * mean_gap[m]:.2f} |")
+    lines += ["", "![trade-off](tradeoff.png)", ""]
+    for frac, n, rep in tables:
+        rel = os.path.relpath(rep.paths["markdown"], args.out)
+        lines += [f"## {100 * frac:g}% of the class ({n} images) - [full report]({rel})", "",
+                  markdown_table(rep.rows, ("forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap",
+                                            "seconds")), ""]
+    atomic_write_text(os.path.join(args.out, "report.md"), "\n".join(lines))
+    with open(os.path.join(args.out, "summary.json"), "w") as fh:
+        json.dump({"mean_gap": mean_gap, "rows": tradeoff}, fh, indent=2, default=str)
+    append_csv([dict(method=m, fraction=t["fraction"], device=device_name(dev),
+                     **{k: t[k] for k in ("forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap")})
+                for t in tradeoff for m in [t["method"]]], args.csv)
+    print("\nmean gap to retrain (points): " + ", ".join(f"{m} {100 * g:.2f}" for m, g in mean_gap.items()))
+    print(f"wrote {args.out}/report.md, {png}")
+    return mean_gap
+
+
+if __name__ == "__main__":
+    main()
