@@ -108,9 +108,9 @@ def test_bad_input_is_refused_before_work(gen, case, monkeypatch):
     if kwargs.get("remain") == "same":
         kwargs["remain"] = kwargs["forget"]
     # Any search started before the check fires would be a bug: make it loud.
-    import fastunlearn.api as api
+    import fastunlearn.unlearner as unlearner
 
-    monkeypatch.setattr(api, "sharded_search", lambda *a, **k: pytest.fail("work started before validation"))
+    monkeypatch.setattr(unlearner, "sharded_search", lambda *a, **k: pytest.fail("work started before validation"))
     with pytest.raises(exc, match=pattern):
         fu.unlearn(model, config=FAST, progress=False, **kwargs)
 

@@ -12,8 +12,11 @@ from ._backends import backends
 from .api import UnlearnResult, boundary_relabel, compose, interpolate, unlearn
 from .config import UnlearnConfig
 from .metrics import evaluate
+from .unlearner import Unlearner
+from .report import report
+from .sweep import sweep
 
 __version__ = "0.1.0"
 
-__all__ = ["UnlearnConfig", "UnlearnResult", "backends", "boundary_relabel", "compose", "evaluate", "interpolate",
-           "unlearn", "__version__"]
+__all__ = ["UnlearnConfig", "UnlearnResult", "Unlearner", "backends", "boundary_relabel", "compose", "evaluate", "interpolate",
+           "report", "sweep", "unlearn", "__version__"]

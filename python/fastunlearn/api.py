@@ -13,7 +13,6 @@ import torch.nn as nn
 from . import _backends, validate
 from .compose import _finetune_on_remain, _set_submodule, compose, interpolate  # noqa: F401
 from .config import UnlearnConfig
-from .finetune import finetune
 from .ops._dispatch import resolve
 from .distributed import sharded_search
 from .search import SearchResult, frozen_copy
@@ -40,6 +39,12 @@ class UnlearnResult:
     config: UnlearnConfig
     backend: str
     timings: dict = field(default_factory=dict)
+
+    def save(self, path: str, arch: Optional[dict] = None, **meta) -> None:
+        """Write the model as .safetensors (atomically), with the config in its header."""
+        from .checkpoint import save_model
+
+        save_model(self.model, path, arch, config=self.config.to_dict(), **meta)
 
 
 def _prepare(model, config, mean, std, device, **data):
@@ -68,38 +73,37 @@ def _refreshes(config: UnlearnConfig) -> int:
     return 1 if config.refresh_mode == "once" else max(1, config.epochs)
 
 
+def _check_data(**data):
+    """(x, y) tensors for each named set (None stays None; forget is required)."""
+    return {k: validate.pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}
+
+
 def unlearn(model: nn.Module, forget, remain=None, config: Optional[UnlearnConfig] = None, mean=None, std=None,
-            device=None, *, progress: bool = True, probe=None) -> UnlearnResult:
+            device=None, *, progress: bool = True, probe=None, checkpoint_dir: Optional[str] = None,
+            checkpoint_every: int = 0, resume: Optional[str] = None, on_step=None, max_steps: Optional[int] = None,
+            output: Optional[str] = None) -> UnlearnResult:
     """Make a copy of ``model`` forget ``forget`` while keeping ``remain``.
 
     forget / remain: (x, y) with x (N, C, H, W) float in [0, 1] or uint8 and y int64, or a
-    Dataset of such pairs. mean / std: per-channel normalisation the model expects, applied
-    inside (never bake it into x). probe: optional callable model -> dict of metrics,
-    recorded after each epoch.
+    Dataset of such pairs; remain is not read when config.remain_reg == 0. mean / std:
+    per-channel normalisation the model expects, applied inside (never bake it into x).
+    probe: (forget_probe, remain_probe) pairs or a callable model -> dict, recorded after
+    each epoch. checkpoint_dir / checkpoint_every / resume: resumable checkpoints (see
+    fastunlearn.Unlearner.revise). output: write the result as .safetensors.
+
+    One revision of a fresh fastunlearn.Unlearner; keep an Unlearner to revise the same
+    model again without paying the set-up (and compile) cost.
     """
+    from .unlearner import Unlearner
+
     t_start = time.perf_counter()
-    validate.check_distinct(forget, remain)
-    config, pairs, dev, mean_t, std_t = _prepare(model, config, mean, std, device, forget=forget, remain=remain)
-    fx, fy = pairs["forget"]
-    if pairs["remain"] is not None:
-        validate.check_same_data(fx, pairs["remain"][0])
-    if config.remain_reg > 0 and pairs["remain"] is None:
-        raise ValueError(f"config.remain_reg={config.remain_reg} needs a remain set: pass remain=(x, y)")
-    frozen = frozen_copy(model, dev)
-    t0 = time.perf_counter()
-    search = sharded_search(model, ImageSource(fx, fy), config, mean=mean_t, std=std_t, device=dev,
-                            refreshes=_refreshes(config), progress=progress, frozen=frozen)
-    t_search = time.perf_counter() - t0
-    trainable = copy.deepcopy(model).to(dev)
-    trainable.requires_grad_(True)
-    t0 = time.perf_counter()
-    trainable, history = finetune(trainable, fx, search, config, remain=pairs["remain"], teacher=frozen,
-                                  mean=mean_t, std=std_t, device=dev, progress=progress, probe=probe)
-    t_tune = time.perf_counter() - t0
-    seconds = time.perf_counter() - t_start
-    return UnlearnResult(trainable, search.relabels[0], search.success[0], seconds, history, search, config,
-                         resolve("boundary_step", dev, config.backend),
-                         {"search": t_search, "finetune": t_tune, "total": seconds})
+    session = Unlearner(model, config, mean, std, device)
+    res = session.revise(forget, remain, progress=progress, probe=probe, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=checkpoint_every, resume=resume, on_step=on_step, max_steps=max_steps,
+                         output=output)
+    res.seconds = time.perf_counter() - t_start
+    res.timings["total"] = res.seconds
+    return res
 
 
 def boundary_relabel(model: nn.Module, x, y=None, config: Optional[UnlearnConfig] = None, mean=None, std=None,

@@ -1,4 +1,4 @@
-"""The `fastunlearn` command: demo, train, unlearn, eval, compose, backends."""
+"""The `fastunlearn` command: demo, train, unlearn, eval, compose, backends, bench."""
 
 from __future__ import annotations
 
@@ -283,6 +283,116 @@ def cmd_compose(args):
     print(f"saved {args.out}")
 
 
+def cmd_report(args):
+    from .checkpoint import load_model
+    from .report import report
+
+    dev = device_of(args)
+    _, _, _, f, r, test = prepare_data(args)
+    test = subset(test, args.test_size, args.seed)
+    names = args.names or [os.path.splitext(os.path.basename(m))[0] for m in args.models]
+    if len(names) != len(args.models):
+        raise SystemExit(f"error: --names gives {len(names)} names for {len(args.models)} --models")
+    models, meta0 = {}, None
+    for name, path in zip(names, args.models):
+        model, meta = load_model(path, dev)
+        meta0 = meta0 or meta
+        models[name] = (model, meta.get("seconds"))
+    if args.retrain:
+        models["retrain"] = load_model(args.retrain, dev)[0]
+    rep = report(models, f, r, test, out_dir=args.out, retrain="retrain" if args.retrain else None,
+                 mean=meta0.get("mean"), std=meta0.get("std"), device=dev, title=args.title or "",
+                 tsne=not args.no_tsne, seed=args.seed)
+    print(rep.markdown.split("\n## ")[0])
+    print(f"wrote {', '.join(sorted(os.path.basename(p) for p in rep.paths.values()))} to {args.out}")
+
+
+BENCHES = ("e2e", "search", "boundary_step", "relabel_check")
+
+
+def _bench_script(name):
+    from pathlib import Path
+
+    roots = [os.environ.get("FASTUNLEARN_BENCH_DIR"), Path(__file__).resolve().parents[2] / "bench", "bench"]
+    for root in filter(None, roots):
+        path = os.path.join(root, f"bench_{name}.py")
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"bench_{name}.py not found (looked in $FASTUNLEARN_BENCH_DIR and the source "
+                            "checkout's bench/); the benchmarks ship with the source tree, not the wheel")
+
+
+def _option(rest, name, default=None):
+    for i, a in enumerate(rest):
+        if a == name and i + 1 < len(rest):
+            return rest[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return default
+
+
+def cmd_bench(args):
+    import runpy
+
+    script = _bench_script(args.name)
+    rest = list(args.args)
+    profile_dir = args.profile
+    for i, a in enumerate(rest):
+        if a == "--profile" and i + 1 < len(rest):
+            profile_dir = rest[i + 1]
+            del rest[i:i + 2]
+            break
+        if a.startswith("--profile="):
+            profile_dir = a.split("=", 1)[1]
+            del rest[i]
+            break
+    if profile_dir and args.name == "e2e":
+        rest += ["--profile", profile_dir]  # it profiles its own run, on its own model
+        profile_dir = None
+    old_argv = sys.argv
+    sys.argv = [script] + rest
+
+    def run():
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise
+
+    try:
+        if not profile_dir:
+            run()
+            return
+        from . import data, profiling
+        from .models import create_model
+
+        dev = torch.device(_option(rest, "--device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        path = profiling.trace(run, os.path.join(profile_dir, "trace.json"), dev)
+        # The roofline runs on the benchmark's model family: AllCNN at its --width on the
+        # default dataset, or the model file given with --model.
+        name, splits = data.load_default(_option(rest, "--data-dir"))
+        x, y = splits["train"]
+        mean, std = data.channel_stats(x[:4096])
+        model_file = _option(rest, "--model")
+        if model_file:
+            from .checkpoint import load_model
+
+            model, meta = load_model(model_file, dev)
+            mean, std = meta.get("mean", mean), meta.get("std", std)
+        else:
+            model = create_model("allcnn", in_channels=int(x.shape[1]), num_classes=int(y.max()) + 1,
+                                 width=float(_option(rest, "--width", 0.25))).to(dev).eval()
+        rows, peaks = profiling.roofline(model, x[:512], y[:512], mean=mean, std=std, device=dev)
+        import platform
+
+        dname = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                 else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
+        print("\n" + profiling.write_summary(rows, peaks, profile_dir, dname))
+        print(f"trace: {path}")
+    finally:
+        sys.argv = old_argv
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -361,8 +471,33 @@ def build_parser():
     add_common(c)
     c.set_defaults(func=cmd_compose)
 
+    rp = sub.add_parser("report", help="one table + plots + markdown page comparing model files",
+                        formatter_class=fmt, description="Score several model files on the same forget / remain / "
+                        "test sets: accuracies (also per class), MIA-LR, MIA-efficacy, gap to a retrained model, "
+                        "time; write table.csv, metrics.json, mia_hist.png, tsne.png and report.md to --out.")
+    rp.add_argument("--models", nargs="+", required=True, help="model files to compare (the original included)")
+    rp.add_argument("--names", nargs="+", help="a row name per --models file (default: file names)")
+    rp.add_argument("--retrain", help="a model retrained without the forget set (the gap reference)")
+    rp.add_argument("--out", required=True, help="folder for the report")
+    rp.add_argument("--title")
+    rp.add_argument("--test-size", type=int, default=2000, help="test images used (seeded subset)")
+    rp.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (the slow part)")
+    add_data_args(rp)
+    add_common(rp)
+    rp.set_defaults(func=cmd_report)
+
     b = sub.add_parser("backends", help="which fused-op backends are available, and why not")
     b.set_defaults(func=cmd_backends)
+
+    bn = sub.add_parser("bench", help="run a benchmark: e2e | search | boundary_step | relabel_check",
+                        description="Run bench/bench_NAME.py with the remaining arguments (see "
+                        "`fastunlearn bench NAME --help`). --profile DIR (anywhere on the line) also writes a "
+                        "torch.profiler trace (trace.json, opens in Perfetto or chrome://tracing) and a roofline "
+                        "summary (roofline.txt/json) of the search, a train step and the elementwise ops.")
+    bn.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
+    bn.add_argument("name", choices=BENCHES)
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 
