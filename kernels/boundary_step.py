@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastunlearn.ops.boundary_step import _is_channels_last, empty_output
+
 from .philox import add64, noise_from_bits, philox_2of4
 
 # The interpreter pays per operation, not per element, so it gets far larger blocks.
@@ -90,35 +92,15 @@ def _boundary_step_kernel(u_ptr, u0_ptr, g_ptr, out_ptr, inv_std_ptr, numel, C, 
     tl.store(out_ptr + m, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _checks(u, u0, grad, noise, quantize, std):
-    torch._check(u.dim() >= 2, lambda: f"boundary_step: u must be (N, C, ...), got shape {tuple(u.shape)}")
-    torch._check(u.dtype in (torch.float32, torch.bfloat16, torch.float16),
-                 lambda: f"boundary_step: u must be float32, bfloat16 or float16, got {u.dtype}")
-    for name, t in (("u0", u0), ("grad", grad)):
-        torch._check(t.shape == u.shape,
-                     lambda: f"boundary_step: {name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
-        torch._check(t.dtype == u.dtype, lambda: f"boundary_step: {name} must have u's dtype {u.dtype}, got {t.dtype}")
-    torch._check(0 <= noise <= 3, lambda: f"boundary_step: noise code must be 0..3, got {noise}")
-    torch._check(quantize >= 0, lambda: f"boundary_step: quantize must be >= 0, got {quantize}")
-    if std is not None:
-        torch._check(std.numel() == u.shape[1],
-                     lambda: f"boundary_step: std must have {u.shape[1]} values, got {std.numel()}")
-    return torch.channels_last if _is_channels_last(u) else torch.contiguous_format
-
-
 def _boundary_step(u: torch.Tensor, u0: torch.Tensor, grad: torch.Tensor, eps: float, alpha: float,
                    lamda: float, gamma: float, noise: int, quantize: int, seed: int, offset: int,
                    mean: Optional[torch.Tensor], std: Optional[torch.Tensor]) -> torch.Tensor:
     """Triton backend of fastunlearn.ops.boundary_step; arguments as torch.ops.fastunlearn.boundary_step."""
-    fmt = _checks(u, u0, grad, noise, quantize, std)
+    out = empty_output(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std)
+    fmt = torch.channels_last if _is_channels_last(out) else torch.contiguous_format
     c = u.shape[1]
     # One memory index walks all three tensors, in u's layout.
     uc, u0c, gc = (t.contiguous(memory_format=fmt) for t in (u, u0, grad))
-    out = torch.empty_like(uc, memory_format=fmt)
     numel = uc.numel()
     if numel == 0:
         return out
@@ -138,10 +120,6 @@ def _boundary_step(u: torch.Tensor, u0: torch.Tensor, grad: torch.Tensor, eps: f
     return out
 
 
-def _fake(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std):
-    return torch.empty_like(u, memory_format=_checks(u, u0, grad, noise, quantize, std))
-
-
 _NAME = "fastunlearn::boundary_step_triton"
 if os.environ.get("TRITON_INTERPRET") == "1":
     # torch cannot trace an interpreted kernel (wrap_triton hands it back unwrapped, and a
@@ -149,6 +127,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     # op with a shape-only fake keeps torch.compile and opcheck working; the kernel then
     # runs eagerly inside the compiled graph.
     boundary_step_triton = torch.library.custom_op(_NAME, _boundary_step, mutates_args=())
-    boundary_step_triton.register_fake(_fake)
+    boundary_step_triton.register_fake(empty_output)
 else:
     boundary_step_triton = triton_op(_NAME, _boundary_step, mutates_args=())

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastunlearn.ops.relabel_check import empty_outputs
+
 # A column index no real element has; sorts after every real one on ties.
 _NO_INDEX = tl.constexpr(2**31 - 1)
 # Logits per program per block step. The interpreter pays per operation, not per
@@ -141,29 +143,10 @@ def _launch_config(n: int, k: int):
     return rows, block_k, num_warps
 
 
-def _outputs(logits: torch.Tensor, y: torch.Tensor, mode: int, topk: int, want_grad: bool):
-    """Input checks and the empty outputs; runs on real and on fake tensors alike."""
-    torch._check(logits.dim() == 2, lambda: f"relabel_check: logits must be (N, classes), got {tuple(logits.shape)}")
-    torch._check(logits.dtype in (torch.float32, torch.bfloat16, torch.float16),
-                 lambda: f"relabel_check: logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    torch._check(y.dim() == 1 and y.shape[0] == logits.shape[0],
-                 lambda: f"relabel_check: y must be ({logits.shape[0]},), got {tuple(y.shape)}")
-    torch._check(y.dtype == torch.int64, lambda: f"relabel_check: y must be int64, got {y.dtype}")
-    torch._check(0 <= mode <= 3, lambda: f"relabel_check: mode must be 0..3, got {mode}")
-    torch._check(mode != 3 or topk >= 1, lambda: f"relabel_check: topk must be >= 1, got {topk}")
-    n, k = logits.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    return (torch.empty(n, dtype=torch.int64, device=logits.device),
-            torch.empty(n, dtype=torch.bool, device=logits.device),
-            torch.empty(n, **f32),
-            torch.empty(n, k, **f32) if mode in (2, 3) else torch.empty(0, **f32),
-            torch.empty(n, k, **f32) if want_grad else torch.empty(0, **f32))
-
-
 def _relabel_check(logits: torch.Tensor, y: torch.Tensor, mode: int, topk: int,
                    want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same arguments and outputs as torch.ops.fastunlearn.relabel_check (mode as a code)."""
-    relabel, success, margin, targets, dlogits = _outputs(logits, y, mode, topk, want_grad)
+    relabel, success, margin, targets, dlogits = empty_outputs(logits, y, mode, topk, want_grad)
     logits = logits.contiguous()
     y = y.contiguous()
     n, k = logits.shape
@@ -187,6 +170,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     # custom op with a shape-only fake keeps torch.compile and opcheck working; the
     # kernel then runs eagerly inside the compiled graph.
     relabel_check_triton = torch.library.custom_op(_NAME, _relabel_check, mutates_args=())
-    relabel_check_triton.register_fake(_outputs)
+    relabel_check_triton.register_fake(empty_outputs)
 else:
     relabel_check_triton = triton_op(_NAME, _relabel_check, mutates_args=())

@@ -49,8 +49,12 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _fake_boundary_step(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std):
-    """Shape, dtype and layout of the native op's output, for FakeTensor / torch.compile tracing."""
+def empty_output(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std):
+    """Checks the op's arguments and allocates its output (u's shape, dtype and layout).
+
+    The fake kernel of the native op and the Triton backend share it; it runs on real and
+    on fake tensors alike.
+    """
     torch._check(u.dim() >= 2, lambda: f"boundary_step: u must be (N, C, ...), got shape {tuple(u.shape)}")
     torch._check(u.dtype in FLOAT_DTYPES, lambda: f"boundary_step: u must be float32, bfloat16 or float16, got {u.dtype}")
     for name, t in (("u0", u0), ("grad", grad)):
@@ -71,7 +75,7 @@ def _fake_boundary_step(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, 
 # The schema comes from the extension, so the fake kernel can only be attached once it loaded.
 if _backends.native() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastunlearn::boundary_step", "CPU"):
-    torch.library.register_fake("fastunlearn::boundary_step")(_fake_boundary_step)
+    torch.library.register_fake("fastunlearn::boundary_step")(empty_output)
 
 
 @torch.compiler.assume_constant_result

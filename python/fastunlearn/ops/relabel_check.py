@@ -46,8 +46,12 @@ def _backend_for(device_type: str, backend: str) -> str:
     return resolve("relabel_check", torch.device(device_type), backend)
 
 
-def _fake_relabel_check(logits, y, mode, topk, want_grad):
-    """Shapes and dtypes of the native op's outputs, for FakeTensor / torch.compile tracing."""
+def empty_outputs(logits, y, mode, topk, want_grad):
+    """Checks the op's arguments and allocates its five outputs on logits' device.
+
+    The fake kernel of the native op and the Triton backend share it; it runs on real and
+    on fake tensors alike.
+    """
     torch._check(logits.dim() == 2, lambda: f"relabel_check: logits must be (N, classes), got {tuple(logits.shape)}")
     torch._check(logits.dtype in (torch.float32, torch.bfloat16, torch.float16),
                  lambda: f"relabel_check: logits must be float32, bfloat16 or float16, got {logits.dtype}")
@@ -66,7 +70,7 @@ def _fake_relabel_check(logits, y, mode, topk, want_grad):
 # The schema comes from the extension, so the fake kernel can only be attached once it loaded.
 if _backends.native() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastunlearn::relabel_check", "CPU"):
-    torch.library.register_fake("fastunlearn::relabel_check")(_fake_relabel_check)
+    torch.library.register_fake("fastunlearn::relabel_check")(empty_outputs)
 
 
 def _none_if_empty(t):
