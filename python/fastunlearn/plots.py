@@ -40,9 +40,10 @@ def metrics_bars(rows: dict, path: str, title: str = "",
     ax.set_xticks(range(len(keys)), [names.get(k, k) for k in keys])
     ax.set_ylabel("%")
     ax.set_ylim(0, 110)
-    ax.legend(fontsize=8, ncols=len(rows), loc="upper center", bbox_to_anchor=(0.5, 1.18), frameon=False)
+    # The legend sits under the axis labels, so it never collides with the title.
+    ax.legend(fontsize=8, ncols=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     if title:
-        ax.set_title(title, fontsize=9, pad=24)
+        ax.set_title(title, fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return _save(fig, path)
 
