@@ -13,9 +13,8 @@ import torch.nn as nn
 from . import _backends, validate
 from .compose import _finetune_on_remain, _set_submodule, compose, interpolate  # noqa: F401
 from .config import UnlearnConfig
-from .ops._dispatch import resolve
 from .distributed import sharded_search
-from .search import SearchResult, frozen_copy
+from .search import SearchResult
 from .source import ImageSource
 
 
@@ -53,7 +52,7 @@ def _prepare(model, config, mean, std, device, **data):
         config = UnlearnConfig()
     if not isinstance(config, UnlearnConfig):
         raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
-    pairs = {k: validate.pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}
+    pairs = _check_data(**data)
     fx = pairs["forget"][0]
     dev = validate.check_devices(model, device, **{f"{k} images": p[0] for k, p in pairs.items() if p is not None})
     mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])
@@ -67,10 +66,6 @@ def _prepare(model, config, mean, std, device, **data):
         if p is not None:
             validate.check_labels(p[1], classes, k)
     return config, pairs, dev, mean_t, std_t
-
-
-def _refreshes(config: UnlearnConfig) -> int:
-    return 1 if config.refresh_mode == "once" else max(1, config.epochs)
 
 
 def _check_data(**data):
