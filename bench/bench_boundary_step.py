@@ -30,7 +30,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_csv, device_name, print_table, sync, timeit  # noqa: E402
+from common import add_run_args, append_csv, apply_run_args, device_name, print_table, sync, timeit  # noqa: E402
 
 from fastunlearn.ops import _dispatch, boundary_step  # noqa: E402
 
@@ -63,9 +63,6 @@ def clone_bandwidth(numel: int, device: torch.device) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                     help="dtype of u, u0, grad for the fused backends (default float32; the eager chain "
                          "always runs in float32)")
@@ -75,15 +72,10 @@ def main(argv=None):
                          + ",".join(":".join(map(str, s)) for s in GPU_SHAPES) + ")")
     ap.add_argument("--settings", default="gamma=0,gamma>0", help="which of gamma=0, gamma>0 to run")
     ap.add_argument("--no-reference", action="store_true", help="skip the slow float64 reference ('torch')")
-    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per case on CPU (default 20)")
-    ap.add_argument("--csv", default=None, help="CSV to append rows to (default bench/results.csv or "
-                    "$FASTUNLEARN_BENCH_CSV)")
-    ap.add_argument("--no-csv", action="store_true", help="print the table only")
+    add_run_args(ap)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = apply_run_args(args)
     dtype = DTYPES[args.dtype]
     default_shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     shapes = default_shapes if not args.shapes else [tuple(int(v) for v in s.split(":"))

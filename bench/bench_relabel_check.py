@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_csv, device_name, print_table, sync, timeit  # noqa: E402
+from common import add_run_args, append_csv, apply_run_args, device_name, print_table, sync, timeit  # noqa: E402
 
 import fastunlearn.ops as ops  # noqa: E402
 from fastunlearn.ops import _dispatch  # noqa: E402
@@ -62,9 +62,6 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="logits dtype (default float32)")
     ap.add_argument("--mode", default="argmax", choices=list(MODE_CODES),
                     help="relabel mode (default argmax, what the search uses)")
@@ -72,15 +69,10 @@ def main(argv=None):
     ap.add_argument("--no-grad", action="store_true", help="do not ask for dlogits (default: ask, as the search does)")
     ap.add_argument("--shapes", default=None,
                     help="N:K pairs, comma separated (default: " + ",".join(f"{n}:{k}" for n, k in SHAPES) + ")")
-    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per case on CPU (default 20)")
-    ap.add_argument("--csv", default=None, help="CSV to append rows to (default bench/results.csv or "
-                    "$FASTUNLEARN_BENCH_CSV)")
-    ap.add_argument("--no-csv", action="store_true", help="print the table only")
+    add_run_args(ap)
     args = ap.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = apply_run_args(args)
     dtype = DTYPES[args.dtype]
     want_grad = not args.no_grad
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]

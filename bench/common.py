@@ -93,6 +93,23 @@ def append_csv(rows: list[dict], path: str | None = None):
     return path
 
 
+def add_run_args(ap):
+    """--device, --threads, --reps, --csv, --no-csv: the options every op benchmark shares."""
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device to benchmark on (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per case on CPU (default 20)")
+    ap.add_argument("--csv", default=None, help="CSV to append rows to (default bench/results.csv or "
+                    "$FASTUNLEARN_BENCH_CSV)")
+    ap.add_argument("--no-csv", action="store_true", help="print the table only")
+
+
+def apply_run_args(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
+
+
 def print_table(rows: list[dict], cols: list[str]):
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
