@@ -12,13 +12,7 @@ from fastunlearn.finetune import FinetuneEngine, StopRun, finetune, load_checkpo
 from fastunlearn.search import SearchResult
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_with_dropout(classes=4, channels=2, seed=0, p=0.3):

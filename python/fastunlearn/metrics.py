@@ -118,16 +118,22 @@ def mia_lr(forget_losses, test_losses, n_splits: int = 5, seed: int = 0, test_si
     m = min(len(f), len(t))
     if m < 5:
         raise ValueError(f"mia_lr needs at least 5 forget and 5 test losses, got {len(f)} and {len(t)}")
-    rng = np.random.RandomState(seed)
-    if len(f) > m:
-        f = f[rng.choice(len(f), m, replace=False)]
-    if len(t) > m:
-        t = t[rng.choice(len(t), m, replace=False)]
+    t, f = _balanced(t, f, m, seed)
     xs = np.concatenate([t, f]).reshape(-1, 1)
     labels = np.concatenate([np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.int64)])
     cv = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
     scores = cross_val_score(LogisticRegression(), xs, labels, cv=cv, scoring="accuracy")
     return float(np.mean(scores))
+
+
+def _balanced(a: np.ndarray, b: np.ndarray, m: int, seed: int):
+    """a and b each cut to m values by a seeded draw without replacement (a first, then b)."""
+    rng = np.random.RandomState(seed)
+    if len(a) > m:
+        a = a[rng.choice(len(a), m, replace=False)]
+    if len(b) > m:
+        b = b[rng.choice(len(b), m, replace=False)]
+    return a, b
 
 
 def true_class_confidence(logits, y) -> torch.Tensor:
@@ -158,11 +164,7 @@ def mia_efficacy_from_confidence(remain_conf, test_conf, forget_conf, seed: int 
         m = min(m, int(max_shadow))
     if m < 2:
         raise ValueError(f"mia_efficacy needs at least 2 remain and 2 test samples, got {len(r)} and {len(t)}")
-    rng = np.random.RandomState(seed)
-    if len(r) > m:
-        r = r[rng.choice(len(r), m, replace=False)]
-    if len(t) > m:
-        t = t[rng.choice(len(t), m, replace=False)]
+    r, t = _balanced(r, t, m, seed)
     xs = np.concatenate([r, t]).reshape(-1, 1)
     labels = np.concatenate([np.ones(m), np.zeros(m)])
     clf = SVC(C=3, gamma="auto", kernel="rbf")
