@@ -13,7 +13,7 @@ import torch.nn as nn
 from . import _backends, validate
 from .compose import _finetune_on_remain, _set_submodule, compose, interpolate  # noqa: F401
 from .config import UnlearnConfig
-from .distributed import sharded_search
+from .distributed import is_main, sharded_search
 from .search import SearchResult
 from .source import ImageSource
 
@@ -40,9 +40,15 @@ class UnlearnResult:
     timings: dict = field(default_factory=dict)
 
     def save(self, path: str, arch: Optional[dict] = None, **meta) -> None:
-        """Write the model as .safetensors (atomically), with the config in its header."""
+        """Write the model as .safetensors (atomically), with the config in its header.
+
+        Under torch.distributed only rank 0 writes (every rank holds the same model); the
+        others return at once, so wait on a barrier before another rank reads the file.
+        """
         from .checkpoint import save_model
 
+        if not is_main():
+            return
         save_model(self.model, path, arch, config=self.config.to_dict(), **meta)
 
 

@@ -25,6 +25,8 @@ examples:
   fastunlearn demo                                   # train, forget class 0, compare with retraining
   fastunlearn train --data digits --arch smallcnn --out orig.safetensors
   fastunlearn unlearn --model orig.safetensors --data digits --forget-class 3 --out forgot.safetensors
+  torchrun --nproc_per_node=4 -m fastunlearn.cli unlearn --model orig.safetensors --data digits \\
+      --forget-class 3 --out forgot.safetensors      # 4 processes; --batch-size is the global batch
   fastunlearn eval --model forgot.safetensors --data digits --forget-class 3
   fastunlearn unlearn --model retina.safetensors --data retina --data-dir DIR \\
       --forget-rule "device == Topcon NW400" --metadata retina_meta.csv --out r2.safetensors
@@ -169,7 +171,8 @@ def add_config_args(p, defaults=None):
                    help="when the search is redone with fresh noise (auto: once if deterministic)")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"fine-tune epochs (default {d.epochs})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"fine-tune learning rate (default {d.lr})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"fine-tune batch (default {d.batch_size})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"fine-tune batch, over all processes under torchrun (default {d.batch_size})")
     g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
     g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
@@ -219,17 +222,38 @@ def cmd_train(args):
 
 
 def cmd_unlearn(args):
+    import torch.distributed as dist
+
+    from .distributed import init_from_env, world
+
+    # Under torchrun every rank runs this command: they share the search and the fine-tune
+    # (global batch --batch-size), then rank 0 alone saves, evaluates and prints.
+    joined = not (dist.is_available() and dist.is_initialized())
+    dev = init_from_env(args.device)
+    joined = joined and world()[1] > 1
+    try:
+        _unlearn(args, dev, is_main=world()[0] == 0)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _unlearn(args, dev, is_main):
     from . import unlearn
     from .checkpoint import atomic_write_text, load_model, save_model
+    from .distributed import world
     from .metrics import evaluate
 
-    dev = device_of(args)
     model, meta = load_model(args.model, dev)
     name, splits, _, f, r, test = prepare_data(args)
     cfg = config_from_args(args)
-    print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name} ({cfg.refresh_mode} search)")
+    if is_main:
+        print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name} "
+              f"({cfg.refresh_mode} search, {world()[1]} process(es))")
     res = unlearn(model, f, r, config=cfg, mean=meta.get("mean"), std=meta.get("std"), device=dev,
                   progress=not args.no_progress)
+    if not is_main:
+        return
     meta_out = {k: v for k, v in meta.items() if k != "arch"}
     save_model(res.model, args.out, meta["arch"], **meta_out, unlearned_from=os.path.basename(args.model),
                config=cfg.to_dict())

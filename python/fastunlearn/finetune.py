@@ -22,19 +22,34 @@ batch statistics of its own forward. config.joint_batch=True runs one forward ov
 Batch order comes from seeded generators. A checkpoint holds the model, the optimizer, the
 generators, the batch order of the current epoch, the global RNG and the search result,
 so a resumed run continues with exactly the steps it would have taken (bitwise on CPU).
+
+More than one process (a torch.distributed process group of size W > 1): the model is
+wrapped in DistributedDataParallel and config.batch_size is the global batch. Every rank
+draws the same seeded batch order and takes a contiguous slice of each global batch (of
+the forget batch and of the remain batch), and weights its loss so that DDP's averaged
+gradient is the gradient of the one-process loss, the mean over the whole global batch,
+last partial batch included. Without BatchNorm or dropout the result equals a one-process
+run up to float rounding. BatchNorm normalises each rank's slice with its own batch
+statistics (the usual data-parallel equivalence, not the one-process numbers; running
+statistics follow rank 0's slices, which DDP broadcasts at each forward), and dropout
+draws its masks per rank. Only rank 0 writes checkpoints, and every rank waits until the
+file is complete, so all ranks can resume from the same path.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
+import zlib
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import distributed, reference
 from .config import UnlearnConfig
+from .distributed import shard_bounds
 from .search import SearchResult, resolve_precision
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
@@ -115,7 +130,9 @@ class FinetuneEngine:
 
     ``model`` is trained in place (pass a copy). ``teacher`` is the frozen original, needed
     for remain_target="distill". The compiled step is kept between runs, so a second run
-    on the same engine pays no compile time.
+    on the same engine pays no compile time. Built while a process group of several ranks
+    is initialised, the engine trains data-parallel (see the module notes); build it on
+    every rank with the same model and config.
     """
 
     def __init__(self, model: nn.Module, config: UnlearnConfig, *, mean=None, std=None, device=None,
@@ -131,12 +148,26 @@ class FinetuneEngine:
         self.autocast = resolve_precision(config.precision, self.device)
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=self.device)
+        self.rank, self.world = distributed.world()
         self.compiled = resolve_compile(config.compile, self.device)
+        if self.world > 1 and self.compiled:
+            # Under DDP the step runs eagerly. DDP all-reduces gradient buckets from autograd
+            # hooks during the backward; a compiled step keeps that only when Dynamo splits
+            # the graph at the bucket boundaries, and the CUDA default here adds CUDA graphs
+            # on top. An eager step keeps the gradient sync plainly correct.
+            if config.compile is True:
+                warnings.warn("compile=True is ignored under torch.distributed: the data-parallel train step "
+                              "runs eagerly", stacklevel=2)
+            self.compiled = False
         self.compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.compile_seconds = 0.0
         self._seen = set()
         self.opt = self._make_optimizer()
         self._steps = {}
+        # What the loss function calls: the model itself, or its DDP wrapper (which shares
+        # the parameters, so the optimizer and state_dict of self.model stay the ones to use).
+        # DDP copies rank 0's weights into every rank when it is built.
+        self.net = self.model if self.world == 1 else distributed.wrap_ddp(self.model, self.device)
 
     # ----------------------------------------------------------------- pieces
     def _make_optimizer(self):
@@ -162,43 +193,77 @@ class FinetuneEngine:
         return u
 
     def _loss_fn(self, use_remain: bool):
-        """forward(s) + loss, the part torch.compile takes; flags are fixed per function."""
+        """forward(s) + loss, the part torch.compile takes; flags are fixed per function.
+
+        With several ranks the function takes two more arguments, wf and wr: this rank's
+        share of the global forget and remain batch (rows here / rows in the global batch).
+        It then returns this rank's share of the global mean losses, whose sum over the
+        ranks is the one-process loss.
+        """
         cfg = self.config
         rho = float(cfg.remain_reg)
         distill = cfg.remain_target == "distill"
         joint = cfg.joint_batch
         dev_type = self.device.type
         ac = self.autocast
+        net = self.net
+
+        def logits_of(nf, nr):
+            teacher_logits = None
+            if distill:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(nr)
+            if joint:
+                logits = net(torch.cat([nf, nr]))
+                return logits[:nf.shape[0]], logits[nf.shape[0]:], teacher_logits
+            # The authors' order: remain forward first, then forget; each updates the
+            # BatchNorm running statistics in that order.
+            lr_logits = net(nr)
+            return net(nf), lr_logits, teacher_logits
 
         def loss_fn(xf, tf, xr=None, yr=None):
             nf = self._input(xf)
             with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None):
                 if not use_remain:
-                    loss_f = reference.forget_loss(self.model(nf), tf)
+                    loss_f = reference.forget_loss(net(nf), tf)
                     return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
-                nr = self._input(xr)
-                teacher_logits = None
-                if distill:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(nr)
-                if joint:
-                    logits = self.model(torch.cat([nf, nr]))
-                    lf_logits, lr_logits = logits[:nf.shape[0]], logits[nf.shape[0]:]
-                else:
-                    # The authors' order: remain forward first, then forget; each updates the
-                    # BatchNorm running statistics in that order.
-                    lr_logits = self.model(nr)
-                    lf_logits = self.model(nf)
+                lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
                 loss_r = reference.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target)
                 loss_f = reference.forget_loss(lf_logits, tf)
                 return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
 
+        def share(mean_loss, logits, weight):
+            # A rank whose slice of a short last batch is empty still joins the gradient
+            # all-reduce: it contributes zeros (the mean over no rows would be NaN).
+            if logits.shape[0] == 0:
+                return logits.float().sum() * 0.0
+            return mean_loss() * weight
+
+        def sharded_loss_fn(xf, tf, xr=None, yr=None, wf=1.0, wr=1.0):
+            nf = self._input(xf)
+            with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None):
+                if not use_remain:
+                    logits = net(nf)
+                    loss_f = share(lambda: reference.forget_loss(logits, tf), logits, wf)
+                    return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
+                lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
+                loss_r = share(lambda: reference.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target),
+                               lr_logits, wr)
+                loss_f = share(lambda: reference.forget_loss(lf_logits, tf), lf_logits, wf)
+                return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
+
+        if self.world > 1:
+            return sharded_loss_fn  # never compiled: see __init__
         if self.compiled:
             loss_fn = torch.compile(loss_fn, mode=self.compile_mode, dynamic=False)
         return loss_fn
 
-    def step(self, xf, tf, xr=None, yr=None) -> torch.Tensor:
-        """One SGD step. Returns (loss, forget_loss, remain_loss) as a (3,) tensor on the device."""
+    def step(self, xf, tf, xr=None, yr=None, shares: Optional[tuple] = None) -> torch.Tensor:
+        """One SGD step. Returns (loss, forget_loss, remain_loss) as a (3,) tensor on the device.
+
+        shares: with several ranks, (wf, wr), this rank's fraction of the global forget and
+        remain batch; the returned losses are then this rank's part of the global means.
+        """
         use_remain = xr is not None
         fn = self._steps.get(use_remain)
         if fn is None:
@@ -208,11 +273,19 @@ class FinetuneEngine:
         t0 = time.perf_counter() if first else 0.0
         if self.compiled and self.compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        loss, lf, lr = fn(xf, tf, xr, yr)
+        if shares is None:
+            loss, lf, lr = fn(xf, tf, xr, yr)
+        else:
+            loss, lf, lr = fn(xf, tf, xr, yr, *shares)
         # Copied out at once: CUDA-graph outputs live in a pool that later replays reuse.
         out = torch.stack([loss.detach(), lf, lr])
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.world > 1:
+            # DDP averages the gradients over the ranks; the sum of the ranks' shares is the
+            # global mean, so each rank backpropagates world x its share.
+            (loss * self.world).backward()
+        else:
+            loss.backward()
         self.opt.step()
         if first:
             if self.device.type == "cuda":
@@ -235,10 +308,18 @@ class FinetuneEngine:
         resume: a checkpoint path (or its loaded dict) to continue from. on_step(step, info)
         is called after every step (raise StopRun to stop); max_steps stops after that many
         steps in all (counting steps done before a resume).
+
+        With several ranks, call run on every rank with the same arguments; on_step must stop
+        every rank at the same step, or the others wait for it forever. checkpoint_dir must be
+        on a file system every rank that resumes can read.
         """
         cfg = self.config
         dev = self.device
         n = forget_x.shape[0]
+        if distributed.world()[1] != self.world:
+            raise RuntimeError(f"this engine was built for {self.world} process(es), the process group now has "
+                               f"{distributed.world()[1]}: build a new engine")
+        sharded = self.world > 1
         use_remain = cfg.remain_reg > 0
         if use_remain and remain is None:
             raise ValueError(f"config.remain_reg={cfg.remain_reg} needs a remain set: pass remain=(x, y)")
@@ -258,11 +339,19 @@ class FinetuneEngine:
         bs = cfg.batch_size
         per_epoch = (n + bs - 1) // bs
         total = cfg.epochs * per_epoch
+        if sharded:
+            distributed.check_same_on_every_rank(
+                dev, forget_samples=n, remain_samples=n_remain if use_remain else 0, refreshes=search.refreshes,
+                config_crc=zlib.crc32(repr(sorted((k, v) for k, v in cfg.to_dict().items()
+                                                     if k not in _RESUME_FREE)).encode()),
+                max_steps=-1 if max_steps is None else max_steps, checkpoint_every=checkpoint_every,
+                resume=int(resume is not None))
 
         forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):
-            # The global RNG (dropout, anything stochastic in the model) starts from the seed.
-            torch.manual_seed(cfg.seed)
+            # The global RNG (dropout, anything stochastic in the model) starts from the seed;
+            # each rank from its own, so that ranks do not draw the same dropout masks.
+            torch.manual_seed(cfg.seed + self.rank)
             gen = torch.Generator().manual_seed(cfg.seed)
             remain_gen = torch.Generator().manual_seed(cfg.seed + 1)
             remain_queue: list = []
@@ -283,10 +372,18 @@ class FinetuneEngine:
                 epoch, batch, step = state["epoch"], state["batch"], state["step"]
                 perm, remain_idx = state["perm"], state["remain_idx"]
                 acc = state["acc"].to(dev)
+                if sharded and self.rank != 0:
+                    # The checkpoint holds the loss sums of all ranks; rank 0 carries them on,
+                    # so that the epoch's all-reduce counts them once.
+                    acc = torch.zeros_like(acc)
                 epoch_seconds = state.get("epoch_seconds", 0.0)
-                torch.set_rng_state(state["torch_rng"])
+                torch.set_rng_state(_rank_rng(state, "torch_rng", self.rank, self.world))
                 if forked and state.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(state["cuda_rng"], dev)
+                    torch.cuda.set_rng_state(_rank_rng(state, "cuda_rng", self.rank, self.world), dev)
+            if sharded:
+                # DDP synchronised the weights when it was built; reset() and resume loaded
+                # them since, on each rank from its own copy.
+                distributed.broadcast_state(self.model, dev)
 
             def next_remain():
                 nonlocal remain_queue
@@ -294,7 +391,7 @@ class FinetuneEngine:
                     remain_queue = list(torch.randperm(n_remain, generator=remain_gen).split(bs))
                 return remain_queue.pop(0)
 
-            def snapshot():
+            def snapshot(rank_rngs):
                 return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "n": n,
                         "epoch": epoch, "batch": batch, "step": step, "perm": perm, "remain_idx": remain_idx,
                         "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -303,9 +400,31 @@ class FinetuneEngine:
                         "remain_queue": [t.clone() for t in remain_queue], "history": list(history),
                         "acc": acc.cpu(), "epoch_seconds": epoch_seconds, "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state(dev) if forked else None,
-                        "search": search_to_dict(search)}
+                        "search": search_to_dict(search), **rank_rngs}
 
-            bar = _bar(total, progress, initial=step)
+            def write_checkpoint():
+                nonlocal acc
+                rank_rngs = {}
+                if sharded:
+                    acc = distributed.all_reduce_sum(acc, dev)
+                    rank_rngs["torch_rng_ranks"] = distributed.gather_states(torch.get_rng_state(), dev)
+                    if forked:
+                        rank_rngs["cuda_rng_ranks"] = distributed.gather_states(torch.cuda.get_rng_state(dev), dev)
+                if self.rank == 0:
+                    save_checkpoint(os.path.join(checkpoint_dir, "checkpoint.pt"), snapshot(rank_rngs))
+                if sharded:
+                    if self.rank != 0:
+                        acc = torch.zeros_like(acc)  # rank 0 now carries the sums (see resume)
+                    # Nobody goes on (and possibly stops) before the file is complete.
+                    distributed.barrier(dev)
+
+            def sync_buffers():
+                # DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the start
+                # of each forward, so after the last one each rank holds its own; the probe
+                # and the result take rank 0's, as the next forward would.
+                distributed.broadcast_state(self.model, dev, buffers_only=True)
+
+            bar = _bar(total, progress and self.rank == 0, initial=step)
             self.model.train()
             try:
                 while epoch < cfg.epochs:
@@ -321,24 +440,35 @@ class FinetuneEngine:
                         if max_steps is not None and step >= max_steps:
                             raise StopRun(f"stopped after max_steps={max_steps}")
                         idx = perm_dev[batch * bs:(batch + 1) * bs]
+                        shares = None
+                        if sharded:
+                            idx, share_f = _rank_slice(idx, self.rank, self.world)
+                            shares = (share_f, 1.0)
                         xf, tf = _gather(fx, idx, dev), _gather(tgt, idx, dev)
                         if use_remain:
                             ridx = remain_idx[batch]
+                            if sharded:
+                                ridx, share_r = _rank_slice(ridx, self.rank, self.world)
+                                shares = (share_f, share_r)
                             xr, yr = _gather(rx, ridx, dev), _gather(ry, ridx, dev)
-                            acc += self.step(xf, tf, xr, yr)
+                            acc += self.step(xf, tf, xr, yr, shares=shares)
                         else:
-                            acc += self.step(xf, tf)
+                            acc += self.step(xf, tf, shares=shares)
                         batch += 1
                         step += 1
                         bar.update(1)
                         if checkpoint_every and step % checkpoint_every == 0:
                             epoch_seconds += time.perf_counter() - t0
                             t0 = time.perf_counter()
-                            save_checkpoint(os.path.join(checkpoint_dir, "checkpoint.pt"), snapshot())
+                            write_checkpoint()
                         if on_step is not None:
                             on_step(step, {"epoch": epoch, "batch": batch, "total": total})
                     epoch_seconds += time.perf_counter() - t0
+                    if sharded:
+                        acc = distributed.all_reduce_sum(acc, dev)
                     sums = (acc / per_epoch).tolist()
+                    if sharded:
+                        sync_buffers()
                     row = {"epoch": epoch + 1, "loss": sums[0], "forget_loss": sums[1],
                            "seconds": epoch_seconds}
                     if use_remain:
@@ -358,7 +488,25 @@ class FinetuneEngine:
                 bar.close()
                 self.opt.zero_grad(set_to_none=True)
                 self.model.eval()
+            if sharded:
+                sync_buffers()
         return history
+
+
+def _rank_slice(idx: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, float]:
+    """This rank's contiguous slice of a global batch, and its fraction of the batch's rows."""
+    rows = idx.shape[0]
+    start, stop = shard_bounds(rows, rank, world)
+    return idx[start:stop], (stop - start) / rows
+
+
+def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:
+    """The RNG state this rank saved, or rank 0's when the checkpoint was written by another
+    number of processes (or by one)."""
+    per_rank = state.get(key + "_ranks")
+    if per_rank is not None and per_rank.shape[0] == world:
+        return per_rank[rank].clone()
+    return state[key]
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import validate
 from .config import UnlearnConfig
-from .distributed import sharded_search
+from .distributed import barrier, sharded_search
 from .finetune import FinetuneEngine, default_channels_last, load_checkpoint, search_from_dict
 from .search import frozen_copy
 from .source import ImageSource
@@ -126,6 +126,11 @@ class Unlearner:
         checkpoint_dir / checkpoint_every: a resumable checkpoint every N steps; resume: a
         checkpoint file to continue from (the search is taken from it). output: a
         .safetensors path for the result (also written into checkpoint_dir when given).
+
+        Under torch.distributed (torchrun), call it on every rank with the same model, data
+        and config: the search is sharded, the fine-tune is data-parallel with
+        config.batch_size as the global batch, every rank returns the same model, and only
+        rank 0 writes files.
         """
         from .api import UnlearnResult
         from .ops._dispatch import resolve
@@ -176,6 +181,10 @@ class Unlearner:
                    "setup": self.setup_seconds if self.revisions == 1 else 0.0}
         res = UnlearnResult(model, search.relabels[0], search.success[0], seconds, history, search, cfg,
                             resolve("boundary_step", self.device, cfg.backend), timings)
-        for path in filter(None, [output, checkpoint_dir and os.path.join(checkpoint_dir, "model.safetensors")]):
-            res.save(path)
+        paths = list(filter(None, [output, checkpoint_dir and os.path.join(checkpoint_dir, "model.safetensors")]))
+        for path in paths:
+            res.save(path)  # rank 0 only
+        if paths:
+            # Every rank returns once the files are complete, so any rank may read them next.
+            barrier(self.device)
         return res
