@@ -50,6 +50,7 @@ import torch.nn as nn
 from . import distributed, reference
 from .config import UnlearnConfig
 from .distributed import shard_bounds
+from .heap import reuse_freed_memory
 from .search import SearchResult, resolve_precision
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
@@ -313,6 +314,14 @@ class FinetuneEngine:
         every rank at the same step, or the others wait for it forever. checkpoint_dir must be
         on a file system every rank that resumes can read.
         """
+        # On CPU every step frees and reallocates its activations: keep them in the heap.
+        with reuse_freed_memory(self.device.type == "cpu"):
+            return self._run(forget_x, search, remain, progress=progress, probe=probe,
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                             on_step=on_step, max_steps=max_steps)
+
+    def _run(self, forget_x, search, remain, *, progress, probe, checkpoint_dir, checkpoint_every, resume,
+             on_step, max_steps) -> list:
         cfg = self.config
         dev = self.device
         n = forget_x.shape[0]
