@@ -7,6 +7,12 @@ input-only backward seeded by relabel_check's dlogits, the fused boundary_step, 
 forward at the end. Both run T = 1 FGSM at eps = 0.1 on the same images; the table shows
 samples/s, the ratio and how many labels agree. With --curve it also times T = 1..8 with
 and without early exit, to show the cost per sample falling as samples cross.
+
+With --precision bf16 (or fp16, or auto on a GPU) a second table compares, for each T in
+--lowp-steps, the low-precision engine with and without its fp32 recheck against the fp32
+engine: samples/s, the fraction of samples rechecked, and how many labels equal fp32's.
+On CPUs without bf16 units autocast is emulated and far slower than fp32; there only the
+fractions mean anything.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from common import append_csv, device_name, print_table, sync  # noqa: E402
 from fastunlearn import UnlearnConfig, data  # noqa: E402
 from fastunlearn.authors import authors_search  # noqa: E402
 from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.search import frozen_copy, run_search  # noqa: E402
+from fastunlearn.search import frozen_copy, resolve_precision, run_search  # noqa: E402
 from fastunlearn.train import train_classifier  # noqa: E402
 
 
@@ -39,7 +45,11 @@ def parse():
     p.add_argument("--size", type=int, default=0, help="resize images to SIZE x SIZE (0 = native), e.g. 32")
     p.add_argument("--channels", type=int, default=0, help="repeat grey images to this many channels (0 = native)")
     p.add_argument("--train-epochs", type=int, default=1, help="epochs to train the model first (0 = random init)")
-    p.add_argument("--precision", default="auto", help="engine precision: auto | fp32 | bf16")
+    p.add_argument("--precision", default="auto", help="engine precision: auto | fp32 | bf16 | fp16")
+    p.add_argument("--recheck-margin", type=float, default=None,
+                   help="UnlearnConfig.recheck_margin for a low precision (default: the config's)")
+    p.add_argument("--lowp-steps", default="1,4", help="T values of the low-precision table (comma-separated)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--chunk", type=int, default=None, help="engine chunk size (default: from free memory)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--curve", action="store_true", help="also time T = 1, 2, 4, 8 with and without early exit")
@@ -81,6 +91,8 @@ def median_time(fn, device, reps):
 
 def main():
     args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     name, train, forget = load(args)
     mean, std = data.channel_stats(train[0])
@@ -93,6 +105,8 @@ def main():
     fx, fy = forget
     n = len(fy)
     cfg = UnlearnConfig(eps=0.1, steps=1, precision=args.precision, search_batch_size=args.chunk)
+    if args.recheck_margin is not None:
+        cfg = cfg.replace(recheck_margin=args.recheck_margin)
     mean_t = torch.tensor(mean, device=dev)
     std_t = torch.tensor(std, device=dev)
 
@@ -135,8 +149,39 @@ def main():
         print("\ncost per sample against T (early exit stops a sample once it has crossed)")
         print_table(curve, ["provider", "us_per_sample", "mean_steps_taken", "crossed"])
         csv_rows += [dict(common, **r) for r in curve]
+    if resolve_precision(cfg.precision, dev) is not None:
+        csv_rows += [dict(common, **r) for r in low_precision_table(model, fx, fy, cfg, mean, std, dev, frozen, args)]
     path = append_csv(csv_rows, args.csv)
     print(f"\nappended {len(csv_rows)} rows to {path}")
+
+
+def low_precision_table(model, fx, fy, cfg, mean, std, dev, frozen, args):
+    """The low-precision engine with and without its fp32 recheck, against the fp32 engine."""
+    n = len(fy)
+    low = resolve_precision(cfg.precision, dev)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[low]
+    rows = []
+    for steps in (int(t) for t in args.lowp_steps.split(",")):
+        base = cfg.replace(steps=steps)
+        runs = {}
+        for label, c in (("fp32", base.replace(precision="fp32")),
+                         (f"{name}, no recheck", base.replace(precision=name, recheck_margin=0.0)),
+                         (f"{name}, recheck margin {base.recheck_margin:g}", base.replace(precision=name))):
+            runs[label] = median_time(lambda c=c: run_search(model, fx, fy, c, mean=mean, std=std, device=dev,
+                                                             frozen=frozen), dev, args.reps)
+        ref = runs["fp32"][1].relabels
+        t_plain = runs[f"{name}, no recheck"][0]
+        for label, (t, res) in runs.items():
+            rechecked = res.rechecked
+            rows.append({"bench": "search-lowp", "provider": label, "steps": steps, "samples_per_s": n / t,
+                         "vs_fp32": runs["fp32"][0] / t,
+                         "agree_fp32": float((res.relabels == ref).float().mean()),
+                         "rechecked": None if rechecked is None else float(rechecked.float().mean()),
+                         "recheck_time_share": (t - t_plain) / t if rechecked is not None else None})
+    print(f"\n{name} against fp32, with and without the fp32 recheck of unsure samples")
+    print_table(rows, ["provider", "steps", "samples_per_s", "vs_fp32", "agree_fp32", "rechecked",
+                       "recheck_time_share"])
+    return rows
 
 
 if __name__ == "__main__":

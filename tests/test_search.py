@@ -7,13 +7,14 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from fastunlearn import UnlearnConfig, reference
-from fastunlearn.search import run_search
+from fastunlearn.search import decision_gap, run_search
 
 MEAN, STD = [0.3], [0.35]
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained_all():
+    """A small CNN trained on all 1,797 sklearn digits, and those digits."""
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).div(16).mul(255).round().to(torch.uint8).unsqueeze(1)
     y = torch.tensor(d.target, dtype=torch.int64)
@@ -32,6 +33,12 @@ def trained():
             opt.step()
     model.eval()
     assert (model(xf).argmax(1) == y).float().mean() > 0.9
+    return model, x, y
+
+
+@pytest.fixture(scope="module")
+def trained(trained_all):
+    model, x, y = trained_all
     return model, x[:300], y[:300]
 
 
@@ -122,3 +129,79 @@ def test_matches_authors_style_fgsm(trained):
     # everything else must agree.
     assert agree >= 0.99, agree
     assert float(ok.float().mean()) > 0.05
+
+
+def test_bf16_search_keeps_the_fp32_labels(trained_all, one_thread):
+    """bf16 autocast (emulated on CPU) against the fp32 reference, T = 1, gamma = lambda = 0."""
+    model, x, y = trained_all
+    cfg = UnlearnConfig(eps=0.1, steps=1, search_batch_size=256)
+    ref = ref_labels(model, x, y, cfg).relabel
+    res = run_search(model, x, y, cfg.replace(precision="bf16"), mean=MEAN, std=STD, device="cpu")
+    agree = float((res.relabels[0] == ref).float().mean())
+    assert agree >= 0.999, f"{agree:.4%} of {len(y)} labels agree"
+    # The recheck must stay a minority of the samples (about a fifth here), or bf16 would buy little.
+    assert float(res.rechecked.float().mean()) < 0.35
+
+
+def test_bf16_recheck_redoes_the_unsure_samples_in_fp32(trained_all, one_thread):
+    model, x, y = trained_all
+    cfg = UnlearnConfig(eps=0.1, steps=1, search_batch_size=256)
+    fp32 = run_search(model, x, y, cfg.replace(precision="fp32"), mean=MEAN, std=STD, device="cpu")
+    plain = run_search(model, x, y, cfg.replace(precision="bf16", recheck_margin=0), mean=MEAN, std=STD, device="cpu")
+    checked = run_search(model, x, y, cfg.replace(precision="bf16"), mean=MEAN, std=STD, device="cpu")
+    assert plain.rechecked is None and fp32.rechecked is None
+    redone = checked.rechecked[0]
+    differ = plain.relabels[0] != fp32.relabels[0]
+    assert bool(differ.any()), "bf16 alone kept every label: the test would prove nothing"
+    assert bool(redone.any())
+    # Redone samples carry the fp32 search's results, the others bf16's, untouched.
+    assert torch.equal(checked.relabels[0][redone], fp32.relabels[0][redone])
+    assert torch.equal(checked.steps[0][redone], fp32.steps[0][redone])
+    assert torch.equal(checked.relabels[0][~redone], plain.relabels[0][~redone])
+    # The samples it redid are where bf16 went wrong: most of the differing labels are fixed.
+    fixed = int((differ & redone).sum())
+    assert fixed >= 0.75 * int(differ.sum()), f"{fixed} of {int(differ.sum())} differing labels redone"
+    # A tighter margin redoes a subset of the samples.
+    tight = run_search(model, x, y, cfg.replace(precision="bf16", recheck_margin=1.0), mean=MEAN, std=STD,
+                       device="cpu").rechecked[0]
+    assert bool((redone & ~tight).any()) and not bool((tight & ~redone).any())
+
+
+@pytest.mark.parametrize("relabel", ["nearest_incorrect", "topk"])
+def test_bf16_recheck_draws_the_fp32_noise(trained, one_thread, relabel):
+    """With noise and a random start, a redone sample must draw the noise of its index in the set."""
+    model, x, y = trained
+    cfg = UnlearnConfig(eps=0.1, steps=3, gamma=0.05, seed=7, relabel=relabel, random_start=True,
+                        search_batch_size=64)
+    fp32 = run_search(model, x, y, cfg.replace(precision="fp32"), mean=MEAN, std=STD, device="cpu")
+    # A shard of the set, as a distributed search runs it: the indices are global.
+    shard = run_search(model, x[100:], y[100:], cfg.replace(precision="bf16"), mean=MEAN, std=STD, device="cpu",
+                       index_base=100, n_total=len(y))
+    redone = shard.rechecked[0]
+    assert bool(redone.any())
+    assert not bool(redone.all()), "every sample redone: the bf16 rows would go untested"
+    full = slice(100, None)
+    assert torch.equal(shard.relabels[0][redone], fp32.relabels[0][full][redone])
+    assert torch.equal(shard.success[0][redone], fp32.success[0][full][redone])
+    assert torch.equal(shard.steps[0][redone], fp32.steps[0][full][redone])
+    assert torch.allclose(shard.margin[0][redone], fp32.margin[0][full][redone], atol=1e-4)
+    if relabel == "topk":
+        assert torch.allclose(shard.targets[0][redone], fp32.targets[0][full][redone], atol=1e-5)
+
+
+def test_decision_gap_covers_each_mode():
+    z = torch.tensor([[3.0, 2.5, 1.0, 0.9], [0.2, 4.0, 3.9, -1.0]])
+    y = torch.tensor([0, 1])
+    margin = torch.tensor([0.5, 0.1])
+    assert torch.allclose(decision_gap(z, y, margin, "argmax", 3), torch.tensor([0.5, 0.1]))
+    # Other classes of row 0: 2.5 vs 1.0; row 1: 3.9 vs 0.2, and |margin| 0.1 is closer.
+    assert torch.allclose(decision_gap(z, y, margin, "nearest_incorrect", 3), torch.tensor([0.5, 0.1]))
+    # k = 3: the 3rd and 4th classes decide the kept set (1.0 vs 0.9; 0.2 vs -1.0).
+    assert torch.allclose(decision_gap(z, y, margin, "topk", 3), torch.tensor([0.1, 0.1]))
+    assert torch.allclose(decision_gap(z, y, margin, "topk", 4), torch.tensor([0.5, 0.1]))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "3", True])
+def test_recheck_margin_is_validated(bad):
+    with pytest.raises(ValueError, match="recheck_margin"):
+        UnlearnConfig(recheck_margin=bad)

@@ -40,6 +40,13 @@ class UnlearnConfig:
     compile        torch.compile the train step: auto | True | False.
     backend        backend of the fused ops: auto | torch | cpu | cuda | triton.
     compat         None, or "authors" to reproduce the published code's known defects.
+    recheck_margin bf16 / fp16 search only: a sample whose closest decision (relabel, success,
+                   early exit) lay within recheck_margin x its rounding noise, r |z|max +
+                   sqrt(r / D) L (r = finfo(dtype).eps, z the last logits, D pixels per sample,
+                   L the length of the logit path), is searched again in fp32, so its labels
+                   are the fp32 search's. 0 turns the recheck off; ignored in fp32. 6 was the
+                   smallest value that kept >= 99.9 % of an fp32 search's labels on every
+                   model measured (bench/bench_search.py --precision bf16).
     """
 
     eps: float = 0.1
@@ -68,6 +75,7 @@ class UnlearnConfig:
     compile: object = "auto"
     backend: str = "auto"
     compat: Optional[str] = None
+    recheck_margin: float = 6.0
 
     def __post_init__(self):
         def bad(name, expected):
@@ -130,6 +138,8 @@ class UnlearnConfig:
             bad("backend", f"one of {BACKENDS}")
         if self.compat not in COMPAT:
             bad("compat", "None or 'authors'")
+        if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
+            bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
 
     @property
     def step_size(self) -> float:

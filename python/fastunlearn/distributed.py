@@ -89,7 +89,8 @@ def _sharded_search(model, source: ImageSource, config, *, device, refreshes: in
     targets: Optional[torch.Tensor] = None
     if config.relabel in ("soft", "topk"):
         targets = gather_rows(part.targets, counts, 1, dev)
-    return SearchResult(fields["relabels"], fields["success"], fields["margin"], targets, fields["steps"])
+    rechecked = None if part.rechecked is None else gather_rows(part.rechecked, counts, 1, dev)
+    return SearchResult(fields["relabels"], fields["success"], fields["margin"], targets, fields["steps"], rechecked)
 
 
 # ----------------------------------------------------------- data-parallel fine-tune

@@ -56,7 +56,8 @@ from .search import SearchResult, resolve_precision
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
 # with different values of these.
-_RESUME_FREE = ("compile", "backend", "search_batch_size")
+# recheck_margin only shapes the search, which the checkpoint carries.
+_RESUME_FREE = ("compile", "backend", "search_batch_size", "recheck_margin")
 
 
 class StopRun(Exception):

@@ -10,10 +10,25 @@ only, and no weight gradient is ever computed.
 The noise of sample i at (refresh r, step t) comes from a fixed block of Philox counters
 (``reference.noise_offset``), so labels do not depend on the chunk size, on the order in
 which chunks run, or on which other samples have already stopped.
+
+In bf16 (or fp16) a sample can end with another label than in fp32, for two reasons. The
+logits of a check carry a rounding error of a few units of the dtype's resolution times the
+largest logit, which flips near-ties. More often, the rounding error of the input gradient
+(cancellation in the backward, and softmax - onehot taken from rounded logits) flips the
+sign of its small components: on 28x28 FashionMNIST about 20 of the 784 pixels of every
+sample step the other way, which moves the iterate and with it the last logits. Counting
+near-zero gradient components cannot single out the samples this matters for, since every
+sample has some; how close the search's decisions came to going the other way can. So
+each sample keeps the smallest gap of any decision it went through (the relabel, its
+success flag, every early-exit check; see ``decision_gap``) and the length of its logit
+path, and when the gap is within recheck_margin times the rounding noise those decisions
+had (``_Doubt.unsure``) the sample is searched again in fp32 and its results replaced. The
+noise is keyed by sample index, so a redone sample gets the fp32 search's results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -37,6 +52,8 @@ class SearchResult:
     margin     (R, N) float32, logit[y] - best other logit at the final iterate.
     targets    (R, N, K) float32 soft / top-k targets, or None for hard relabel modes.
     steps      (R, N) int16, the inner steps each sample took before it stopped.
+    rechecked  (R, N) bool, the samples a bf16 / fp16 search redid in fp32; None when the
+               search ran in fp32 or with recheck_margin = 0.
     """
 
     relabels: torch.Tensor
@@ -44,6 +61,7 @@ class SearchResult:
     margin: torch.Tensor
     targets: Optional[torch.Tensor]
     steps: torch.Tensor
+    rechecked: Optional[torch.Tensor] = None
 
     @property
     def refreshes(self) -> int:
@@ -142,6 +160,8 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
     out_margin = torch.empty(refreshes, n, dtype=torch.float32)
     out_steps = torch.empty(refreshes, n, dtype=torch.int16)
     out_targets = None
+    recheck = autocast is not None and config.recheck_margin > 0
+    out_rechecked = torch.zeros(refreshes, n, dtype=torch.bool) if recheck else None
 
     total = refreshes * math.ceil(n / chunk)
     bar = _progress(total, progress, "search")
@@ -152,8 +172,13 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
             u0 = _as_pixels(xc, device)
             yc = yc.to(device)
             res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
-                                per_sample, autocast)
-            lab, ok, margin, targets, took = res
+                                per_sample, autocast, track_doubt=recheck)
+            lab, ok, margin, targets, took, doubt = res
+            if recheck:
+                unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
+                out_rechecked[r, start:stop] = unsure.cpu()
+                _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen, norm, u0, yc,
+                              config, alpha, steps, r, n_total or n, index_base + start, per_sample)
             out_lab[r, start:stop] = lab.cpu()
             out_ok[r, start:stop] = ok.cpu()
             out_margin[r, start:stop] = margin.cpu()
@@ -164,7 +189,7 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
                 out_targets[r, start:stop] = targets.cpu()
             bar.update(1)
     bar.close()
-    return SearchResult(out_lab, out_ok, out_margin, out_targets, out_steps)
+    return SearchResult(out_lab, out_ok, out_margin, out_targets, out_steps, out_rechecked)
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -188,7 +213,7 @@ def _forward(frozen, norm, u, autocast, need_grad):
 
 
 def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh, n_total, first, per_sample,
-                  autocast):
+                  autocast, track_doubt=False):
     m = u0.shape[0]
     dev = u0.device
     u = u0.clone()
@@ -202,6 +227,7 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
     targets = None
     active = torch.arange(m, device=dev)
     mean_std = dict(mean=norm.mean, std=norm.std) if norm.mean is not None else {}
+    doubt = _Doubt(m, dev) if track_doubt else None
 
     def record(rows, rc, t):
         nonlocal targets
@@ -219,12 +245,18 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
         logits, nu = _forward(frozen, norm, u[active], autocast, need_grad=not last)
         rc = relabel_check(logits.detach(), y[active], mode=cfg.relabel, topk=cfg.topk, want_grad=not last,
                            backend=cfg.backend)
+        if doubt is not None:
+            doubt.step(active, logits.detach(), t)
         if last:
             record(active, rc, t)
+            if doubt is not None:
+                doubt.final(active, logits.detach(), y[active], rc.margin, cfg.relabel, cfg.topk)
             break
         dlogits = rc.dlogits
         if cfg.early_exit and steps > 1 and t > 0:
             done = rc.success
+            if doubt is not None:
+                doubt.exit_check(active, logits.detach(), y[active], rc, done, cfg.relabel, cfg.topk)
             if bool(done.any()):
                 record(active[done], _select(rc, done), t)
                 keep = ~done
@@ -258,7 +290,117 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
             full[active] = g.to(u.dtype)
             stepped = boundary_step(u, u0, full, **step_kw)
             u[active] = stepped[active]
-    return lab, ok, margin, targets, took
+    return lab, ok, margin, targets, took, doubt
+
+
+class _Doubt:
+    """Per row: the closest call among the decisions the search made, and the logit path length."""
+
+    def __init__(self, m, dev):
+        self.gap = torch.full((m,), math.inf, device=dev)
+        self.path = torch.zeros(m, device=dev)
+        self.zmax = torch.zeros(m, device=dev)
+        self.prev = None
+
+    def step(self, rows, logits, t):
+        if self.prev is None:
+            # In the logits' own dtype: exact, and half the memory of fp32 for bf16.
+            self.prev = logits.new_zeros(self.gap.shape[0], logits.shape[1])
+        if t > 0:
+            dz = logits.float() - self.prev[rows].float()
+            # Centred: a shift common to all classes changes no decision.
+            self.path[rows] += (dz - dz.mean(1, keepdim=True)).norm(dim=1)
+        self.prev[rows] = logits
+
+    def exit_check(self, rows, logits, y, rc, done, mode, topk):
+        self.gap[rows] = torch.minimum(self.gap[rows], rc.margin.abs())
+        # A row that stops here is relabelled from these logits.
+        self.final(rows[done], logits[done], y[done], rc.margin[done], mode, topk)
+
+    def final(self, rows, logits, y, margin, mode, topk):
+        z = logits.float()
+        self.zmax[rows] = z.abs().amax(1)
+        self.gap[rows] = torch.minimum(self.gap[rows], decision_gap(z, y, margin, mode, topk))
+
+    def unsure(self, recheck_margin: float, resolution: float, per_sample: int) -> torch.Tensor:
+        """Rows whose closest decision lay within the rounding noise of the search.
+
+        resolution * zmax is the rounding unit of the last logits. The flipped gradient signs
+        are the components below the gradient's rounding error, a fraction ~resolution of the
+        per_sample inputs; stepping the wrong way, they move the logits by ~sqrt(that count)
+        / per_sample of the path the whole step moved them, hence sqrt(resolution / per_sample)
+        * path. Both are orders of magnitude; recheck_margin carries the constant, measured
+        on 8x8 digits and 28x28 FashionMNIST (the sqrt(1 / per_sample) is what lets one
+        margin serve both).
+        """
+        noise = resolution * self.zmax + math.sqrt(resolution / per_sample) * self.path
+        # Written as "not >=" so that a NaN from an overflowed logit counts as unsure.
+        return ~(self.gap >= recheck_margin * noise)
+
+
+def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n_total, first, per_sample):
+    """Search ``rows`` of a chunk again in fp32 and overwrite their results in ``outs``.
+
+    The noise of a row is keyed by its index in the whole forget set, so a redo over a run
+    of consecutive rows, placed at that run's index, draws exactly the noise the fp32
+    engine would: the redone rows get the fp32 engine's results. A deterministic search
+    (no noise, no random start) draws nothing, so all its rows go in one batch.
+    """
+    if rows.numel() == 0:
+        return
+    if cfg.deterministic_search:
+        runs = [rows]
+    else:
+        breaks = torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1
+        runs = torch.tensor_split(rows, breaks.cpu())
+    lab, ok, margin, targets, took = outs
+    with _ieee_fp32(u0.device):
+        for run in runs:
+            r_lab, r_ok, r_margin, r_targets, r_took, _ = _search_chunk(
+                frozen, norm, u0[run], y[run], cfg, alpha, steps, refresh, n_total, first + int(run[0]), per_sample,
+                None)
+            lab[run], ok[run], margin[run], took[run] = r_lab, r_ok, r_margin, r_took
+            if targets is not None:
+                targets[run] = r_targets
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """Full fp32 for the redo: on GPUs cuDNN convolutions default to TF32 (10-bit mantissa)."""
+    if device.type != "cuda" or not hasattr(torch.backends.cudnn, "conv"):
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+
+
+def decision_gap(z, y, margin, mode, topk):
+    """How far the logits are from changing a decision of the relabel check.
+
+    argmax, soft: top-1 minus top-2 (this also bounds |margin|, so it covers success);
+    nearest_incorrect: the best other class minus the next one, and |margin|; topk also
+    the k-th minus the (k+1)-th, which decides the set of classes kept.
+    """
+    k = z.shape[1]
+    if k < 2:
+        return torch.full_like(margin, math.inf)
+    if mode == "nearest_incorrect":
+        gap = margin.abs()
+        if k > 2:
+            others = z.scatter(1, y.unsqueeze(1), -math.inf).topk(2, dim=1).values
+            gap = torch.minimum(gap, others[:, 0] - others[:, 1])
+        return gap
+    kk = min(k, int(topk) + 1) if mode == "topk" else 2
+    top = z.topk(max(2, kk), dim=1).values
+    gap = top[:, 0] - top[:, 1]
+    if mode == "topk" and int(topk) < k:
+        gap = torch.minimum(gap, top[:, int(topk) - 1] - top[:, int(topk)])
+    return gap
 
 
 def _select(rc: reference.RelabelResult, rows) -> reference.RelabelResult:
