@@ -1,21 +1,30 @@
 """RetinaMNIST: selective unlearning of 10 %, 50 % and 100 % of one class, report and plots in one command.
 
-    python bench/bench_retina.py --out runs/retina            # a few minutes on 2 CPU cores
+    python bench/bench_retina.py --out runs/retina            # about 10 minutes on 2 CPU cores
 
 Data: MedMNIST v2 RetinaMNIST (5-grade diabetic retinopathy fundus images, 28x28 RGB;
 1,080 train / 120 val / 400 test), from $FASTUNLEARN_DATA/retinamnist.npz or --data.
-Model: SmallCNN (width 16), trained --train-epochs epochs on the train split; for each
-fraction a retrained reference is the same recipe on the remain set.
+Model: SmallCNN (width 16), trained --train-epochs epochs on the train split (seeded init);
+for each fraction the retrained reference is the same recipe, same seed, on the remain set.
+Every method is scored on the same test split; the sweep never sees it.
 
 Forget set: a seeded fraction of the class (forget.fraction_of_class). Every method starts from
-the same original model. Ours is fu.sweep with a selection rule that needs no retrained model:
-  100 %: the best remain accuracy with forget accuracy <= 3 % (a model that never saw the
-         class cannot name it);
-  < 100 %: forget accuracy nearest the original model's accuracy on the held-out val images
-         of the class (what a model that never saw those particular images gets), remain
-         accuracy as the tie-breaker.
-Writes out/frac_<p>/ (table.csv, metrics.json, report.md, mia_hist.png, tsne.png) per fraction
-and out/report.md with the trade-off figure (tradeoff.png) and the mean gap to retraining.
+the same original model. Ours is fu.sweep over GRID, choosing on the validation split with a
+rule that needs no retrained model:
+  100 %: the best accuracy on the val images of the other classes among the points with at
+         most 3 % accuracy on the val images of the class (a model that never saw the class
+         cannot name it);
+  < 100 %: forget accuracy nearest the same model's accuracy on the val images of the class
+         (a model that never saw the forget images treats them like any unseen image of the
+         class; heldout= in fu.sweep), accuracy on the whole val split as the other term.
+Writes out/frac_<p>/ (table.csv, metrics.json, report.md, mia_hist.png, tsne.png, front.png) per
+fraction, out/report.md with the trade-off figure (tradeoff.png) and the mean gap to
+retraining, out/summary.json, and appends the rows to --csv.
+
+A stronger original does not help here: a ResNet-18 (small-input stem) that fits the 1,080
+training images memorises them, the retrained model memorises its remain set too, and no
+fine-tune of a few epochs reproduces the retrained model's accuracy on the forget images of
+a partial class while keeping that memorisation (see bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,13 +46,18 @@ from fastunlearn import baselines, data, forget  # noqa: E402
 from fastunlearn.checkpoint import atomic_write_text  # noqa: E402
 from fastunlearn.metrics import accuracy, predict_logits  # noqa: E402
 from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.plots import tradeoff_curves  # noqa: E402
+from fastunlearn.plots import front_plot, tradeoff_curves  # noqa: E402
 from fastunlearn.report import markdown_table  # noqa: E402
 from fastunlearn.train import train_classifier  # noqa: E402
 
-GRID = {"relabel": ["nearest_incorrect", "soft_incorrect", "argmax"], "gamma": [0.0], "remain_reg": [1.0],
-        "remain_target": ["distill"], "lr": [1e-4, 1e-3], "epochs": [1, 3, 6], "batchnorm": ["frozen", "train"],
-        "compose": [None]}
+# Frozen BatchNorm plus a remain fine-tune (compose) is what forgets a whole class without
+# losing the others; partial forgetting wants the lighter touch (train-mode BatchNorm, lr
+# 1e-4, one epoch), so both ends stay in the grid. The remain term fits the true labels: the
+# retrained model beats the original on the remain classes (it no longer confuses them with
+# the majority grade), and distilling the original would hold them back.
+GRID = {"relabel": ["nearest_incorrect", "soft_incorrect"], "gamma": [0.0], "remain_reg": [1.0],
+        "remain_target": ["labels"], "lr": [1e-4, 1e-3], "epochs": [1, 3, 6], "batchnorm": ["frozen", "train"],
+        "compose": [None, "head_ft", "full_ft"]}
 BASELINE_SETTINGS = {"finetune_remain": dict(epochs=2, lr=0.01), "neggrad": dict(epochs=2, lr=1e-3),
                      "neggrad_plus": dict(epochs=2, lr=1e-2, alpha=0.9), "random_labels": dict(epochs=3, lr=1e-3),
                      "boundary_shrink": dict(epochs=10, lr=1e-5), "scrub": dict(epochs=2, lr=5e-4)}
@@ -65,12 +79,17 @@ def main(argv=None):
     p.add_argument("--fractions", default="0.1,0.5,1.0")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--train-epochs", type=int, default=15)
+    p.add_argument("--remain-ft-epochs", type=int, default=1,
+                   help="epochs of the remain fine-tune in the sweep's head_ft / full_ft points")
     p.add_argument("--baselines", default=",".join(BASELINE_SETTINGS))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")
     p.add_argument("--device")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_retina.csv"))
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     splits = data.load_medmnist(_find_data(args.data))
     x, y = splits["train"]
     val, test = splits["val"], splits["test"]
@@ -78,9 +97,13 @@ def main(argv=None):
     arch = dict(name="smallcnn", in_channels=3, num_classes=5, width=args.width)
     kw = dict(mean=mean, std=std, device=dev, seed=args.seed, progress=False)
     c = args.forget_class
+    # The retrained models are seeded through baselines.reinitialised; seed the original's
+    # initialisation too, so a run is repeatable and the seed names the whole experiment.
+    torch.manual_seed(args.seed)
     original = train_classifier(create_model(**arch), (x, y), args.train_epochs, lr=0.05, **kw)
     vmask = val[1] == c
-    held_out_acc = accuracy(predict_logits(original, val[0][vmask], mean, std), val[1][vmask])
+    val_class, val_other = (val[0][vmask], val[1][vmask]), (val[0][~vmask], val[1][~vmask])
+    held_out_acc = accuracy(predict_logits(original, val_class[0], mean, std), val_class[1])
     print(f"original: val accuracy on class {c}: {100 * held_out_acc:.1f}% ({int(vmask.sum())} images)")
 
     tradeoff, summary, tables = [], {}, []
@@ -93,24 +116,36 @@ def main(argv=None):
         res = fu.unlearn(original, f, r, config=fu.UnlearnConfig(seed=args.seed), mean=mean, std=std, device=dev,
                          progress=False)
         models["authors"] = res
-        rule = dict(max_forget_acc=0.03) if frac >= 1 else dict(target_forget_acc=held_out_acc)
+        if frac >= 1:
+            rule = dict(val=(val_class, val_other), max_forget_acc=0.03)
+            rule_text = f"val class-{c} accuracy <= 3%, then the best val accuracy on the other classes"
+        else:
+            rule = dict(val=(f, val), heldout=val_class)
+            rule_text = (f"forget accuracy nearest the model's own val class-{c} accuracy, "
+                         "then the best val accuracy")
         sw = fu.sweep(original, f, r, grid=GRID, base=fu.UnlearnConfig(batch_size=32, seed=args.seed), mean=mean,
-                      std=std, device=dev, **rule)
+                      std=std, device=dev, head_ft_epochs=args.remain_ft_epochs, **rule)
         models["ours (sweep)"] = (sw.model, sw.search_seconds + sw.chosen.seconds)
         for n in names:
             models[n] = baselines.run_all(original, f, r, names=[n], mean=mean, std=std, device=dev, seed=args.seed,
                                           settings={n: BASELINE_SETTINGS.get(n, {})})[n]
         out = os.path.join(args.out, f"frac_{int(round(100 * frac)):03d}")
+        os.makedirs(out, exist_ok=True)
+        front_png = front_plot(sw.points, os.path.join(out, "front.png"), front=sw.front, chosen=sw.chosen,
+                               title="sweep on the validation split")
         rep = fu.report(models, f, r, test, out_dir=out, mean=mean, std=std, device=dev, seed=args.seed,
                         title=f"RetinaMNIST: unlearning {100 * frac:g}% of class {c} ({len(f[1])} images)",
                         notes=dict(fraction=frac, forget=len(f[1]), remain=len(r[1]), model=arch,
-                                   train_epochs=args.train_epochs, sweep_rule=rule, sweep_chosen=sw.chosen.settings,
-                                   sweep_seconds=sw.seconds, grid=GRID, baselines=BASELINE_SETTINGS))
+                                   train_epochs=args.train_epochs, seed=args.seed, sweep_rule=rule_text,
+                                   sweep_chosen=sw.chosen.as_row(), remain_ft_epochs=args.remain_ft_epochs,
+                                   sweep_seconds=sw.seconds, grid=GRID, baselines=BASELINE_SETTINGS),
+                        extra_figures={"Sweep: forget vs remain accuracy on the validation split": front_png})
         tables.append((frac, len(f[1]), rep))
         for m, row in rep.rows.items():
             tradeoff.append(dict(row, method=m, fraction=frac))
             summary.setdefault(m, []).append(row["gap"])
-        print(f"\n{100 * frac:g}% of class {c}: sweep chose {sw.chosen.settings}")
+        print(f"\n{100 * frac:g}% of class {c}: sweep chose {sw.chosen.as_row()} ({len(sw.points)} points, "
+              f"{sw.seconds:.0f}s)")
         print(markdown_table(rep.rows, ("forget_acc", "remain_acc", "test_acc", "mia_lr", "gap", "seconds")))
 
     os.makedirs(args.out, exist_ok=True)
@@ -121,8 +156,9 @@ def main(argv=None):
                           title=f"RetinaMNIST class {c}: unlearning a growing share of the class")
     mean_gap = {m: float(np.mean(v)) for m, v in summary.items()}
     lines = [f"# RetinaMNIST: unlearning part or all of class {c}", "",
-             f"SmallCNN width {args.width}, {args.train_epochs} training epochs; test split (400 images). "
-             "Gap: mean |difference| to the retrained model over forget / remain / test accuracy and MIA-LR.", "",
+             f"SmallCNN width {args.width}, {args.train_epochs} training epochs, seed {args.seed}; test split "
+             f"({len(test[1])} images). Gap: mean |difference| to the retrained model over forget / remain / test "
+             "accuracy and MIA-LR. The sweep chooses on the validation split.", "",
              "| method | " + " | ".join(f"gap at {100 * f:g}% (pts)" for f, _, _ in tables) + " | mean gap (pts) |",
              "|---" * (len(tables) + 2) + "|"]
     for m in summary:

@@ -113,3 +113,61 @@ def test_sweep_refuses_bad_grids(gen):
         fu.sweep(*args, grid={"epochs": [0]})
     with pytest.raises(ValueError, match="max_forget_acc"):
         fu.sweep(*args, max_forget_acc=3)
+
+
+def test_select_with_each_points_own_heldout_target():
+    # The second point forgets to the level it shows on unseen images of the class; the first
+    # matches a fixed 0.6 only because its held-out accuracy moved too.
+    p = [SweepPoint({"i": 0}, 0.60, 0.90, index=0, heldout_acc=0.40),
+         SweepPoint({"i": 1}, 0.45, 0.89, index=1, heldout_acc=0.45),
+         SweepPoint({"i": 2}, 0.70, 0.95, index=2, heldout_acc=0.50)]
+    assert select(p, target_forget_acc=0.6).index == 0
+    assert select(p, target_forget_acc="heldout").index == 1
+    with pytest.raises(ValueError, match="heldout_acc"):
+        select(pts((0.1, 0.9), (0.2, 0.8)), target_forget_acc="heldout")
+
+
+def test_diverged_points_are_never_chosen():
+    p = pts((0.0, 0.99), (0.02, 0.90), (0.5, 0.5))
+    p[0].diverged = True
+    assert select(p, max_forget_acc=0.03).index == 1
+    assert select(p, target_forget_acc=0.0).index == 1
+    assert all(not q.diverged for q in pareto_front(p))
+    assert p[0].as_row()["diverged"] is True
+
+
+def test_sweep_skips_a_diverged_fine_tune(gen):
+    model, x, y = tiny(gen, n=60)
+    f = y == 0
+    forget, remain = (x[f], y[f]), (x[~f], y[~f])
+    grid = {"relabel": ["nearest_incorrect"], "remain_reg": [1.0], "remain_target": ["labels"],
+            "lr": [1e30, 1e-3], "epochs": [2], "batchnorm": ["train"], "compose": [None]}
+    res = fu.sweep(model, forget, remain, max_forget_acc=1.0, grid=grid,
+                   base=fu.UnlearnConfig(batch_size=16, backend="torch"))
+    assert [p.diverged for p in res.points] == [True, False], "lr 1e30 must blow the weights up"
+    assert res.chosen is res.points[1]
+    assert all(bool(torch.isfinite(v).all()) for v in res.model.state_dict().values() if v.is_floating_point())
+
+
+def test_sweep_scores_each_point_on_the_heldout_images(gen):
+    model, x, y = tiny(gen, n=80)
+    f = (y == 0) & (torch.arange(len(y)) % 2 == 0)
+    held = (y == 0) & ~f
+    forget, remain, heldout = (x[f], y[f]), (x[~f & ~held], y[~f & ~held]), (x[held], y[held])
+    grid = {"relabel": ["nearest_incorrect"], "remain_reg": [1.0], "remain_target": ["labels"], "lr": [0.05],
+            "epochs": [1, 2], "batchnorm": ["frozen"], "compose": [None, "head_ft"]}
+    base = fu.UnlearnConfig(batch_size=16, backend="torch")
+    res = fu.sweep(model, forget, remain, heldout=heldout, grid=grid, base=base)
+    assert res.rule["target_forget_acc"] == "heldout"
+    assert res.chosen is select(res.points, target_forget_acc="heldout")
+    ev = fu.evaluate(res.model, forget, test=heldout, mia=False)
+    assert ev["test_acc"] == pytest.approx(res.chosen.heldout_acc)
+    assert ev["forget_acc"] == pytest.approx(res.chosen.forget_acc)
+    assert all(p.heldout_acc is not None and "heldout_acc" in p.as_row() for p in res.points)
+    args = (model, forget, remain)
+    with pytest.raises(ValueError, match="not both"):
+        fu.sweep(*args, heldout=heldout, target_forget_acc=0.5, grid=grid, base=base)
+    with pytest.raises(ValueError, match="needs heldout"):
+        fu.sweep(*args, target_forget_acc="heldout", grid=grid, base=base)
+    with pytest.raises(ValueError, match="target_forget_acc"):
+        fu.sweep(*args, target_forget_acc="retrain", grid=grid, base=base)

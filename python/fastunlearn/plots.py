@@ -165,7 +165,11 @@ def tradeoff_curves(rows, path: str, title: str = "", x: str = "fraction",
 
 
 def front_plot(points, path: str, title: str = "", front=None, chosen=None) -> str:
-    """Sweep points: forget accuracy against remain accuracy, the Pareto front joined."""
+    """Sweep points: forget accuracy against remain accuracy, the Pareto front joined.
+
+    Diverged points (non-finite outputs) are left out: their accuracies mean nothing.
+    """
+    points = [p for p in points if not getattr(p, "diverged", False)]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
     ax.scatter([100 * p.forget_acc for p in points], [100 * p.remain_acc for p in points], s=10, alpha=0.6,

@@ -18,6 +18,12 @@ Selection (``select``): with ``target_forget_acc`` (partial-class forgetting, wh
 retrained model still recognises most of the class), the point maximising
 remain_acc - |forget_acc - target|; otherwise the best remain accuracy among the points
 with forget_acc <= max_forget_acc, or, when none qualifies, the lowest forget accuracy.
+``target_forget_acc="heldout"`` takes each point's own accuracy on held-out images of the
+forgotten kind as its target: a model that never saw the forget images scores them like
+any other unseen image of their class, so the forget accuracy should match what the same
+model gets on unseen ones. A fixed target (the original model's held-out accuracy) misses
+that the fine-tune moves both numbers. A point whose model gives non-finite outputs (a
+diverged fine-tune) is never chosen while another point exists.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import copy
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -43,7 +49,7 @@ COMPOSE_MODES = (None, "backbone", "head_ft", "full_ft")
 # Keys of the grid; anything else is an UnlearnConfig field held fixed at ``base``.
 GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", "batchnorm", "compose")
 SEARCH_KEYS = ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule", "quantize", "early_exit",
-               "random_start", "seed", "precision", "backend")
+               "random_start", "seed", "precision", "backend", "recheck_margin")
 
 DEFAULT_GRID = {
     "relabel": ["nearest_incorrect", "soft_incorrect", "argmax"],
@@ -66,9 +72,16 @@ class SweepPoint:
     remain_acc: float
     seconds: float = 0.0
     index: int = 0
+    heldout_acc: Optional[float] = None
+    diverged: bool = False
 
     def as_row(self) -> dict:
-        return dict(self.settings, forget_acc=self.forget_acc, remain_acc=self.remain_acc, seconds=self.seconds)
+        row = dict(self.settings, forget_acc=self.forget_acc, remain_acc=self.remain_acc, seconds=self.seconds)
+        if self.heldout_acc is not None:
+            row["heldout_acc"] = self.heldout_acc
+        if self.diverged:
+            row["diverged"] = True
+        return row
 
 
 @dataclass
@@ -96,7 +109,13 @@ class SweepResult:
 
 
 # ----------------------------------------------------------------- selection
-def _key(p: SweepPoint, max_forget_acc: float, target_forget_acc: Optional[float]):
+def _key(p: SweepPoint, max_forget_acc: float, target_forget_acc):
+    if p.diverged:
+        return (float("-inf"),)
+    if target_forget_acc == "heldout":
+        if p.heldout_acc is None:
+            raise ValueError(f"point {p.index} has no heldout_acc; target_forget_acc='heldout' needs one per point")
+        target_forget_acc = p.heldout_acc
     if target_forget_acc is not None:
         return (p.remain_acc - abs(p.forget_acc - target_forget_acc), -p.forget_acc)
     if p.forget_acc <= max_forget_acc + 1e-12:
@@ -105,8 +124,12 @@ def _key(p: SweepPoint, max_forget_acc: float, target_forget_acc: Optional[float
 
 
 def select(points: Sequence[SweepPoint], max_forget_acc: float = 0.03,
-           target_forget_acc: Optional[float] = None) -> SweepPoint:
-    """The point the sweep keeps (see the module docstring); ties go to the earlier point."""
+           target_forget_acc: Union[None, float, str] = None) -> SweepPoint:
+    """The point the sweep keeps (see the module docstring); ties go to the earlier point.
+
+    target_forget_acc: None (the max_forget_acc rule), a fraction, or "heldout" (each
+    point's own ``heldout_acc``).
+    """
     if not points:
         raise ValueError("select: no points")
     best = points[0]
@@ -117,7 +140,11 @@ def select(points: Sequence[SweepPoint], max_forget_acc: float = 0.03,
 
 
 def pareto_front(points: Sequence[SweepPoint]) -> list:
-    """Points no other point beats on both forget accuracy (lower) and remain accuracy (higher)."""
+    """Points no other point beats on both forget accuracy (lower) and remain accuracy (higher).
+
+    Diverged points are left out.
+    """
+    points = [p for p in points if not p.diverged]
     front = []
     for p in points:
         dominated = any(q.forget_acc <= p.forget_acc and q.remain_acc >= p.remain_acc
@@ -180,14 +207,19 @@ def _grid(grid: Optional[dict]) -> dict:
     return g
 
 
-def _val_scores(model, fv, rv, mean, std, dev):
-    fa = accuracy(predict_logits(model, fv[0], mean, std, device=dev), fv[1])
-    ra = accuracy(predict_logits(model, rv[0], mean, std, device=dev), rv[1])
-    return fa, ra
+def _val_scores(model, fv, rv, hv, mean, std, dev):
+    """(forget acc, remain acc, held-out acc or None, diverged) of ``model``."""
+    sets = (fv, rv) if hv is None else (fv, rv, hv)
+    logits = [predict_logits(model, d[0], mean, std, device=dev) for d in sets]
+    # NaN logits argmax to an arbitrary class and can look like perfect forgetting.
+    diverged = not all(bool(torch.isfinite(lg).all()) for lg in logits)
+    fa, ra = accuracy(logits[0], fv[1]), accuracy(logits[1], rv[1])
+    ha = accuracy(logits[2], hv[1]) if hv is not None else None
+    return fa, ra, ha, diverged
 
 
 def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float = 0.03,
-          target_forget_acc: Optional[float] = None, grid: Optional[dict] = None,
+          target_forget_acc: Union[None, float, str] = None, heldout=None, grid: Optional[dict] = None,
           base: Optional[UnlearnConfig] = None, mean=None, std=None, device=None, head_ft_epochs: int = 1,
           head_ft_lr: float = 1e-2, head_ft_samples: Optional[int] = None, progress: bool = False,
           log=None) -> SweepResult:
@@ -196,6 +228,10 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     forget / remain: (x, y) pairs or Datasets, as in fu.unlearn. val: (forget_val, remain_val),
     each a pair or Dataset, held out from the fine-tune; None scores on forget / remain
     themselves. max_forget_acc / target_forget_acc: the selection rule (module docstring).
+    heldout: (x, y) or a Dataset of images like the forget set that the model never trained
+    on (for part of a class: validation images of that class). Each point is scored on it
+    (``heldout_acc``) and the rule becomes target_forget_acc="heldout", the default when
+    heldout is given.
     grid: {key: [values]} overriding DEFAULT_GRID for keys in GRID_KEYS:
       relabel        argmax | nearest_incorrect | soft | soft_incorrect
       gamma, remain_reg, remain_target, lr, epochs    as in UnlearnConfig
@@ -213,8 +249,18 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     validate.check_distinct(forget, remain)
     if not 0 <= max_forget_acc <= 1:
         raise ValueError(f"max_forget_acc must be in [0, 1], got {max_forget_acc!r}")
-    if target_forget_acc is not None and not 0 <= target_forget_acc <= 1:
-        raise ValueError(f"target_forget_acc must be None or in [0, 1], got {target_forget_acc!r}")
+    if heldout is not None and target_forget_acc is None:
+        target_forget_acc = "heldout"
+    if isinstance(target_forget_acc, str):
+        if target_forget_acc != "heldout":
+            raise ValueError(f"target_forget_acc must be None, a fraction or 'heldout', got {target_forget_acc!r}")
+        if heldout is None:
+            raise ValueError("target_forget_acc='heldout' needs heldout=(x, y): unseen images like the forget set")
+    elif target_forget_acc is not None:
+        if heldout is not None:
+            raise ValueError("give either heldout (each point's own target) or a fixed target_forget_acc, not both")
+        if isinstance(target_forget_acc, bool) or not 0 <= target_forget_acc <= 1:
+            raise ValueError(f"target_forget_acc must be None, 'heldout' or in [0, 1], got {target_forget_acc!r}")
     base = UnlearnConfig() if base is None else base
     if not isinstance(base, UnlearnConfig):
         raise TypeError(f"base must be an UnlearnConfig, got {type(base).__name__}")
@@ -228,6 +274,7 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
         if not isinstance(val, (tuple, list)) or len(val) != 2:
             raise ValueError("val must be (forget_val, remain_val), each an (x, y) pair or a Dataset")
         fv, rv = validate.pair(val[0], "forget_val"), validate.pair(val[1], "remain_val")
+    hv = None if heldout is None else validate.pair(heldout, "heldout")
     dev = validate.check_devices(model, device, forget=fx, remain=rx)
     mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])
     frozen = frozen_copy(model, dev)
@@ -248,8 +295,9 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
         nonlocal best, best_state
         points.append(p)
         if log is not None:
-            log(f"[{p.index}] {p.settings} -> forget {100 * p.forget_acc:.2f}%, remain {100 * p.remain_acc:.2f}% "
-                f"({p.seconds:.1f}s)")
+            held = "" if p.heldout_acc is None else f", held-out {100 * p.heldout_acc:.2f}%"
+            log(f"[{p.index}] {p.settings} -> forget {100 * p.forget_acc:.2f}%, remain {100 * p.remain_acc:.2f}%"
+                f"{held}{' (diverged)' if p.diverged else ''} ({p.seconds:.1f}s)")
         if best is None or _key(p, max_forget_acc, target_forget_acc) > _key(best, max_forget_acc,
                                                                               target_forget_acc):
             best, best_state = p, copy.deepcopy(m).cpu()
@@ -306,9 +354,10 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
                     out = _finetune_on_remain(copy.deepcopy(m), head_name, hx, hy,
                                               "head" if mode == "head_ft" else "full", head_ft_epochs,
                                               head_ft_lr, 128, mean_t, std_t, dev, base.seed, progress)
-                fa, ra = _val_scores(out, fv, rv, mean_t, std_t, dev)
+                fa, ra, ha, diverged = _val_scores(out, fv, rv, hv, mean_t, std_t, dev)
                 settings = dict(o, epochs=ep, compose=mode)
-                consider(SweepPoint(settings, fa, ra, secs + time.perf_counter() - t0, len(points)), out)
+                consider(SweepPoint(settings, fa, ra, secs + time.perf_counter() - t0, len(points), ha, diverged),
+                         out)
     chosen = best
     s = chosen.settings
     cfg = base.replace(gamma=float(s["gamma"]), relabel=s["relabel"] if s["relabel"] in
