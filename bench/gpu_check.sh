@@ -57,7 +57,7 @@ run timeout 120 python bench/bench_boundary_step.py || status=1
 run timeout 90 python bench/bench_relabel_check.py || status=1
 
 step "bench: search, AllCNN width 1 at 32x32 (3 channels) and ResNet-50 at 512x512"
-run timeout 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve || status=1
+run timeout 240 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve --compile || status=1
 run timeout 120 python bench/bench_search.py --n 256 --arch resnet50 --size 512 --channels 3 --train-epochs 0 --reps 2 \
   || status=1
 

@@ -144,7 +144,8 @@ def config_from_args(args):
 
     fields = {k: getattr(args, k) for k in ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule",
                                              "relabel", "topk", "refresh", "epochs", "lr", "batch_size",
-                                             "remain_reg", "remain_target", "seed", "precision", "backend")
+                                             "remain_reg", "remain_target", "seed", "precision", "backend",
+                                             "recheck_margin", "search_compile")
               if getattr(args, k, None) is not None}
     try:
         return UnlearnConfig(**fields)
@@ -178,6 +179,12 @@ def add_config_args(p, defaults=None):
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
     g.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default=d.backend,
                    help="backend of the fused ops (see `fastunlearn backends`)")
+    g.add_argument("--recheck-margin", type=float, default=d.recheck_margin,
+                   help="bf16/fp16 search: redo in fp32 the samples whose decisions lay within this many times "
+                        f"their rounding noise; 0 = off (default {d.recheck_margin:g})")
+    g.add_argument("--search-compile", action="store_true", default=d.search_compile,
+                   help="torch.compile the search's frozen model: a one-off compile (seconds to tens of seconds), "
+                        "then faster search steps; worth it for large forget sets")
 
 
 def add_common(p):

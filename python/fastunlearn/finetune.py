@@ -57,7 +57,7 @@ CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
 # with different values of these.
 # recheck_margin only shapes the search, which the checkpoint carries.
-_RESUME_FREE = ("compile", "backend", "search_batch_size", "recheck_margin")
+_RESUME_FREE = ("compile", "search_compile", "backend", "search_batch_size", "recheck_margin")
 
 
 class StopRun(Exception):

@@ -87,6 +87,22 @@ def frozen_copy(model: nn.Module, device: torch.device, channels_last: Optional[
     return frozen
 
 
+def compiled(frozen: nn.Module) -> nn.Module:
+    """torch.compile of a frozen copy, made once per copy and kept with it, so every later
+    search on the same copy (an Unlearner's, a sweep's) reuses the compiled code. The chunk
+    sizes vary (the last chunk, the active set under early exit), so shapes are left for
+    Dynamo to mark dynamic after the first recompile rather than pinned."""
+    if isinstance(frozen, torch._dynamo.eval_frame.OptimizedModule):
+        return frozen
+    fn = frozen.__dict__.get("_fastunlearn_compiled")
+    if fn is None:
+        fn = torch.compile(frozen)
+        # Past nn.Module.__setattr__, which would register the wrapper as a submodule of the
+        # module it wraps.
+        object.__setattr__(frozen, "_fastunlearn_compiled", fn)
+    return fn
+
+
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype, or None for fp32."""
     if precision == "auto":
@@ -144,6 +160,8 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     frozen = frozen if frozen is not None else frozen_copy(model, device)
+    if config.search_compile:
+        frozen = compiled(frozen)
     src = x if isinstance(x, ImageSource) else ImageSource(x, y)
     n = len(src)
     first_chunk = src.rows(0, min(n, 8))[0]

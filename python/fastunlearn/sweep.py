@@ -49,7 +49,7 @@ COMPOSE_MODES = (None, "backbone", "head_ft", "full_ft")
 # Keys of the grid; anything else is an UnlearnConfig field held fixed at ``base``.
 GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", "batchnorm", "compose")
 SEARCH_KEYS = ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule", "quantize", "early_exit",
-               "random_start", "seed", "precision", "backend", "recheck_margin")
+               "random_start", "seed", "precision", "backend", "recheck_margin", "search_compile")
 
 DEFAULT_GRID = {
     "relabel": ["nearest_incorrect", "soft_incorrect", "argmax"],
