@@ -4,7 +4,7 @@ Discrete outputs (relabel, success, which classes are in the top k) must match e
 the logits of every input dtype are exact in float32, so ties are real ties for every
 backend. Float outputs follow the tolerance rule: the op's error against a float64
 computation must be at most about twice the error of plain PyTorch run at the input's
-precision (with a floor of one float32 ulp of the output's scale).
+precision (with a floor of four float32 ulps of the output's scale).
 """
 
 import math
@@ -99,7 +99,7 @@ def plain_torch(logits, y, mode, topk):
 
 
 def assert_close_2x(name, got, truth, plain):
-    """|got - truth| <= 2 * max|plain - truth| (+ one float32 ulp of the scale), elementwise."""
+    """|got - truth| <= 2 * max|plain - truth| (+ four float32 ulps of the scale), elementwise."""
     got = got.double().cpu()
     truth = truth.double()
     plain = plain.double()
@@ -114,7 +114,10 @@ def assert_close_2x(name, got, truth, plain):
         return
     err_plain = (plain - truth)[fin].abs().max().item()
     scale = truth[fin].abs().max().item()
-    allowed = 2.0 * err_plain + torch.finfo(torch.float32).eps * max(scale, 1e-30)
+    # The floor is 4 float32 ulps of the scale: on a few elements plain PyTorch may happen
+    # to round almost exactly, while a correctly rounded exp, sum and divide still differ
+    # from float64 by 2-3 ulps.
+    allowed = 2.0 * err_plain + 4 * torch.finfo(torch.float32).eps * max(scale, 1e-30)
     err = (got - truth).abs().where(fin, torch.zeros_like(got))
     bad = err > allowed
     if bad.any():
