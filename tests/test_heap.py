@@ -88,3 +88,27 @@ def test_finetune_runs_inside_on_cpu(gen):
     engine.run(x, search, progress=False, on_step=lambda step, info: seen.append(heap.active()))
     assert seen == [GLIBC] * 3
     assert not heap.active()
+
+
+def test_search_runs_inside_on_cpu(gen):
+    class Probe(nn.Module):
+        """A classifier that notes whether the heap is kept while the search calls it."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(49, 3)
+            self.seen = []
+
+        def forward(self, u):
+            self.seen.append(heap.active())
+            return self.fc(u.flatten(1))
+
+    from fastunlearn.search import frozen_copy, run_search
+
+    model = Probe()
+    frozen = frozen_copy(model, torch.device("cpu"))
+    x = torch.randint(0, 256, (6, 1, 7, 7), generator=gen, dtype=torch.uint8)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    run_search(model, x, y, fu.UnlearnConfig(), device="cpu", frozen=frozen)
+    assert frozen.seen and all(s == GLIBC for s in frozen.seen)
+    assert not heap.active()

@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .heap import reuse_freed_memory
 from .search import SearchResult, run_search
 from .source import ImageSource
 
@@ -63,15 +62,9 @@ def gather_rows(t: torch.Tensor, counts: list[int], dim: int, device: torch.devi
     return out.to(t.dtype)
 
 
-def sharded_search(model, source: ImageSource, config, *, device, **kw) -> SearchResult:
+def sharded_search(model, source: ImageSource, config, *, device, refreshes: int = 1, frozen=None,
+                   progress: bool = False, **kw) -> SearchResult:
     """run_search over this rank's shard, then all-gather: every rank gets the whole result."""
-    # On CPU every chunk frees and reallocates its activations: keep them in the heap.
-    with reuse_freed_memory(torch.device(device).type == "cpu"):
-        return _sharded_search(model, source, config, device=device, **kw)
-
-
-def _sharded_search(model, source: ImageSource, config, *, device, refreshes: int = 1, frozen=None,
-                    progress: bool = False, **kw) -> SearchResult:
     rank, size = world()
     if size == 1:
         return run_search(model, source, None, config, device=device, refreshes=refreshes, frozen=frozen,

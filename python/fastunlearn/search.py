@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from . import reference
 from .config import UnlearnConfig
+from .heap import reuse_freed_memory
 from .ops import boundary_step, relabel_check
 from .source import ImageSource
 
@@ -159,6 +160,12 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
     each sample draws the noise it would draw in a search over the whole set.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    with reuse_freed_memory(device.type == "cpu"):
+        return _run_search(model, x, y, config, mean=mean, std=std, device=device, refreshes=refreshes,
+                           progress=progress, frozen=frozen, index_base=index_base, n_total=n_total)
+
+
+def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, frozen, index_base, n_total):
     frozen = frozen if frozen is not None else frozen_copy(model, device)
     if config.search_compile:
         frozen = compiled(frozen)
