@@ -219,3 +219,22 @@ def test_compile_matches_eager(gen):
 def test_joint_batch_is_validated():
     with pytest.raises(ValueError, match="joint_batch must be True or False"):
         fu.UnlearnConfig(joint_batch="yes")
+
+
+@pytest.mark.parametrize("rechecked", [None, "mask"])
+def test_checkpointed_search_keeps_every_field(gen, tmp_path, rechecked):
+    from fastunlearn.finetune import (CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, search_from_dict,
+                                      search_to_dict)
+    from fastunlearn.search import SearchResult
+
+    n = 9
+    res = SearchResult(torch.randint(0, 5, (2, n), generator=gen), torch.rand(2, n, generator=gen) > 0.5,
+                       torch.randn(2, n, generator=gen), torch.rand(2, n, 5, generator=gen),
+                       torch.randint(0, 4, (2, n), generator=gen).to(torch.int16),
+                       None if rechecked is None else torch.rand(2, n, generator=gen) > 0.5)
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "search": search_to_dict(res)})
+    back = search_from_dict(load_checkpoint(path)["search"])
+    for name in ("relabels", "success", "margin", "targets", "steps", "rechecked"):
+        a, b = getattr(res, name), getattr(back, name)
+        assert (a is None and b is None) or torch.equal(a, b), name

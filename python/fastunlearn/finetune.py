@@ -538,11 +538,12 @@ def _to_cpu(obj):
 
 def search_to_dict(search: SearchResult) -> dict:
     return {"relabels": search.relabels, "success": search.success, "margin": search.margin,
-            "targets": search.targets, "steps": search.steps}
+            "targets": search.targets, "steps": search.steps, "rechecked": search.rechecked}
 
 
 def search_from_dict(d: dict) -> SearchResult:
-    return SearchResult(d["relabels"], d["success"], d["margin"], d["targets"], d["steps"])
+    # Checkpoints written before `rechecked` existed have no such key.
+    return SearchResult(d["relabels"], d["success"], d["margin"], d["targets"], d["steps"], d.get("rechecked"))
 
 
 def save_checkpoint(path: str, state: dict) -> None:
