@@ -159,21 +159,21 @@ def add_config_args(p, defaults=None):
 
     d = UnlearnConfig() if defaults is None else defaults
     g = p.add_argument_group("method (defaults are the authors' settings)")
-    g.add_argument("--eps", type=float, default=d.eps, help=f"L-inf search radius in pixel units (default {d.eps})")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"inner search steps T; 1 = FGSM (default {d.steps})")
+    g.add_argument("--eps", type=float, default=d.eps, help="L-inf search radius in pixel units")
+    g.add_argument("--steps", type=int, default=d.steps, help="inner search steps T; 1 = FGSM")
     g.add_argument("--alpha", type=float, help="step size (default eps for T=1, 2.5*eps/T otherwise)")
-    g.add_argument("--gamma", type=float, default=d.gamma, help=f"noise scale (default {d.gamma})")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="noise scale")
     g.add_argument("--noise", choices=NOISE_KINDS, default=d.noise, help="noise law")
-    g.add_argument("--lamda", type=float, default=d.lamda, help=f"pull towards the original image (default {d.lamda})")
+    g.add_argument("--lamda", type=float, default=d.lamda, help="pull towards the original image")
     g.add_argument("--lamda-schedule", choices=LAMDA_SCHEDULES, default=d.lamda_schedule)
     g.add_argument("--relabel", choices=RELABEL_MODES, default=d.relabel, help="how the new label is chosen")
     g.add_argument("--topk", type=int, default=d.topk, help="k for --relabel topk")
     g.add_argument("--refresh", choices=("auto", "iteration", "epoch", "once"), default=d.refresh,
                    help="when the search is redone with fresh noise (auto: once if deterministic)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"fine-tune epochs (default {d.epochs})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"fine-tune learning rate (default {d.lr})")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="fine-tune epochs")
+    g.add_argument("--lr", type=float, default=d.lr, help="fine-tune learning rate")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"fine-tune batch, over all processes under torchrun (default {d.batch_size})")
+                   help="fine-tune batch, over all processes under torchrun")
     g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
     g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
@@ -181,7 +181,7 @@ def add_config_args(p, defaults=None):
                    help="backend of the fused ops (see `fastunlearn backends`)")
     g.add_argument("--recheck-margin", type=float, default=d.recheck_margin,
                    help="bf16/fp16 search: redo in fp32 the samples whose decisions lay within this many times "
-                        f"their rounding noise; 0 = off (default {d.recheck_margin:g})")
+                        "their rounding noise; 0 = off")
     g.add_argument("--search-compile", action="store_true", default=d.search_compile,
                    help="torch.compile the search's frozen model: a one-off compile (seconds to tens of seconds), "
                         "then faster search steps; worth it for large forget sets")
