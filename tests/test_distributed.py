@@ -53,7 +53,8 @@ def finetune_problem(seed, batch_norm=False):
 def finetune_cases(seed):
     base = dict(epochs=3, batch_size=8, lr=0.05, seed=seed % 1000, search_batch_size=8)
     return {
-        "soft-labels": fu.UnlearnConfig(steps=2, gamma=0.3, relabel="soft", refresh="epoch", remain_reg=0.5, **base),
+        "soft-labels": fu.UnlearnConfig(steps=2, gamma=0.3, relabel="soft", refresh="epoch", remain_reg=0.5,
+                                        augment="crop+flip", **base),
         "argmax-distill-joint": fu.UnlearnConfig(remain_reg=0.5, remain_target="distill", joint_batch=True, **base),
         "topk-forget-only": fu.UnlearnConfig(relabel="topk", topk=2, **base),
     }
@@ -64,7 +65,7 @@ RESUME_EVERY, RESUME_STOP = 3, 7  # stop mid-epoch (5 steps an epoch), one step 
 
 def resume_config(seed):
     return fu.UnlearnConfig(epochs=3, batch_size=8, lr=0.05, momentum=0.9, steps=2, gamma=0.2, remain_reg=0.5,
-                            seed=seed % 1000, search_batch_size=8)
+                            seed=seed % 1000, search_batch_size=8, augment="crop")
 
 
 def without_seconds(history):

@@ -112,11 +112,12 @@ def train(fx, remain, search, cfg, **kw):
     return engine.model, history
 
 
-@pytest.mark.parametrize("stop_at,every", [(11, 4), (10, 5), (5, 5)])
-def test_resume_after_interrupt_is_bitwise_identical(gen, tmp_path, stop_at, every):
+@pytest.mark.parametrize("stop_at,every,augment", [(11, 4, None), (10, 5, None), (5, 5, None), (11, 4, "crop+flip")])
+def test_resume_after_interrupt_is_bitwise_identical(gen, tmp_path, stop_at, every, augment):
     """Stop after `stop_at` steps (mid-epoch, on an epoch boundary: 37 / 8 -> 5 steps an
     epoch), resume from the last checkpoint: same weights, buffers and history, bit for bit."""
     fx, remain, search, cfg = run_case(gen)
+    cfg = cfg.replace(augment=augment)
     full, full_hist = train(fx, remain, search, cfg)
 
     def interrupt(step, info):
@@ -238,3 +239,42 @@ def test_checkpointed_search_keeps_every_field(gen, tmp_path, rechecked):
     for name in ("relabels", "success", "margin", "targets", "steps", "rechecked"):
         a, b = getattr(res, name), getattr(back, name)
         assert (a is None and b is None) or torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("augment", [None, "crop", "flip", "crop+flip"])
+def test_augment_feeds_crops_and_flips_of_the_images(gen, augment):
+    """What the model sees: every row is a crop / flip (as asked) of one forget or remain
+    image, normalised; with augmentation some rows differ from every unshifted image."""
+    from fastunlearn.train import crop_at
+
+    fx, fy = data(gen, 6, size=8)
+    rx, ry = data(gen, 5, size=8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 4))
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    cfg = fu.UnlearnConfig(epochs=4, batch_size=3, lr=0.05, remain_reg=0.5, augment=augment)
+    engine = FinetuneEngine(model, cfg, mean=[0.5, 0.5], std=[0.25, 0.25], channels_last=False)
+    engine.run(fx, search_of(torch.randint(0, 4, (6,), generator=gen)), (rx, ry), progress=False)
+    pad = 1
+    crops = [(a, b) for a in range(2 * pad + 1) for b in range(2 * pad + 1)] if augment and "crop" in augment \
+        else [(pad, pad)]
+    flips = [False, True] if augment and "flip" in augment else [False]
+    images = torch.cat([fx, rx])
+    candidates = []
+    for a, b in crops:
+        c = crop_at(images, pad, torch.full((11,), a), torch.full((11,), b))
+        candidates += [c.flip(3) if f else c for f in flips]
+    candidates = pixels(torch.cat(candidates), [0.5, 0.5], [0.25, 0.25])
+    plain = pixels(images, [0.5, 0.5], [0.25, 0.25])
+    rows = torch.cat(seen)
+    assert rows.shape[0] == 4 * (6 + 5)  # 4 epochs x (6 forget rows + remain batches of 3 and 2)
+    for r in rows:
+        assert (candidates - r).abs().flatten(1).amax(1).min() < 1e-6
+    moved = sum(bool((plain - r).abs().flatten(1).amax(1).min() > 1e-6) for r in rows)
+    assert (moved > 0) == (augment is not None)
+
+
+def test_augment_is_validated():
+    with pytest.raises(ValueError, match="augment"):
+        fu.UnlearnConfig(augment="rotate")

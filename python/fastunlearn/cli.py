@@ -145,7 +145,7 @@ def config_from_args(args):
     fields = {k: getattr(args, k) for k in ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule",
                                              "relabel", "topk", "refresh", "epochs", "lr", "batch_size",
                                              "remain_reg", "remain_target", "seed", "precision", "backend",
-                                             "recheck_margin", "search_compile")
+                                             "recheck_margin", "search_compile", "augment")
               if getattr(args, k, None) is not None}
     try:
         return UnlearnConfig(**fields)
@@ -174,6 +174,9 @@ def add_config_args(p, defaults=None):
     g.add_argument("--lr", type=float, default=d.lr, help="fine-tune learning rate")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="fine-tune batch, over all processes under torchrun")
+    g.add_argument("--augment", choices=("crop", "flip", "crop+flip"), default=d.augment,
+                   help="augment the fine-tune's images on the device, afresh each epoch (the search sees them "
+                        "unshifted)")
     g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
     g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)

@@ -14,6 +14,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", True, False)
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 COMPAT = (None, "authors")
+AUGMENTS = (None, "crop", "flip", "crop+flip")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class UnlearnConfig:
     random_start   start the search from a uniform point in the eps ball.
     refresh        when the search is redone with fresh noise: iteration | epoch | once | auto.
     epochs, lr, momentum, batch_size   the fine-tune (SGD).
+    augment        None | crop | flip | crop+flip: the fine-tune's forget and remain images,
+                   on the device, each epoch afresh (crop: zero-pad by H/8, a random window;
+                   flip: left-right with probability 1/2). The search runs on the images as
+                   they are, so a relabel is the one found for the unshifted image.
     remain_reg     rho, weight of the remain-set term; remain_target: labels | distill.
     joint_batch    one forward over forget + remain batches together (BatchNorm sees both);
                    False keeps the authors' separate forwards.
@@ -72,6 +77,7 @@ class UnlearnConfig:
     lr: float = 1e-5
     momentum: float = 0.9
     batch_size: int = 64
+    augment: Optional[str] = None
     remain_reg: float = 0.0
     remain_target: str = "labels"
     joint_batch: bool = False
@@ -126,6 +132,8 @@ class UnlearnConfig:
             bad("momentum", "in [0, 1)")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad("batch_size", "an integer >= 1")
+        if self.augment not in AUGMENTS:
+            bad("augment", f"one of {AUGMENTS}")
         if number("remain_reg") < 0:
             bad("remain_reg", ">= 0")
         if self.remain_target not in REMAIN_TARGETS:

@@ -52,6 +52,7 @@ from .config import UnlearnConfig
 from .distributed import shard_bounds
 from .heap import reuse_freed_memory
 from .search import SearchResult, resolve_precision
+from .train import crop_at, flip_where
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
@@ -348,6 +349,9 @@ class FinetuneEngine:
             n_remain = rx.shape[0]
         bs = cfg.batch_size
         per_epoch = (n + bs - 1) // bs
+        if cfg.augment is not None and fx.dim() != 4:
+            raise ValueError(f"config.augment={cfg.augment!r} needs (N, C, H, W) images, got shape {tuple(fx.shape)}")
+        aug_pad = max(1, fx.shape[-1] // 8) if fx.dim() == 4 else 0
         total = cfg.epochs * per_epoch
         if sharded:
             distributed.check_same_on_every_rank(
@@ -364,6 +368,8 @@ class FinetuneEngine:
             torch.manual_seed(cfg.seed + self.rank)
             gen = torch.Generator().manual_seed(cfg.seed)
             remain_gen = torch.Generator().manual_seed(cfg.seed + 1)
+            aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+            aug_f = aug_r = None
             remain_queue: list = []
             history: list = []
             epoch, batch, step = 0, 0, 0
@@ -377,6 +383,9 @@ class FinetuneEngine:
                 self.opt.load_state_dict(state["optimizer"])
                 gen.set_state(state["gen"])
                 remain_gen.set_state(state["remain_gen"])
+                if cfg.augment is not None:
+                    aug_gen.set_state(state["aug_gen"])
+                    aug_f, aug_r = state["aug_f"], state["aug_r"]
                 remain_queue = list(state["remain_queue"])
                 history = list(state["history"])
                 epoch, batch, step = state["epoch"], state["batch"], state["step"]
@@ -408,6 +417,7 @@ class FinetuneEngine:
                         "optimizer": _to_cpu(self.opt.state_dict()),
                         "gen": gen.get_state(), "remain_gen": remain_gen.get_state(),
                         "remain_queue": [t.clone() for t in remain_queue], "history": list(history),
+                        "aug_gen": aug_gen.get_state(), "aug_f": aug_f, "aug_r": aug_r,
                         "acc": acc.cpu(), "epoch_seconds": epoch_seconds, "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state(dev) if forked else None,
                         "search": search_to_dict(search), **rank_rngs}
@@ -443,7 +453,13 @@ class FinetuneEngine:
                         # generators advance the same way in a resumed run.
                         perm = torch.randperm(n, generator=gen)
                         remain_idx = [next_remain() for _ in range(per_epoch)] if use_remain else None
+                        if cfg.augment is not None:
+                            # Per sample, not per batch position: every rank slices the same
+                            # draws, so the augmentation does not depend on the world size.
+                            aug_f = _draw_augment(cfg.augment, n, aug_pad, aug_gen)
+                            aug_r = _draw_augment(cfg.augment, n_remain, aug_pad, aug_gen) if use_remain else None
                     perm_dev = perm.to(dev, non_blocking=True)
+                    aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
                     tgt = targets[epoch % len(targets)]
                     t0 = time.perf_counter()
                     while batch < per_epoch:
@@ -455,12 +471,16 @@ class FinetuneEngine:
                             idx, share_f = _rank_slice(idx, self.rank, self.world)
                             shares = (share_f, 1.0)
                         xf, tf = _gather(fx, idx, dev), _gather(tgt, idx, dev)
+                        if aug_f_dev is not None:
+                            xf = _apply_augment(xf, aug_f_dev, idx, aug_pad)
                         if use_remain:
                             ridx = remain_idx[batch]
                             if sharded:
                                 ridx, share_r = _rank_slice(ridx, self.rank, self.world)
                                 shares = (share_f, share_r)
                             xr, yr = _gather(rx, ridx, dev), _gather(ry, ridx, dev)
+                            if aug_r_dev is not None:
+                                xr = _apply_augment(xr, aug_r_dev, ridx, aug_pad)
                             acc += self.step(xf, tf, xr, yr, shares=shares)
                         else:
                             acc += self.step(xf, tf, shares=shares)
@@ -501,6 +521,31 @@ class FinetuneEngine:
             if sharded:
                 sync_buffers()
         return history
+
+
+def _draw_augment(mode: str, count: int, pad: int, gen: torch.Generator) -> dict:
+    """One epoch's crop offsets and flips for ``count`` samples (CPU tensors)."""
+    out = {}
+    if "crop" in mode:
+        out["oy"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
+        out["ox"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
+    if "flip" in mode:
+        out["flip"] = torch.rand(count, generator=gen) < 0.5
+    return out
+
+
+def _params_on(params: Optional[dict], dev: torch.device) -> Optional[dict]:
+    return None if params is None else {k: v.to(dev, non_blocking=True) for k, v in params.items()}
+
+
+def _apply_augment(x: torch.Tensor, params: dict, idx: torch.Tensor, pad: int) -> torch.Tensor:
+    """The batch x (rows idx of its set) with those rows' crops and flips; params on x's device."""
+    idx = idx.to(x.device)
+    if "oy" in params:
+        x = crop_at(x, pad, params["oy"][idx], params["ox"][idx])
+    if "flip" in params:
+        x = flip_where(x, params["flip"][idx])
+    return x
 
 
 def _rank_slice(idx: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, float]:

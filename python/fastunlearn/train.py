@@ -27,22 +27,33 @@ def _augment_mode(augment) -> tuple[bool, bool]:
     return "crop" in augment, "flip" in augment
 
 
-def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``pad`` and crop back at a random offset, independently per sample."""
+def crop_at(x: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
+    """Zero-pad (N, C, H, W) x by ``pad`` and take sample i's H x W window at (oy[i], ox[i]),
+    offsets in [0, 2 pad]; (pad, pad) gives the sample back. Any dtype, on x's device."""
     n, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    rows = (oy.to(x.device)[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (ox.to(x.device)[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     b = torch.arange(n, device=x.device)[:, None, None, None]
     ch = torch.arange(c, device=x.device)[None, :, None, None]
     return xp[b, ch, rows, cols]
 
 
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Sample i mirrored left-right where flip[i]."""
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+def random_crop(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``pad`` and crop back at a random offset, independently per sample."""
+    n = x.shape[0]
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    return crop_at(x, pad, oy, ox)
+
+
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return flip_where(x, torch.rand(x.shape[0], generator=g) < 0.5)
 
 
 def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.05, batch_size: int = 128,
