@@ -45,7 +45,7 @@ class UnlearnConfig:
     compile        torch.compile the train step: auto | True | False.
     search_compile torch.compile the search's frozen model (True / False). The compile costs
                    seconds to tens of seconds once per process and shape family; each search
-                   step then runs faster (1.18x on CPU for AllCNN width 0.25, see
+                   step then runs faster (1.15x on CPU for AllCNN width 0.25, see
                    bench/RESULTS.md), so it pays for large forget sets or a warm Unlearner.
                    Inductor's fused kernels round differently, so a sample at a near-tie may
                    relabel differently than without it.
