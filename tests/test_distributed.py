@@ -174,8 +174,12 @@ def test_data_parallel_finetune_equals_one_process(two_ranks, one_thread, case):
     got = ranks[0][case]
     assert torch.equal(got["relabels"], one.search.relabels)
     moved = 0.0
+    # The ranks sum their shares where one process takes a mean, so the weights differ by
+    # rounding: at most 2e-7 in 64 measured runs, but once a ReLU at a near-tie went the other
+    # way and 15 SGD steps at lr 0.05 carried that to 3.9e-5. Weighting each rank's loss 1/2
+    # instead of its share of the rows (a real bug) gives 9e-3 and more.
     for name, want in one.model.state_dict().items():
-        torch.testing.assert_close(got["state"][name], want, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got["state"][name], want, rtol=0, atol=2e-4, msg=lambda m: f"{name}: {m}")
         moved = max(moved, float((want - original[name]).abs().max()))
     # The weights moved far more than the tolerance: the comparison can fail.
     assert moved > 1e-2
@@ -184,7 +188,7 @@ def test_data_parallel_finetune_equals_one_process(two_ranks, one_thread, case):
     for row, want in zip(got["history"], want_history):
         assert row.keys() == want.keys()
         for k in want:
-            assert row[k] == pytest.approx(want[k], rel=1e-5), k
+            assert row[k] == pytest.approx(want[k], rel=1e-4), k
 
 
 def test_data_parallel_resume_equals_uninterrupted(two_ranks):
