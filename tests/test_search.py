@@ -220,6 +220,8 @@ def test_search_compile_matches_the_eager_engine(trained):
     eager = run_search(model, x, y, cfg, mean=MEAN, std=STD, device="cpu", frozen=frozen)
     comp = run_search(model, x, y, cfg.replace(search_compile=True), mean=MEAN, std=STD, device="cpu", frozen=frozen)
     assert (comp.relabels == eager.relabels).float().mean() >= 0.99
+    ref = ref_labels(model, x, y, cfg)
+    assert (comp.relabels[0] == ref.relabel).float().mean() >= 0.99
     assert (comp.success == eager.success).float().mean() >= 0.99
     same = comp.relabels == eager.relabels
     assert torch.allclose(comp.margin[same], eager.margin[same], atol=1e-3)

@@ -14,7 +14,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("auto", True, False)
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 COMPAT = (None, "authors")
-AUGMENTS = (None, "crop", "flip", "crop+flip")
+# The image augmentations of the fine-tune and of train.train_classifier.
+AUGMENT_MODES = ("crop", "flip", "crop+flip")
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ class UnlearnConfig:
             bad("momentum", "in [0, 1)")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad("batch_size", "an integer >= 1")
-        if self.augment not in AUGMENTS:
-            bad("augment", f"one of {AUGMENTS}")
+        if self.augment is not None and self.augment not in AUGMENT_MODES:
+            bad("augment", f"None or one of {AUGMENT_MODES}")
         if number("remain_reg") < 0:
             bad("remain_reg", ">= 0")
         if self.remain_target not in REMAIN_TARGETS:

@@ -52,7 +52,7 @@ from .config import UnlearnConfig
 from .distributed import shard_bounds
 from .heap import reuse_freed_memory
 from .search import SearchResult, resolve_precision
-from .train import crop_at, flip_where
+from .train import augment_mode, crop_at, flip_where
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
@@ -340,6 +340,9 @@ class FinetuneEngine:
             raise ValueError("checkpoint_every needs checkpoint_dir")
         if checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        if cfg.augment is not None and forget_x.dim() != 4:
+            raise ValueError(f"config.augment={cfg.augment!r} needs (N, C, H, W) images, got shape "
+                             f"{tuple(forget_x.shape)}")
         probe = _Probe(probe, self.mean, self.std, dev)
 
         fx = stage(forget_x, dev)
@@ -349,8 +352,6 @@ class FinetuneEngine:
             n_remain = rx.shape[0]
         bs = cfg.batch_size
         per_epoch = (n + bs - 1) // bs
-        if cfg.augment is not None and fx.dim() != 4:
-            raise ValueError(f"config.augment={cfg.augment!r} needs (N, C, H, W) images, got shape {tuple(fx.shape)}")
         aug_pad = max(1, fx.shape[-1] // 8) if fx.dim() == 4 else 0
         total = cfg.epochs * per_epoch
         if sharded:
@@ -525,11 +526,12 @@ class FinetuneEngine:
 
 def _draw_augment(mode: str, count: int, pad: int, gen: torch.Generator) -> dict:
     """One epoch's crop offsets and flips for ``count`` samples (CPU tensors)."""
+    crop, flip = augment_mode(mode)
     out = {}
-    if "crop" in mode:
+    if crop:
         out["oy"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
         out["ox"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
-    if "flip" in mode:
+    if flip:
         out["flip"] = torch.rand(count, generator=gen) < 0.5
     return out
 

@@ -10,20 +10,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import AUGMENT_MODES
 from .data import as_tensors
 from .metrics import _model_device, prepare
 
 SCHEDULES = ("onecycle", "cosine", "constant")
-AUGMENTS = ("crop", "flip", "crop+flip")
 
 
-def _augment_mode(augment) -> tuple[bool, bool]:
+def augment_mode(augment) -> tuple[bool, bool]:
+    """(crop, flip) for an augment setting: True, False / None, or one of AUGMENT_MODES."""
     if augment is True:
         return True, True
     if augment is False or augment is None:
         return False, False
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment must be True, False or one of {AUGMENTS}, got {augment!r}")
+    if augment not in AUGMENT_MODES:
+        raise ValueError(f"augment must be True, False or one of {AUGMENT_MODES}, got {augment!r}")
     return "crop" in augment, "flip" in augment
 
 
@@ -77,7 +78,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    crop, flip = _augment_mode(augment)
+    crop, flip = augment_mode(augment)
     x, y = as_tensors(train, "train")
     n = x.shape[0]
     if n == 0:
