@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine: build the CUDA extension, run the GPU tests (compute-sanitizer
-# memcheck on both fused ops), run the benchmarks, and leave a table and a CSV under $OUT.
-# Budget: about 8 minutes on an H100.
+# One call on a CUDA machine: build the CUDA extension, run the benchmarks and the GPU tests,
+# and leave a table (summary.txt) and a CSV (results.csv) under $OUT.
+# Budget: about 9 minutes in all (BUDGET_S). Steps run in order of importance; each gets at
+# most its own limit and what is left of the budget, so a slow step never hides the rest.
 #
 #   device run (from the repo root):  bash bench/gpu_check.sh       carry: [".bench_data"]
 #   .bench_data/ holds the FashionMNIST IDX files: mkdir -p .bench_data &&
@@ -12,24 +13,57 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export FASTUNLEARN_BENCH_CSV="$OUT/results.csv"
 export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+BUDGET_S=${BUDGET_S:-540}
+END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-step() { echo; echo "== $* ($(date +%T))" | tee -a "$SUMMARY"; }
-run() { "$@" 2>&1 | tee -a "$SUMMARY"; return "${PIPESTATUS[0]}"; }
 status=0
+step() { echo; echo "== $* ($(date +%T), $(( END - $(date +%s) ))s left)" | tee -a "$SUMMARY"; }
+# run LIMIT cmd...: at most LIMIT seconds and never past the budget; skipped with under 20 s left.
+run() {
+  local limit=$1; shift
+  local left=$(( END - $(date +%s) ))
+  if (( left < 20 )); then echo "skipped (budget spent): $*" | tee -a "$SUMMARY"; return 0; fi
+  (( left < limit )) && limit=$left
+  timeout "$limit" "$@" 2>&1 | tee -a "$SUMMARY"
+  local rc=${PIPESTATUS[0]}
+  (( rc == 124 )) && echo "timed out after ${limit}s: $*" | tee -a "$SUMMARY"
+  (( rc != 0 )) && status=1
+  return 0
+}
 
 step "device and versions"
-run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-run python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+run 60 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
-step "build (CUDA + CPU extension)"
-FASTUNLEARN_REQUIRE_NATIVE=1 pip install --no-deps --no-build-isolation -q -e . > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log" | tee -a "$SUMMARY"; status=1; }
-run python -c "import fastunlearn as fu; [print(f'{k:7s} {v}') for k, v in fu.backends().items()]"
+step "build (CUDA + CPU extension, MAX_JOBS=$MAX_JOBS)"
+if ! FASTUNLEARN_REQUIRE_NATIVE=1 timeout 300 pip install --no-deps --no-build-isolation -q -e . > "$OUT/build.log" 2>&1; then
+  grep -E "error|Error" "$OUT/build.log" | head -30 | tee -a "$SUMMARY"
+  status=1
+  # Without the CUDA build the package still runs (Triton / eager on the GPU).
+  pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1 || FASTUNLEARN_SKIP_NATIVE=1 \
+    pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1
+fi
+run 60 python -c "import fastunlearn as fu; [print(f'{k:7s} {v}') for k, v in fu.backends().items()]"
 
-step "GPU tests"
-run timeout 240 python -m pytest -q -x tests/test_boundary_step.py tests/test_relabel_check.py tests/test_search.py \
-  tests/test_api.py || status=1
+E2E=(python bench/bench_e2e.py --width 1 --train-size 0 --train-epochs 3 --model "$FASTUNLEARN_DATA/allcnn_w1.safetensors")
+step "bench: end to end, FashionMNIST class 0, AllCNN width 1, eager train step (+ profile)"
+run 180 "${E2E[@]}" --compile off --profile "$OUT/profile_e2e"
+step "bench: end to end, the same with the compiled train step (CUDA graphs)"
+run 150 "${E2E[@]}" --compile on --no-authors-split
+
+step "GPU tests (engine on CUDA, both fused ops on cuda and triton)"
+run 150 python -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_cuda.py tests/test_boundary_step.py \
+  tests/test_relabel_check.py
+
+step "bench: boundary_step and relabel_check"
+run 60 python bench/bench_boundary_step.py --no-reference
+run 45 python bench/bench_relabel_check.py
+
+step "bench: search, AllCNN width 1 at 32x32 (3 channels) and ResNet-50 at 512x512"
+run 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve --compile
+run 90 python bench/bench_search.py --n 256 --arch resnet50 --size 512 --channels 3 --train-epochs 0 --reps 2
 
 step "compute-sanitizer memcheck: both ops, cuda and triton backends"
 cat > "$OUT/memcheck_ops.py" <<'PY'
@@ -50,21 +84,7 @@ for backend in ("cuda", "triton"):
 torch.cuda.synchronize()
 print("memcheck workload done")
 PY
-run timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 python "$OUT/memcheck_ops.py" || status=1
-
-step "bench: boundary_step (38.5M fp32 elements) and relabel_check"
-run timeout 120 python bench/bench_boundary_step.py || status=1
-run timeout 90 python bench/bench_relabel_check.py || status=1
-
-step "bench: search, AllCNN width 1 at 32x32 (3 channels) and ResNet-50 at 512x512"
-run timeout 240 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve --compile || status=1
-run timeout 120 python bench/bench_search.py --n 256 --arch resnet50 --size 512 --channels 3 --train-epochs 0 --reps 2 \
-  || status=1
-
-if [ -f bench/bench_e2e.py ]; then
-  step "bench: end to end, FashionMNIST class 0, AllCNN width 1"
-  run timeout 180 python bench/bench_e2e.py --width 1 --train-size 0 --train-epochs 3 || status=1
-fi
+run 180 compute-sanitizer --tool memcheck --error-exitcode 9 python "$OUT/memcheck_ops.py"
 
 step "done (status $status); CSV: $FASTUNLEARN_BENCH_CSV"
 exit $status

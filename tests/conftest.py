@@ -2,6 +2,8 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # Without a GPU the Triton kernels run under the interpreter; it must be set before
 # triton is first imported.
@@ -27,3 +29,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+DIGITS_MEAN, DIGITS_STD = [0.3], [0.35]
+
+
+@pytest.fixture(scope="session")
+def digits_model():
+    """A small CNN trained on all 1,797 sklearn digits (CPU, eval mode), and those digits as
+    uint8 (N, 1, 8, 8) images with their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div(16).mul(255).round().to(torch.uint8).unsqueeze(1)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2,
+                          padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    xf = (x.float() / 255 - DIGITS_MEAN[0]) / DIGITS_STD[0]
+    for _ in range(8):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            loss = F.cross_entropy(model(xf[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    assert (model(xf).argmax(1) == y).float().mean() > 0.9
+    return model, x, y
+
+
+def reference_search(model, x, y, cfg, refresh=0, mean=DIGITS_MEAN, std=DIGITS_STD):
+    """reference.boundary_relabel with the search settings of an UnlearnConfig."""
+    from fastunlearn import reference
+
+    return reference.boundary_relabel(
+        model, x.float() / 255, y, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, mode=cfg.relabel,
+        topk=cfg.topk, lamda=cfg.lamda, lamda_schedule=cfg.lamda_schedule, gamma=cfg.gamma, noise=cfg.noise,
+        quantize=cfg.quantize, seed=cfg.seed, refresh=refresh, early_exit=cfg.early_exit, mean=mean, std=std)

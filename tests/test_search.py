@@ -2,38 +2,18 @@
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from fastunlearn import UnlearnConfig, reference
 from fastunlearn.search import decision_gap, run_search
 
-MEAN, STD = [0.3], [0.35]
+from conftest import DIGITS_MEAN, DIGITS_STD, reference_search
+
+MEAN, STD = DIGITS_MEAN, DIGITS_STD
 
 
 @pytest.fixture(scope="module")
-def trained_all():
-    """A small CNN trained on all 1,797 sklearn digits, and those digits."""
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).div(16).mul(255).round().to(torch.uint8).unsqueeze(1)
-    y = torch.tensor(d.target, dtype=torch.int64)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2,
-                          padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    xf = (x.float() / 255 - MEAN[0]) / STD[0]
-    for _ in range(8):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(xf[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    assert (model(xf).argmax(1) == y).float().mean() > 0.9
-    return model, x, y
+def trained_all(digits_model):
+    return digits_model
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +23,7 @@ def trained(trained_all):
 
 
 def ref_labels(model, x, y, cfg, refresh=0):
-    res = reference.boundary_relabel(
-        model, x.float() / 255, y, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, mode=cfg.relabel,
-        topk=cfg.topk, lamda=cfg.lamda, lamda_schedule=cfg.lamda_schedule, gamma=cfg.gamma, noise=cfg.noise,
-        quantize=cfg.quantize, seed=cfg.seed, refresh=refresh, early_exit=cfg.early_exit, mean=MEAN, std=STD)
-    return res
+    return reference_search(model, x, y, cfg, refresh)
 
 
 def test_fgsm_matches_reference_exactly(trained):

@@ -1,0 +1,105 @@
+"""The engine on a CUDA device: the search against reference.py (both GPU backends), the
+fine-tune against the CPU engine, the CUDA-graph train step against the eager one, and warm
+revisions against fu.unlearn. The fused ops' own GPU checks are in test_boundary_step.py and
+test_relabel_check.py. Without a GPU these are skipped: they test nothing the CPU has."""
+
+import copy
+
+import pytest
+import torch
+
+import fastunlearn as fu
+from fastunlearn import UnlearnConfig
+from fastunlearn.finetune import FinetuneEngine
+from fastunlearn.search import run_search
+
+from conftest import DIGITS_MEAN, DIGITS_STD, reference_search
+from test_finetune import data, model_with_dropout, params_close, search_of
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = torch.device("cuda")
+MEAN2, STD2 = [0.5, 0.5], [0.25, 0.25]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """TF32 convolutions and matmuls differ from fp32 in the 4th digit: these are fp32 checks."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_noisy_search_on_cuda_matches_reference(digits_model, backend):
+    """Counter-based noise: the GPU draws what reference.py draws on the CPU, so the labels
+    agree up to near-ties that GPU arithmetic may break the other way."""
+    model, x, y = digits_model
+    x, y = x[:600], y[:600]
+    cfg = UnlearnConfig(eps=0.15, steps=5, gamma=0.02, lamda=0.5, lamda_schedule="inverse", noise="normal",
+                        relabel="nearest_incorrect", seed=11, precision="fp32", backend=backend)
+    res = run_search(copy.deepcopy(model), x, y, cfg, mean=DIGITS_MEAN, std=DIGITS_STD, device=CUDA, refreshes=2)
+    for r in range(2):
+        ref = reference_search(model, x, y, cfg, refresh=r)
+        agree = float((res.relabels[r].cpu() == ref.relabel).float().mean())
+        assert agree >= 0.99, f"refresh {r}: {agree:.4%} of {len(y)} labels agree"
+        assert float(res.success[r].cpu().float().mean()) > 0.05
+
+
+def test_bf16_search_on_cuda_keeps_the_fp32_labels(digits_model):
+    model, x, y = digits_model
+    cfg = UnlearnConfig(eps=0.1, steps=1)
+    ref = reference_search(model, x, y, cfg).relabel
+    res = run_search(copy.deepcopy(model), x, y, cfg.replace(precision="bf16"), mean=DIGITS_MEAN, std=DIGITS_STD,
+                     device=CUDA)
+    agree = float((res.relabels[0].cpu() == ref).float().mean())
+    assert agree >= 0.999, f"{agree:.4%} of {len(y)} labels agree"
+
+
+def run_engine(gen_seed, device, compiled, remain=True):
+    gen = torch.Generator().manual_seed(gen_seed)
+    fx, _ = data(gen, 37)  # 37 / 8: a short last batch, a second shape for the compiled step
+    rx, ry = data(gen, 29)
+    search = search_of(labels=torch.randint(0, 4, (37,), generator=gen))
+    cfg = UnlearnConfig(epochs=2, batch_size=8, lr=0.05, remain_reg=0.5 if remain else 0.0, precision="fp32",
+                        compile=compiled)
+    # No dropout: compiled code draws its masks from another generator.
+    engine = FinetuneEngine(model_with_dropout(p=0.0), cfg, mean=MEAN2, std=STD2, device=device)
+    history = engine.run(fx, search, (rx, ry) if remain else None, progress=False)
+    return engine, history
+
+
+@pytest.mark.parametrize("remain", [True, False])
+def test_finetune_on_cuda_matches_cpu(gen, remain):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    cpu, h_cpu = run_engine(seed, torch.device("cpu"), False, remain)
+    gpu, h_gpu = run_engine(seed, CUDA, False, remain)
+    params_close(cpu.model, gpu.model.cpu(), rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in h_cpu] == pytest.approx([r["loss"] for r in h_gpu], rel=1e-4)
+
+
+def test_cuda_graph_step_matches_eager(gen):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    eager, h_eager = run_engine(seed, CUDA, False)
+    graphed, h_graphed = run_engine(seed, CUDA, True)
+    assert graphed.compiled and graphed.compile_mode == "reduce-overhead" and graphed.compile_seconds > 0
+    params_close(eager.model, graphed.model, rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in h_eager] == pytest.approx([r["loss"] for r in h_graphed], rel=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "cuda-graphs"])
+def test_warm_revision_on_cuda_equals_unlearn(gen, compiled):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    model = model_with_dropout(p=0.0)
+    before = copy.deepcopy(model.state_dict())
+    a, b, remain = data(gen, 21), data(gen, 19), data(gen, 30)
+    cfg = UnlearnConfig(epochs=2, batch_size=8, lr=0.05, remain_reg=0.5, precision="fp32", compile=compiled)
+    kw = dict(mean=MEAN2, std=STD2, device=CUDA)
+    session = fu.Unlearner(model, cfg, **kw)
+    session.revise(a, remain, progress=False)
+    second = session.revise(b, remain, progress=False)
+    fresh = fu.unlearn(model, b, remain, config=cfg, progress=False, **kw)
+    assert torch.equal(second.relabels.cpu(), fresh.relabels.cpu())
+    params_close(second.model.cpu(), fresh.model.cpu(), rtol=1e-5, atol=1e-6)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
