@@ -38,12 +38,12 @@ run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --f
 run 60 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 step "build (CUDA + CPU extension, MAX_JOBS=$MAX_JOBS)"
-if ! FASTUNLEARN_REQUIRE_NATIVE=1 timeout 300 pip install --no-deps --no-build-isolation -q -e . > "$OUT/build.log" 2>&1; then
+if ! FASTUNLEARN_REQUIRE_NATIVE=1 timeout 300 python -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -30 | tee -a "$SUMMARY"
   status=1
   # Without the CUDA build the package still runs (Triton / eager on the GPU).
-  pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1 || FASTUNLEARN_SKIP_NATIVE=1 \
-    pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1
+  python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1 || FASTUNLEARN_SKIP_NATIVE=1 \
+    python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1
 fi
 run 60 python -c "import fastunlearn as fu; [print(f'{k:7s} {v}') for k, v in fu.backends().items()]"
 
