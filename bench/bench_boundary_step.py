@@ -98,8 +98,9 @@ def main(argv=None):
         numel = 1
         for s in shape:
             numel *= s
-        u0 = (torch.randint(0, 256, shape, generator=gen).float() / 255).to(device)
+        u0 = torch.randint(0, 256, shape, generator=gen).float() / 255
         u = (u0 + (torch.rand(shape, generator=gen) * 2 - 1) * step["eps"]).clamp(0, 1).to(device)
+        u0 = u0.to(device)
         g = torch.randn(shape, generator=gen).to(device)
         uf, u0f, gf = (t.to(dtype) for t in (u, u0, g))
         bw = clone_bandwidth(numel, device)

@@ -43,6 +43,8 @@ def parse(argv=None):
     p.add_argument("--model", help="a .safetensors original to load; trained and saved there if missing")
     p.add_argument("--epochs", type=int, default=10, help="unlearning epochs (both runs)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile our train step")
+    p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
+                   help="replay our eager train step as a CUDA graph (auto: on for CUDA with compile off)")
     p.add_argument("--precision", default="auto", help="our precision: auto | fp32 | bf16 (the rewrite runs fp32)")
     p.add_argument("--warm-reps", type=int, default=7, help="warm revisions of 64 samples timed (0 = skip)")
     p.add_argument("--no-authors-split", action="store_true", help="skip timing the rewrite's search alone")
@@ -97,8 +99,10 @@ def main(argv=None):
     mean, std = data.channel_stats(train[0])
     model = original_model(args, train, mean, std, dev)
     compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
-    cfg = fu.UnlearnConfig(epochs=args.epochs, compile=compile_flag, precision=args.precision, seed=args.seed)
-    auth_cfg = cfg.replace(precision="fp32")
+    graph_flag = {"auto": "auto", "on": True, "off": False}[args.cuda_graph]
+    cfg = fu.UnlearnConfig(epochs=args.epochs, compile=compile_flag, cuda_graph=graph_flag, precision=args.precision,
+                           seed=args.seed)
+    auth_cfg = cfg.replace(precision="fp32", cuda_graph=False)
     kw = dict(mean=mean, std=std, device=dev)
 
     # The rewrite first, then ours: neither gains from the other having warmed a cache.
@@ -137,7 +141,7 @@ def main(argv=None):
     dname = device_name(dev)
     rows = [dict(provider="original", **m_orig),
             dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
-            dict(provider=f"fastunlearn ({res.config.refresh_mode}, compile={res.config.compile})", seconds=t_ours,
+            dict(provider=f"fastunlearn ({res.config.refresh_mode}, {res.step_mode})", seconds=t_ours,
                  ratio=t_auth / t_ours, **m_ours)]
     print(f"\nend to end: forget class {args.forget_class} ({len(forget[1])} of {len(train[1])} {name} training "
           f"images), {args.arch} width {args.width}, {args.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
@@ -159,7 +163,7 @@ def main(argv=None):
               "threads": torch.get_num_threads()}
     csv_row = dict(common, provider="fastunlearn vs authors' rewrite", seconds_ours=t_ours, seconds_authors=t_auth,
                    ratio=t_auth / t_ours, search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
-                   compile=str(res.config.compile), warm_revision_p50_ms=warm_p50,
+                   compile=str(res.config.compile), step_mode=res.step_mode, warm_revision_p50_ms=warm_p50,
                    authors_search_share=auth_search_share,
                    **{f"ours_{k}": v for k, v in m_ours.items()}, **{f"authors_{k}": v for k, v in m_auth.items()},
                    **{f"original_{k}": v for k, v in m_orig.items()})
@@ -175,6 +179,8 @@ def main(argv=None):
         rows, peaks = profiling.roofline(model, forget[0][:512], forget[1][:512], cfg, device=dev, mean=mean, std=std)
         print("\n" + profiling.write_summary(rows, peaks, args.profile, dname))
         print(f"trace (one epoch of ours): {trace_path}")
+        with open(os.path.splitext(trace_path)[0] + "_ops.txt") as f:
+            print(f.readline().rstrip())
     return csv_row
 
 

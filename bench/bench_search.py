@@ -103,6 +103,10 @@ def main():
     mean, std = data.channel_stats(train[0])
     c = train[0].shape[1]
     kwargs = {"width": args.width} if args.arch in ("allcnn", "smallcnn") else {}
+    if args.arch.startswith("resnet"):
+        # The ImageNet stem (7x7/2 + max-pool) from 96 px up: the small-image stem keeps
+        # full resolution through layer1, 16x the activations at 512 px.
+        kwargs["small_input"] = train[0].shape[-1] < 96
     model = create_model(args.arch, in_channels=c, num_classes=int(train[1].max()) + 1, **kwargs)
     if args.train_epochs:
         model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, progress=False)

@@ -15,10 +15,13 @@ export FASTUNLEARN_BENCH_CSV="$OUT/results.csv"
 export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUDGET_S=${BUDGET_S:-540}
+# ONLY="build e2e e2e-variants tests ops search search-resnet memcheck": a subset of the steps (default all).
+# TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases).
 END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 status=0
+want() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
 step() { echo; echo "== $* ($(date +%T), $(( END - $(date +%s) ))s left)" | tee -a "$SUMMARY"; }
 # run LIMIT cmd...: at most LIMIT seconds and never past the budget; skipped with under 20 s left.
 run() {
@@ -37,6 +40,7 @@ step "device and versions"
 run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 run 60 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
+if want build; then
 step "build (CUDA + CPU extension, MAX_JOBS=$MAX_JOBS)"
 if ! FASTUNLEARN_REQUIRE_NATIVE=1 timeout 300 python -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/build.log" 2>&1; then
   grep -E "error|Error" "$OUT/build.log" | head -30 | tee -a "$SUMMARY"
@@ -45,26 +49,44 @@ if ! FASTUNLEARN_REQUIRE_NATIVE=1 timeout 300 python -m pip install --no-deps --
   python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1 || FASTUNLEARN_SKIP_NATIVE=1 \
     python -m pip install --no-deps --no-build-isolation -q -e . >> "$OUT/build.log" 2>&1
 fi
+fi
 run 60 python -c "import fastunlearn as fu; [print(f'{k:7s} {v}') for k, v in fu.backends().items()]"
 
 E2E=(python bench/bench_e2e.py --width 1 --train-size 0 --train-epochs 3 --model "$FASTUNLEARN_DATA/allcnn_w1.safetensors")
-step "bench: end to end, FashionMNIST class 0, AllCNN width 1, eager train step (+ profile)"
-run 180 "${E2E[@]}" --compile off --profile "$OUT/profile_e2e"
-step "bench: end to end, the same with the compiled train step (CUDA graphs)"
+if want e2e; then
+step "bench: end to end, FashionMNIST class 0, AllCNN width 1, eager step under a CUDA graph (+ profile)"
+run 180 "${E2E[@]}" --profile "$OUT/profile_e2e"
+gzip -f "$OUT/profile_e2e/trace.json" 2>/dev/null
+fi
+if want e2e-variants; then
+step "bench: end to end, the same with a plain eager step, then with the compiled step"
+run 120 "${E2E[@]}" --cuda-graph off --no-authors-split
 run 150 "${E2E[@]}" --compile on --no-authors-split
+fi
 
+if want tests; then
 step "GPU tests (engine on CUDA, both fused ops on cuda and triton)"
-run 150 python -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_cuda.py tests/test_boundary_step.py \
-  tests/test_relabel_check.py
+run 200 python -m pytest -q -rf --tb=short --maxfail=5 -p no:cacheprovider -k "${TESTS_K:-}" tests/test_cuda.py \
+  tests/test_boundary_step.py tests/test_relabel_check.py
+fi
 
+if want ops; then
 step "bench: boundary_step and relabel_check"
 run 60 python bench/bench_boundary_step.py --no-reference
 run 45 python bench/bench_relabel_check.py
 
+fi
+
+if want search; then
 step "bench: search, AllCNN width 1 at 32x32 (3 channels) and ResNet-50 at 512x512"
 run 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve --compile
+fi
+if want search-resnet; then
 run 90 python bench/bench_search.py --n 256 --arch resnet50 --size 512 --channels 3 --train-epochs 0 --reps 2
 
+fi
+
+if want memcheck; then
 step "compute-sanitizer memcheck: both ops, cuda and triton backends"
 cat > "$OUT/memcheck_ops.py" <<'PY'
 import torch
@@ -85,6 +107,7 @@ torch.cuda.synchronize()
 print("memcheck workload done")
 PY
 run 180 compute-sanitizer --tool memcheck --error-exitcode 9 python "$OUT/memcheck_ops.py"
+fi
 
 step "done (status $status); CSV: $FASTUNLEARN_BENCH_CSV"
 exit $status

@@ -56,13 +56,17 @@ def test_bf16_search_on_cuda_keeps_the_fp32_labels(digits_model):
     assert agree >= 0.999, f"{agree:.4%} of {len(y)} labels agree"
 
 
-def run_engine(gen_seed, device, compiled, remain=True):
+MODES = {"eager": dict(compile=False, cuda_graph=False), "graph": dict(compile=False, cuda_graph=True),
+         "compiled": dict(compile=True, cuda_graph=False)}
+
+
+def run_engine(gen_seed, device, mode, remain=True):
     gen = torch.Generator().manual_seed(gen_seed)
     fx, _ = data(gen, 37)  # 37 / 8: a short last batch, a second shape for the compiled step
     rx, ry = data(gen, 29)
     search = search_of(labels=torch.randint(0, 4, (37,), generator=gen))
-    cfg = UnlearnConfig(epochs=2, batch_size=8, lr=0.05, remain_reg=0.5 if remain else 0.0, precision="fp32",
-                        compile=compiled)
+    cfg = UnlearnConfig(epochs=3, batch_size=8, lr=0.05, remain_reg=0.5 if remain else 0.0, precision="fp32",
+                        **MODES[mode])
     # No dropout: compiled code draws its masks from another generator.
     engine = FinetuneEngine(model_with_dropout(p=0.0), cfg, mean=MEAN2, std=STD2, device=device)
     history = engine.run(fx, search, (rx, ry) if remain else None, progress=False)
@@ -72,33 +76,42 @@ def run_engine(gen_seed, device, compiled, remain=True):
 @pytest.mark.parametrize("remain", [True, False])
 def test_finetune_on_cuda_matches_cpu(gen, remain):
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    cpu, h_cpu = run_engine(seed, torch.device("cpu"), False, remain)
-    gpu, h_gpu = run_engine(seed, CUDA, False, remain)
+    cpu, h_cpu = run_engine(seed, torch.device("cpu"), "eager", remain)
+    gpu, h_gpu = run_engine(seed, CUDA, "eager", remain)
     params_close(cpu.model, gpu.model.cpu(), rtol=1e-4, atol=1e-5)
     assert [r["loss"] for r in h_cpu] == pytest.approx([r["loss"] for r in h_gpu], rel=1e-4)
 
 
-def test_cuda_graph_step_matches_eager(gen):
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+@pytest.mark.parametrize("remain", [True, False])
+def test_replayed_step_matches_eager(gen, mode, remain):
+    """Three epochs of 37 samples at batch 8: each shape (8 and the short 5) warms up,
+    is captured, then replayed, and the run ends where the eager one does."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    eager, h_eager = run_engine(seed, CUDA, False)
-    graphed, h_graphed = run_engine(seed, CUDA, True)
-    assert graphed.compiled and graphed.compile_mode == "reduce-overhead" and graphed.compile_seconds > 0
-    params_close(eager.model, graphed.model, rtol=1e-4, atol=1e-5)
-    assert [r["loss"] for r in h_eager] == pytest.approx([r["loss"] for r in h_graphed], rel=1e-4)
+    eager, h_eager = run_engine(seed, CUDA, "eager", remain)
+    fast, h_fast = run_engine(seed, CUDA, mode, remain)
+    if mode == "graph":
+        assert fast.step_mode == "cuda graph" and len(fast._graphs) == 2
+    else:
+        assert fast.compile_mode == "reduce-overhead" and fast.compile_seconds > 0
+    params_close(eager.model, fast.model, rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in h_eager] == pytest.approx([r["loss"] for r in h_fast], rel=1e-4)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "cuda-graphs"])
-def test_warm_revision_on_cuda_equals_unlearn(gen, compiled):
+@pytest.mark.parametrize("mode", ["eager", "graph", "compiled"])
+def test_warm_revision_on_cuda_equals_unlearn(gen, mode):
+    """The second revision replays the steps captured (or compiled) in the first."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     model = model_with_dropout(p=0.0)
     before = copy.deepcopy(model.state_dict())
     a, b, remain = data(gen, 21), data(gen, 19), data(gen, 30)
-    cfg = UnlearnConfig(epochs=2, batch_size=8, lr=0.05, remain_reg=0.5, precision="fp32", compile=compiled)
+    cfg = UnlearnConfig(epochs=3, batch_size=8, lr=0.05, remain_reg=0.5, precision="fp32", **MODES[mode])
     kw = dict(mean=MEAN2, std=STD2, device=CUDA)
     session = fu.Unlearner(model, cfg, **kw)
     session.revise(a, remain, progress=False)
     second = session.revise(b, remain, progress=False)
     fresh = fu.unlearn(model, b, remain, config=cfg, progress=False, **kw)
+    assert second.step_mode == {"eager": "eager", "graph": "cuda graph", "compiled": "compiled"}[mode]
     assert torch.equal(second.relabels.cpu(), fresh.relabels.cpu())
     params_close(second.model.cpu(), fresh.model.cpu(), rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():

@@ -278,3 +278,12 @@ def test_augment_feeds_crops_and_flips_of_the_images(gen, augment):
 def test_augment_is_validated():
     with pytest.raises(ValueError, match="augment"):
         fu.UnlearnConfig(augment="rotate")
+
+
+def test_cuda_graph_is_validated():
+    with pytest.raises(ValueError, match="cuda_graph must be 'auto', True or False"):
+        fu.UnlearnConfig(cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device, one process and compile off"):
+        FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(cuda_graph=True), device="cpu")
+    engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(), device="cpu")
+    assert not engine.cuda_graph and not engine.compiled and engine.step_mode == "eager"

@@ -27,6 +27,7 @@ class UnlearnResult:
     seconds             wall time of the whole call; ``timings`` splits it.
     history             one dict per fine-tune epoch (loss, and probe metrics if given).
     backend             which backend ran the fused ops.
+    step_mode           how the train step ran: "eager", "cuda graph" or "compiled".
     """
 
     model: nn.Module
@@ -38,6 +39,7 @@ class UnlearnResult:
     config: UnlearnConfig
     backend: str
     timings: dict = field(default_factory=dict)
+    step_mode: str = "eager"
 
     def save(self, path: str, arch: Optional[dict] = None, **meta) -> None:
         """Write the model as .safetensors (atomically), with the config in its header.

@@ -9,9 +9,11 @@ Where the time goes, and what this module does about it:
 * Data stays where the model is, as uint8 when it arrives as uint8; a batch is gathered
   by index and converted (/255, mean/std, layout) inside the train step, so there is no
   per-sample Python and no host round trip per batch.
-* The step is one function (forward(s), loss) that torch.compile can take whole; on CUDA
-  it runs with CUDA graphs ("reduce-overhead"), which removes the launch overhead that
-  dominates batch-64 steps. The backward comes with it; SGD is fused (CUDA) or foreach.
+* On CUDA the whole eager step (forward(s), loss, backward, fused SGD) is captured in a
+  CUDA graph after two warm-up steps per batch shape and replayed: at batch 64 the
+  launches of a few hundred small kernels, not the arithmetic, bound an eager step.
+  torch.compile can take the step instead (config.compile; then with "reduce-overhead"
+  graphs), at a compile cost of tens of seconds. SGD is fused (CUDA) or foreach (CPU).
 * Conv models run channels_last, which is faster for their convolutions on CPU and GPU.
 * With remain_reg = 0 the remain set is never read.
 
@@ -58,7 +60,7 @@ CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
 # with different values of these.
 # recheck_margin only shapes the search, which the checkpoint carries.
-_RESUME_FREE = ("compile", "search_compile", "backend", "search_batch_size", "recheck_margin")
+_RESUME_FREE = ("compile", "cuda_graph", "search_compile", "backend", "search_batch_size", "recheck_margin")
 
 
 class StopRun(Exception):
@@ -75,11 +77,32 @@ def default_channels_last(model: nn.Module, device: torch.device) -> bool:
 
 
 def resolve_compile(setting, device: torch.device) -> bool:
-    """config.compile resolved: "auto" compiles on CUDA only. On CPU, compiling a small model
-    costs tens of seconds on a few cores, more than a whole default run takes."""
+    """config.compile resolved: "auto" does not compile. Compiling costs tens of seconds
+    (on 2 CPU cores and on an H200 alike), more than a whole default run takes; on CUDA
+    the eager step under a CUDA graph already removes the launch overhead."""
     if setting == "auto":
-        return device.type == "cuda"
+        return False
     return bool(setting)
+
+
+# Eager steps per batch shape before it is captured: the first ones set up cuDNN plans,
+# cuBLAS workspaces and the optimizer's momentum buffers, none of which may happen inside
+# a capture.
+GRAPH_WARMUP_STEPS = 2
+
+
+class _GraphedStep:
+    """One captured train step for one batch shape: static inputs, the graph, its output."""
+
+    def __init__(self, graph, inputs, out):
+        self.graph, self.inputs, self.out = graph, inputs, out
+
+    def __call__(self, *args):
+        for static, new in zip(self.inputs, args):
+            if static is not None:
+                static.copy_(new)
+        self.graph.replay()
+        return self.out.clone()
 
 
 def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -165,6 +188,13 @@ class FinetuneEngine:
         self.compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.compile_seconds = 0.0
         self._seen = set()
+        graph = config.cuda_graph
+        if graph is True and (self.device.type != "cuda" or self.world > 1 or self.compiled):
+            raise ValueError("cuda_graph=True needs a CUDA device, one process and compile off; got device "
+                             f"{self.device}, {self.world} process(es), compile={self.compiled}")
+        self.cuda_graph = bool(graph) and self.device.type == "cuda" and self.world == 1 and not self.compiled
+        self._graphs: dict = {}
+        self._eager_steps: dict = {}
         self.opt = self._make_optimizer()
         self._steps = {}
         # What the loss function calls: the model itself, or its DDP wrapper (which shares
@@ -181,9 +211,26 @@ class FinetuneEngine:
         """Load the original weights and clear the optimizer: the next run starts afresh."""
         with torch.no_grad():
             self.model.load_state_dict(state_dict)
-        self.opt.state.clear()
+            if self._graphs:
+                # The graphs read these buffers at fixed addresses: zero them in place. With
+                # dampening 0, SGD's first step from a zero buffer is its first step (buf = g).
+                for st in self.opt.state.values():
+                    if st.get("momentum_buffer") is not None:
+                        st["momentum_buffer"].zero_()
+            else:
+                self.opt.state.clear()
         for p in self.model.parameters():
             p.grad = None
+
+    @property
+    def step_mode(self) -> str:
+        """"compiled", "cuda graph" (some batch shape replays a captured step) or "eager"."""
+        return "compiled" if self.compiled else "cuda graph" if self._graphs else "eager"
+
+    def drop_graphs(self):
+        """Forget the captured steps (after anything replaced the tensors they read)."""
+        self._graphs.clear()
+        self._eager_steps.clear()
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """Model input from raw pixels (uint8 or float in [0, 1]), inside the step."""
@@ -210,6 +257,8 @@ class FinetuneEngine:
         dev_type = self.device.type
         ac = self.autocast
         net = self.net
+        # A graph capture must not meet weight casts cached outside it.
+        cache = not self.cuda_graph
 
         def logits_of(nf, nr):
             teacher_logits = None
@@ -226,7 +275,7 @@ class FinetuneEngine:
 
         def loss_fn(xf, tf, xr=None, yr=None):
             nf = self._input(xf)
-            with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None):
+            with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None, cache_enabled=cache):
                 if not use_remain:
                     loss_f = reference.forget_loss(net(nf), tf)
                     return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
@@ -272,6 +321,45 @@ class FinetuneEngine:
         if fn is None:
             fn = self._steps[use_remain] = self._loss_fn(use_remain)
         key = (use_remain, tuple(xf.shape), None if xr is None else tuple(xr.shape))
+        if self.cuda_graph and shares is None:
+            return self._graph_step(fn, key, xf, tf, xr, yr)
+        return self._eager_step(fn, key, xf, tf, xr, yr, shares)
+
+    def _graph_step(self, fn, key, xf, tf, xr, yr):
+        graphed = self._graphs.get(key)
+        if graphed is not None:
+            return graphed(xf, tf, xr, yr)
+        done = self._eager_steps.get(key, 0)
+        if done < GRAPH_WARMUP_STEPS:
+            self._eager_steps[key] = done + 1
+            # Warm-up on a side stream, as capture asks: lazily made state belongs to it.
+            main = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out = self._eager_step(fn, key, xf, tf, xr, yr, None)
+            main.wait_stream(side)
+            return out
+        inputs = tuple(None if t is None else t.clone() for t in (xf, tf, xr, yr))
+        # Gradients are made inside the capture, in its memory pool, so that every replay
+        # writes (not accumulates) them where its SGD step reads them.
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                loss, lf, lr = fn(*inputs)
+                out = torch.stack([loss.detach(), lf, lr])
+                loss.backward()
+                self.opt.step()
+        except RuntimeError as e:  # something in the model that a graph cannot hold
+            warnings.warn(f"CUDA graph capture of the train step failed, running it eagerly: {e}", stacklevel=3)
+            self.cuda_graph = False
+            self.opt.zero_grad(set_to_none=True)
+            return self._eager_step(fn, key, xf, tf, xr, yr, None)
+        graphed = self._graphs[key] = _GraphedStep(graph, inputs, out)
+        return graphed(xf, tf, xr, yr)  # the capture recorded the step; the replay runs it
+
+    def _eager_step(self, fn, key, xf, tf, xr, yr, shares):
         first = self.compiled and key not in self._seen
         t0 = time.perf_counter() if first else 0.0
         if self.compiled and self.compile_mode == "reduce-overhead":
@@ -382,6 +470,7 @@ class FinetuneEngine:
                 check_resumable(state, cfg, n)
                 self.model.load_state_dict(state["model"])
                 self.opt.load_state_dict(state["optimizer"])
+                self.drop_graphs()  # the loaded state lives at new addresses
                 gen.set_state(state["gen"])
                 remain_gen.set_state(state["remain_gen"])
                 if cfg.augment is not None:

@@ -155,11 +155,36 @@ def trace(fn: Callable, path: str, device) -> str:
     device = torch.device(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    t0 = time.perf_counter()
     with profile(activities=acts, record_shapes=True, with_flops=True) as prof:
         fn()
         _sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - t0)
     prof.export_chrome_trace(path)
+    write_op_table(prof, os.path.splitext(path)[0] + "_ops.txt", wall_ms, device)
     return path
+
+
+def write_op_table(prof, path: str, wall_ms: float, device: torch.device, rows: int = 30) -> str:
+    """The ops that took the most time, and how busy the device was: a trace too big to
+    open still answers whether a run waits on the device or on the host."""
+    from .checkpoint import atomic_write_text
+
+    cuda = device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    lines = []
+    if cuda:
+        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e3
+        lines.append(f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall ({100 * busy_ms / wall_ms:.0f}%): "
+                     + ("the host (launches, Python) is the bound" if busy_ms < 0.6 * wall_ms else
+                        "the device is the bound"))
+    else:
+        lines.append(f"wall {wall_ms:.1f} ms; the table is host time")
+    lines.append(averages.table(sort_by=key, row_limit=rows))
+    text = "\n".join(lines)
+    atomic_write_text(path, text + "\n")
+    return text
 
 
 def format_summary(rows: list, peaks: dict, device_name: str) -> str:

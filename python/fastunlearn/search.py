@@ -124,7 +124,8 @@ def _chunk_size(model, sample: torch.Tensor, device: torch.device, requested: Op
     base = torch.cuda.memory_allocated(device)
     model(probe).float().sum().backward()
     per_sample = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
-    return int(max(64, min(65536, 0.5 * free // per_sample)))
+    # No floor above 1: a large model at a large size may fit only a few samples.
+    return int(max(1, min(65536, 0.5 * free // per_sample)))
 
 
 class _Normalizer:

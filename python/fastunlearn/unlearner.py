@@ -180,7 +180,7 @@ class Unlearner:
         timings = {"search": t_search, "finetune": t_tune, "compile": t_compile, "total": seconds,
                    "setup": self.setup_seconds if self.revisions == 1 else 0.0}
         res = UnlearnResult(model, search.relabels[0], search.success[0], seconds, history, search, cfg,
-                            resolve("boundary_step", self.device, cfg.backend), timings)
+                            resolve("boundary_step", self.device, cfg.backend), timings, engine.step_mode)
         paths = list(filter(None, [output, checkpoint_dir and os.path.join(checkpoint_dir, "model.safetensors")]))
         for path in paths:
             res.save(path)  # rank 0 only
