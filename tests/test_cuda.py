@@ -91,7 +91,10 @@ def test_replayed_step_matches_eager(gen, mode, remain):
     eager, h_eager = run_engine(seed, CUDA, "eager", remain)
     fast, h_fast = run_engine(seed, CUDA, mode, remain)
     if mode == "graph":
-        assert fast.step_mode == "cuda graph" and len(fast._graphs) == 2
+        # Forget batches of 8 and 5, remain batches of 8 and 5 (29 = 3 x 8 + 5): every
+        # (forget, remain) pair seen three times is captured, at least the two with a
+        # remain batch of 8.
+        assert fast.step_mode == "cuda graph" and len(fast._graphs) >= 2
     else:
         assert fast.compile_mode == "reduce-overhead" and fast.compile_seconds > 0
     params_close(eager.model, fast.model, rtol=1e-4, atol=1e-5)

@@ -92,7 +92,10 @@ def _channel_vector(v, name: str, channels: int, like: torch.Tensor):
     if v is None:
         return None
     t = torch.as_tensor(v, dtype=torch.float32, device=like.device).reshape(-1)
-    torch._check(t.numel() == channels, lambda: f"{name} must have one value per channel ({channels})")
+    # A plain raise, not torch._check: Dynamo in torch 2.11 refuses a message closure over
+    # locals. The length is static (a list, or a tensor of fixed shape), so no guard is lost.
+    if t.numel() != channels:
+        raise ValueError(f"{name} must have one value per channel ({channels}), got {t.numel()}")
     if name == "std":
         torch._assert_async((t > 0).all(), "std must be positive")
     return t.contiguous()
