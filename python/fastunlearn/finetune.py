@@ -189,7 +189,7 @@ class FinetuneEngine:
         self.compile_seconds = 0.0
         self._seen = set()
         graph = config.cuda_graph
-        if graph is True and (self.device.type != "cuda" or self.world > 1 or self.compiled):
+        if graph != "auto" and graph and (self.device.type != "cuda" or self.world > 1 or self.compiled):
             raise ValueError("cuda_graph=True needs a CUDA device, one process and compile off; got device "
                              f"{self.device}, {self.world} process(es), compile={self.compiled}")
         self.cuda_graph = bool(graph) and self.device.type == "cuda" and self.world == 1 and not self.compiled
@@ -224,7 +224,7 @@ class FinetuneEngine:
 
     @property
     def step_mode(self) -> str:
-        """"compiled", "cuda graph" (some batch shape replays a captured step) or "eager"."""
+        """How the step runs: compiled, cuda graph (a batch shape replays a capture) or eager."""
         return "compiled" if self.compiled else "cuda graph" if self._graphs else "eager"
 
     def drop_graphs(self):
@@ -320,7 +320,9 @@ class FinetuneEngine:
         fn = self._steps.get(use_remain)
         if fn is None:
             fn = self._steps[use_remain] = self._loss_fn(use_remain)
-        key = (use_remain, tuple(xf.shape), None if xr is None else tuple(xr.shape))
+        # Shapes and dtypes: a captured step copies new inputs into its own fixed buffers.
+        key = (use_remain, tuple(xf.shape), xf.dtype, tuple(tf.shape), tf.dtype,
+               None if xr is None else (tuple(xr.shape), xr.dtype, tuple(yr.shape)))
         if self.cuda_graph and shares is None:
             return self._graph_step(fn, key, xf, tf, xr, yr)
         return self._eager_step(fn, key, xf, tf, xr, yr, shares)
