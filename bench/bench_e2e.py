@@ -29,6 +29,7 @@ from fastunlearn import data  # noqa: E402
 from fastunlearn.authors import authors_search, authors_unlearn  # noqa: E402
 from fastunlearn.metrics import evaluate  # noqa: E402
 from fastunlearn.models import create_model  # noqa: E402
+from fastunlearn.search import resolve_precision  # noqa: E402
 from fastunlearn.train import train_classifier  # noqa: E402
 
 
@@ -139,9 +140,11 @@ def main(argv=None):
         warm_p50 = 1e3 * statistics.median(times)
 
     dname = device_name(dev)
+    ours_precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision(cfg.precision, dev)]
     rows = [dict(provider="original", **m_orig),
             dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
-            dict(provider=f"fastunlearn ({res.config.refresh_mode}, {res.step_mode})", seconds=t_ours,
+            dict(provider=f"fastunlearn ({res.config.refresh_mode}, {res.step_mode}, {ours_precision})",
+                 seconds=t_ours,
                  ratio=t_auth / t_ours, **m_ours)]
     print(f"\nend to end: forget class {args.forget_class} ({len(forget[1])} of {len(train[1])} {name} training "
           f"images), {args.arch} width {args.width}, {args.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
@@ -163,7 +166,8 @@ def main(argv=None):
               "threads": torch.get_num_threads()}
     csv_row = dict(common, provider="fastunlearn vs authors' rewrite", seconds_ours=t_ours, seconds_authors=t_auth,
                    ratio=t_auth / t_ours, search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
-                   compile=str(res.config.compile), step_mode=res.step_mode, warm_revision_p50_ms=warm_p50,
+                   compile=str(res.config.compile), step_mode=res.step_mode, precision=ours_precision,
+                   warm_revision_p50_ms=warm_p50,
                    authors_search_share=auth_search_share,
                    **{f"ours_{k}": v for k, v in m_ours.items()}, **{f"authors_{k}": v for k, v in m_auth.items()},
                    **{f"original_{k}": v for k, v in m_orig.items()})

@@ -94,6 +94,43 @@ def test_one_step_matches_reference_losses(gen, kind):
     assert not torch.allclose(hand[0].weight, original[0].weight)
 
 
+def test_bf16_step_on_cpu_tracks_the_fp32_reference(gen):
+    """precision="bf16" on CPU (native where the CPU has AMX / AVX512-BF16, emulated
+    elsewhere): losses and updates within bf16 rounding of the fp32 hand step."""
+    k, n_f = 4, 29
+    fx, _ = data(gen, n_f, k)
+    mean, std = torch.tensor([0.4, 0.6]), torch.tensor([0.3, 0.2])
+    search = search_of(labels=torch.randint(0, k, (n_f,), generator=gen))
+    cfg = fu.UnlearnConfig(epochs=1, batch_size=64, lr=0.5, momentum=0.9)
+    original = model_with_dropout(k, p=0.0)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model, history = finetune(copy.deepcopy(original), fx, search, cfg.replace(precision=precision), mean=mean,
+                                  std=std, progress=False)
+        runs[precision] = (model, history[0]["loss"])
+    (m32, l32), (m16, l16) = runs["fp32"], runs["bf16"]
+    assert l16 == pytest.approx(l32, rel=2e-2)
+    assert l16 != l32  # bf16 did run: its rounding shows in the loss
+    for (name, p32), p16, p0 in zip(m32.named_parameters(), m16.parameters(), original.parameters()):
+        if p0.dim() < 2:
+            continue  # a conv bias before BatchNorm gets a zero gradient up to rounding
+        step32, step16 = p32 - p0, p16 - p0
+        # The update direction survives bf16: the update is mostly the same numbers.
+        cos = torch.nn.functional.cosine_similarity(step32.flatten(), step16.flatten(), dim=0)
+        assert cos > 0.98, f"{name}: cosine {cos:.4f} between the fp32 and bf16 updates"
+
+
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    from fastunlearn.search import resolve_precision
+
+    monkeypatch.setenv("FASTUNLEARN_CPU_BF16", "1")
+    assert resolve_precision("auto", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setenv("FASTUNLEARN_CPU_BF16", "0")
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_precision("fp32", torch.device("cuda")) is None
+
+
 # ------------------------------------------------------------------ resume
 def run_case(gen):
     fx, fy = data(gen, 37)
@@ -287,3 +324,16 @@ def test_cuda_graph_is_validated():
         FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(cuda_graph=True), device="cpu")
     engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(), device="cpu")
     assert not engine.cuda_graph and not engine.compiled and engine.step_mode == "eager"
+
+
+def test_layout_follows_device_and_precision():
+    from fastunlearn.finetune import default_channels_last
+
+    model, cpu = model_with_dropout(), torch.device("cpu")
+    assert default_channels_last(model, cpu) and default_channels_last(model, torch.device("cuda"), torch.bfloat16)
+    assert not default_channels_last(model, cpu, torch.bfloat16)  # oneDNN bf16 runs NCHW faster
+    assert not default_channels_last(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), cpu)
+    engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision="bf16"), device="cpu")
+    assert not engine.channels_last and engine.model[0].weight.is_contiguous()
+    engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision="fp32"), device="cpu")
+    assert engine.channels_last and engine.model[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -42,7 +42,9 @@ class UnlearnConfig:
                    False keeps the authors' separate forwards.
     search_batch_size   samples per search chunk; None sizes it from free memory.
     seed           seeds the noise and the batch order.
-    precision      auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16.
+    precision      auto | fp32 | bf16 | fp16. auto is bf16 on GPUs and on CPUs with native bf16
+                   (AMX or AVX512-BF16), else fp32. bf16 is autocast: weights, gradients and
+                   the optimizer stay fp32; the search's unsure samples are redone in fp32.
     compile        torch.compile the train step: auto (= False) | True | False. On a GPU the
                    compiled step runs under CUDA graphs; its compile costs tens of seconds
                    (20 s for AllCNN on an H200, more than a whole eager run of the default

@@ -71,8 +71,15 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules())
 
 
-def default_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """channels_last for conv models: their convolutions run faster in it on CPU and GPU."""
+def default_channels_last(model: nn.Module, device: torch.device, autocast: Optional[torch.dtype] = None) -> bool:
+    """channels_last for conv models, except under CPU bf16 autocast.
+
+    GPUs: the layout the bf16 convolution kernels want. CPU fp32: 1.3x faster train steps
+    on AMD EPYC (about even on a Xeon). CPU bf16 (oneDNN on AMX): NCHW is as fast at AllCNN
+    width 0.25 and 1.8x faster at width 0.125 (17.6 vs 32.3 ms per batch-64 step, 2 cores).
+    """
+    if device.type == "cpu" and autocast is not None:
+        return False
     return has_conv(model)
 
 
@@ -166,12 +173,13 @@ class FinetuneEngine:
                  compile_mode: Optional[str] = None):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.config = config
-        self.channels_last = default_channels_last(model, self.device) if channels_last is None else channels_last
+        self.autocast = resolve_precision(config.precision, self.device)
+        self.channels_last = (default_channels_last(model, self.device, self.autocast) if channels_last is None
+                              else channels_last)
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.teacher = teacher
-        self.autocast = resolve_precision(config.precision, self.device)
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.rank, self.world = distributed.world()

@@ -129,7 +129,7 @@ def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=No
                            device, peaks, reps)]
     bs = min(cfg.batch_size, x.shape[0])
     engine = FinetuneEngine(copy.deepcopy(model).requires_grad_(True), cfg, mean=mean, std=std, device=device,
-                            teacher=frozen, channels_last=cl)
+                            teacher=frozen)
     xb, yb = x[:bs], y[:bs]
     engine.model.train()
     if engine.compiled:

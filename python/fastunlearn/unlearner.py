@@ -41,7 +41,8 @@ class Unlearner:
         res = session.revise(forget=(x_f, y_f), remain=(x_r, y_r))   # an UnlearnResult
         res2 = session.revise(forget=other)                           # no set-up cost again
 
-    channels_last: None picks it for conv models. compile_mode: torch.compile mode of the
+    channels_last: None picks a layout for the search and for the train step (see
+    finetune.default_channels_last); True / False sets both. compile_mode: torch.compile mode of the
     train step when config.compile resolves to on (default "reduce-overhead" on CUDA).
     """
 
@@ -62,13 +63,15 @@ class Unlearner:
         self._channels: Optional[int] = None
         self._classes: Optional[int] = None
         t0 = time.perf_counter()
+        # The search's copy and the train step each pick their layout unless one is given:
+        # under CPU bf16 the train step runs NCHW (see default_channels_last).
         cl = default_channels_last(model, self.device) if channels_last is None else channels_last
         self.frozen = frozen_copy(model, self.device, channels_last=cl)
         trainable = copy.deepcopy(model).to(self.device)
         trainable.requires_grad_(True)
         # The original weights, on the device: each revision starts by copying them back in.
         self._original = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-        self._trainable, self._cl, self._compile_mode = trainable, cl, compile_mode
+        self._trainable, self._cl, self._compile_mode = trainable, channels_last, compile_mode
         self.engine: Optional[FinetuneEngine] = None  # built once the data has passed its checks
         self.setup_seconds = time.perf_counter() - t0
         self.revisions = 0
