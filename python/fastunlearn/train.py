@@ -133,7 +133,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
                         sched.step()
                     if progress:
                         seen += yb.shape[0]
-                        loss_sum += float(loss) * yb.shape[0]
+                        loss_sum += float(loss.detach()) * yb.shape[0]
                         correct += int((logits.argmax(1) == yb).sum())
                         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}",
                                         acc=f"{correct / seen:.3f}", refresh=False)
