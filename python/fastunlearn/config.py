@@ -52,8 +52,8 @@ class UnlearnConfig:
     cuda_graph     capture the eager train step (forward, backward, SGD) in a CUDA graph and
                    replay it: auto (on for CUDA in one process with compile off) | True | False.
                    A replay costs one launch instead of hundreds. Each batch shape runs two
-                   eager steps, then is captured; results equal the eager step's within float
-                   rounding (cuDNN may pick other kernels during the warm-up steps).
+                   eager steps, then is captured (up to 4 shapes; more run eagerly); results
+                   equal the eager step's within float rounding.
     search_compile torch.compile the search's frozen model (True / False). The compile costs
                    seconds to tens of seconds once per process and shape family; each search
                    step then runs faster (1.15x on CPU for AllCNN width 0.25, see

@@ -14,7 +14,8 @@ Where the time goes, and what this module does about it:
   launches of a few hundred small kernels, not the arithmetic, bound an eager step.
   torch.compile can take the step instead (config.compile; then with "reduce-overhead"
   graphs), at a compile cost of tens of seconds. SGD is fused (CUDA) or foreach (CPU).
-* Conv models run channels_last, which is faster for their convolutions on CPU and GPU.
+* Conv models run channels_last on GPUs and under CPU fp32; CPU bf16 (oneDNN) runs NCHW,
+  which measured faster there (see default_channels_last).
 * With remain_reg = 0 the remain set is never read.
 
 BatchNorm: by default the forget and remain batches go through the model in separate
@@ -96,6 +97,9 @@ def resolve_compile(setting, device: torch.device) -> bool:
 # cuBLAS workspaces and the optimizer's momentum buffers, none of which may happen inside
 # a capture.
 GRAPH_WARMUP_STEPS = 2
+# Each capture keeps its own activation memory; past this many batch shapes (forget x
+# remain sizes), new shapes run eagerly.
+MAX_GRAPHS = 4
 
 
 class _GraphedStep:
@@ -340,7 +344,7 @@ class FinetuneEngine:
         if graphed is not None:
             return graphed(xf, tf, xr, yr)
         done = self._eager_steps.get(key, 0)
-        if done < GRAPH_WARMUP_STEPS:
+        if done < GRAPH_WARMUP_STEPS or len(self._graphs) >= MAX_GRAPHS:
             self._eager_steps[key] = done + 1
             # Warm-up on a side stream, as capture asks: lazily made state belongs to it.
             main = torch.cuda.current_stream(self.device)
