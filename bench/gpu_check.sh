@@ -2,7 +2,9 @@
 # One call on a CUDA machine: build the CUDA extension, run the benchmarks and the GPU tests,
 # and leave a table (summary.txt) and a CSV (results.csv) under $OUT.
 # Budget: about 9 minutes in all (BUDGET_S). Steps run in order of importance; each gets at
-# most its own limit and what is left of the budget, so a slow step never hides the rest.
+# most its own limit and what is left of the budget; what the budget does not reach is
+# listed as skipped. A device session of 15 minutes fits one full call (about 1 minute to
+# start the machine) and leaves time for a short second one.
 #
 #   device run (from the repo root):  bash bench/gpu_check.sh       carry: [".bench_data"]
 #   .bench_data/ holds the FashionMNIST IDX files: mkdir -p .bench_data &&
@@ -15,7 +17,8 @@ export FASTUNLEARN_BENCH_CSV="$OUT/results.csv"
 export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUDGET_S=${BUDGET_S:-540}
-# ONLY="build e2e e2e-variants tests ops search search-resnet memcheck": a subset of the steps (default all).
+# ONLY="...": a subset of the steps, default all of them, in this order: build e2e tests
+#   memcheck ops e2e-variants search search-resnet.
 # TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases).
 END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
@@ -58,32 +61,10 @@ step "bench: end to end, FashionMNIST class 0, AllCNN width 1, eager step under 
 run 180 "${E2E[@]}" --profile "$OUT/profile_e2e"
 gzip -f "$OUT/profile_e2e/trace.json" 2>/dev/null
 fi
-if want e2e-variants; then
-step "bench: end to end, the same with a plain eager step, then with the compiled step"
-run 120 "${E2E[@]}" --cuda-graph off --no-authors-split
-run 150 "${E2E[@]}" --compile on --no-authors-split
-fi
-
 if want tests; then
 step "GPU tests (engine on CUDA, both fused ops on cuda and triton)"
 run 200 python -m pytest -q -rf --tb=short --maxfail=5 -p no:cacheprovider -k "${TESTS_K:-}" tests/test_cuda.py \
   tests/test_boundary_step.py tests/test_relabel_check.py
-fi
-
-if want ops; then
-step "bench: boundary_step and relabel_check"
-run 60 python bench/bench_boundary_step.py --no-reference
-run 45 python bench/bench_relabel_check.py
-
-fi
-
-if want search; then
-step "bench: search, AllCNN width 1 at 32x32 (3 channels) and ResNet-50 at 512x512"
-run 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve --compile
-fi
-if want search-resnet; then
-run 90 python bench/bench_search.py --n 256 --arch resnet50 --size 512 --channels 3 --train-epochs 0 --reps 2
-
 fi
 
 if want memcheck; then
@@ -107,6 +88,28 @@ torch.cuda.synchronize()
 print("memcheck workload done")
 PY
 run 180 compute-sanitizer --tool memcheck --error-exitcode 9 python "$OUT/memcheck_ops.py"
+fi
+
+if want ops; then
+step "bench: boundary_step and relabel_check"
+run 60 python bench/bench_boundary_step.py --no-reference
+run 45 python bench/bench_relabel_check.py
+
+fi
+
+if want e2e-variants; then
+step "bench: end to end, the same with a plain eager step, then with the compiled step"
+run 120 "${E2E[@]}" --cuda-graph off --no-authors-split
+run 150 "${E2E[@]}" --compile on --no-authors-split
+fi
+
+if want search; then
+step "bench: search, AllCNN width 1 at 32x32 (3 channels)"
+run 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 --curve --compile
+fi
+if want search-resnet; then
+step "bench: search, ResNet-50 at 512x512 (ImageNet stem)"
+run 90 python bench/bench_search.py --n 256 --arch resnet50 --size 512 --channels 3 --train-epochs 0 --reps 2
 fi
 
 step "done (status $status); CSV: $FASTUNLEARN_BENCH_CSV"
