@@ -111,3 +111,23 @@ def test_session_checks_data_against_the_model(gen):
         session.revise((x[:, :1], y), progress=False)
     with pytest.raises(TypeError, match="UnlearnConfig"):
         fu.Unlearner(small_model(), config={"epochs": 1})
+
+
+def test_bf16_unlearn_on_cpu_keeps_fp32_labels(digits_model):
+    """The path precision="auto" takes on CPUs with AMX / AVX512-BF16: a bf16 search whose
+    labels are the fp32 search's (the recheck), and a bf16 fine-tune that trains NCHW."""
+    from conftest import DIGITS_MEAN, DIGITS_STD
+
+    model, x, y = digits_model
+    forget, remain = (x[y == 3], y[y == 3]), (x[y != 3][:300], y[y != 3][:300])
+    kw = dict(mean=DIGITS_MEAN, std=DIGITS_STD, progress=False)
+    cfg = fu.UnlearnConfig(epochs=2, lr=0.01, relabel="nearest_incorrect", remain_reg=0.5)
+    fp32 = fu.unlearn(model, forget, remain, config=cfg.replace(precision="fp32"), **kw)
+    session = fu.Unlearner(model, cfg.replace(precision="bf16"), mean=DIGITS_MEAN, std=DIGITS_STD)
+    bf16 = session.revise(forget, remain, progress=False)
+    assert not session.engine.channels_last and session.frozen[0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    agree = float((bf16.relabels == fp32.relabels).float().mean())
+    assert agree >= 0.99, f"{agree:.2%} of {len(forget[1])} relabels agree"
+    assert all(r["loss"] == r["loss"] for r in bf16.history)
+    assert [r["loss"] for r in bf16.history] == pytest.approx([r["loss"] for r in fp32.history], rel=0.05)
