@@ -99,10 +99,9 @@ def main(argv=None):
     name, train, forget, remain, test = load(args)
     mean, std = data.channel_stats(train[0])
     model = original_model(args, train, mean, std, dev)
-    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
-    graph_flag = {"auto": "auto", "on": True, "off": False}[args.cuda_graph]
-    cfg = fu.UnlearnConfig(epochs=args.epochs, compile=compile_flag, cuda_graph=graph_flag, precision=args.precision,
-                           seed=args.seed)
+    flag = {"auto": "auto", "on": True, "off": False}
+    cfg = fu.UnlearnConfig(epochs=args.epochs, compile=flag[args.compile], cuda_graph=flag[args.cuda_graph],
+                           precision=args.precision, seed=args.seed)
     auth_cfg = cfg.replace(precision="fp32", cuda_graph=False)
     kw = dict(mean=mean, std=std, device=dev)
 

@@ -84,7 +84,7 @@ def default_channels_last(model: nn.Module, device: torch.device, autocast: Opti
     return has_conv(model)
 
 
-def resolve_compile(setting, device: torch.device) -> bool:
+def resolve_compile(setting) -> bool:
     """config.compile resolved: "auto" does not compile. Compiling costs tens of seconds
     (on 2 CPU cores and on an H200 alike), more than a whole default run takes; on CUDA
     the eager step under a CUDA graph already removes the launch overhead."""
@@ -187,7 +187,7 @@ class FinetuneEngine:
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
         self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.rank, self.world = distributed.world()
-        self.compiled = resolve_compile(config.compile, self.device)
+        self.compiled = resolve_compile(config.compile)
         if self.world > 1 and self.compiled:
             # Under DDP the step runs eagerly. DDP all-reduces gradient buckets from autograd
             # hooks during the backward; a compiled step keeps that only when Dynamo splits
@@ -343,8 +343,10 @@ class FinetuneEngine:
         graphed = self._graphs.get(key)
         if graphed is not None:
             return graphed(xf, tf, xr, yr)
+        if len(self._graphs) >= MAX_GRAPHS:
+            return self._eager_step(fn, key, xf, tf, xr, yr, None)  # never captured: no warm-up
         done = self._eager_steps.get(key, 0)
-        if done < GRAPH_WARMUP_STEPS or len(self._graphs) >= MAX_GRAPHS:
+        if done < GRAPH_WARMUP_STEPS:
             self._eager_steps[key] = done + 1
             # Warm-up on a side stream, as capture asks: lazily made state belongs to it.
             main = torch.cuda.current_stream(self.device)
