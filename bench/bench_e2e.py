@@ -33,8 +33,8 @@ from fastunlearn.search import resolve_precision  # noqa: E402
 from fastunlearn.train import train_classifier  # noqa: E402
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setup_args(p):
+    """The data, the original model and the run-wide switches (shared with bench_revision.py)."""
     p.add_argument("--data-dir", help="FashionMNIST directory (default: $FASTUNLEARN_DATA or Debian's path)")
     p.add_argument("--train-size", type=int, default=6000, help="training subset (seeded); 0 = all")
     p.add_argument("--forget-class", type=int, default=0)
@@ -42,6 +42,18 @@ def parse(argv=None):
     p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original")
     p.add_argument("--model", help="a .safetensors original to load; trained and saved there if missing")
+    p.add_argument("--autotune", default="on", choices=("on", "off"),
+                   help="cuDNN autotuning before each graph capture (finetune.AUTOTUNE_CAPTURE); it is "
+                        "process-wide state, so compare on and off in two processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", default=None, help="CSV file to append rows to (default bench/results.csv)")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(p)
     p.add_argument("--epochs", type=int, default=10, help="unlearning epochs (both runs)")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="torch.compile our train step")
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
@@ -49,11 +61,7 @@ def parse(argv=None):
     p.add_argument("--precision", default="auto", help="our precision: auto | fp32 | bf16 (the rewrite runs fp32)")
     p.add_argument("--warm-reps", type=int, default=7, help="warm revisions of 64 samples timed (0 = skip)")
     p.add_argument("--no-authors-split", action="store_true", help="skip timing the rewrite's search alone")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
-    p.add_argument("--csv", default=None, help="CSV file to append rows to (default bench/results.csv)")
     return p.parse_args(argv)
 
 
@@ -91,15 +99,27 @@ def timed(fn, dev):
     return time.perf_counter() - t0, out
 
 
-def main(argv=None):
-    args = parse(argv)
+FLAG = {"auto": "auto", "on": True, "off": False}
+
+
+def setup(args):
+    """Threads, autotuning, device, data and the original model, as the flags ask:
+    (dev, name, train, forget, remain, test, mean, std, model)."""
+    from fastunlearn import finetune
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    finetune.AUTOTUNE_CAPTURE = args.autotune == "on"
     dev = torch.device(args.device)
     name, train, forget, remain, test = load(args)
     mean, std = data.channel_stats(train[0])
-    model = original_model(args, train, mean, std, dev)
-    flag = {"auto": "auto", "on": True, "off": False}
+    return dev, name, train, forget, remain, test, mean, std, original_model(args, train, mean, std, dev)
+
+
+def main(argv=None):
+    args = parse(argv)
+    dev, name, train, forget, remain, test, mean, std, model = setup(args)
+    flag = FLAG
     cfg = fu.UnlearnConfig(epochs=args.epochs, compile=flag[args.compile], cuda_graph=flag[args.cuda_graph],
                            precision=args.precision, seed=args.seed)
     auth_cfg = cfg.replace(precision="fp32", cuda_graph=False)

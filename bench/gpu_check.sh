@@ -17,8 +17,8 @@ export FASTUNLEARN_BENCH_CSV="$OUT/results.csv"
 export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUDGET_S=${BUDGET_S:-540}
-# ONLY="...": a subset of the steps, default all of them, in this order: build e2e tests
-#   memcheck ops e2e-variants search search-resnet.
+# ONLY="...": a subset of the steps, default all of them, in this order: build e2e revision
+#   tests memcheck ops autotune-off e2e-variants search search-resnet.
 # TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases).
 END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
@@ -55,11 +55,20 @@ fi
 fi
 run 60 python -c "import fastunlearn as fu; [print(f'{k:7s} {v}') for k, v in fu.backends().items()]"
 
-E2E=(python bench/bench_e2e.py --width 1 --train-size 0 --train-epochs 3 --model "$FASTUNLEARN_DATA/allcnn_w1.safetensors")
+MODEL="$FASTUNLEARN_DATA/allcnn_w1.safetensors"
+E2E=(python bench/bench_e2e.py --width 1 --train-size 0 --train-epochs 3 --model "$MODEL")
+REVISION=(python bench/bench_revision.py --width 1 --train-size 0 --train-epochs 3 --model "$MODEL")
 if want e2e; then
 step "bench: end to end, FashionMNIST class 0, AllCNN width 1, eager step under a CUDA graph (+ profile)"
 run 180 "${E2E[@]}" --profile "$OUT/profile_e2e"
 gzip -f "$OUT/profile_e2e/trace.json" 2>/dev/null
+# The original trained here comes back with the results: put it in .bench_data/ to reuse it.
+[[ -f "$MODEL" ]] && cp "$MODEL" "$OUT/"
+fi
+if want revision; then
+step "bench: where a warm revision's time goes (64 samples and the whole class; auto, bf16, fp32)"
+run 150 "${REVISION[@]}" --sizes 64,all --precisions auto,bf16,fp32 --reps 5 --profile "$OUT/profile_revision"
+gzip -f "$OUT"/profile_revision/*.json 2>/dev/null
 fi
 if want tests; then
 step "GPU tests (engine on CUDA, both fused ops on cuda and triton)"
@@ -95,6 +104,12 @@ step "bench: boundary_step and relabel_check"
 run 60 python bench/bench_boundary_step.py --no-reference
 run 45 python bench/bench_relabel_check.py
 
+fi
+
+if want autotune-off; then
+step "bench: the same without cuDNN autotuning before the captures (a fresh process: the choice is cached)"
+run 120 "${E2E[@]}" --autotune off --no-authors-split --warm-reps 5
+run 60 "${REVISION[@]}" --autotune off --sizes 64 --precisions auto --reps 5
 fi
 
 if want e2e-variants; then

@@ -56,6 +56,23 @@ def test_bf16_search_on_cuda_keeps_the_fp32_labels(digits_model):
     assert agree >= 0.999, f"{agree:.4%} of {len(y)} labels agree"
 
 
+def test_small_auto_search_on_cuda_runs_in_fp32(digits_model):
+    """precision="auto" below SMALL_SEARCH_FP32 samples: one fp32 search (IEEE, no TF32 even
+    where the process allows it), so no recheck and the reference's labels."""
+    from fastunlearn.search import SMALL_SEARCH_FP32
+
+    model, x, y = digits_model
+    n = min(len(y), SMALL_SEARCH_FP32 - 1, 500)
+    x, y = x[:n], y[:n]
+    cfg = UnlearnConfig(eps=0.1, steps=3, precision="auto")
+    torch.backends.cudnn.allow_tf32 = True  # restored by no_tf32
+    res = run_search(copy.deepcopy(model), x, y, cfg, mean=DIGITS_MEAN, std=DIGITS_STD, device=CUDA)
+    assert res.rechecked is None
+    ref = reference_search(model, x, y, cfg).relabel
+    agree = float((res.relabels[0].cpu() == ref).float().mean())
+    assert agree >= 0.998, f"{agree:.4%} of {n} labels agree"
+
+
 MODES = {"eager": dict(compile=False, cuda_graph=False), "graph": dict(compile=False, cuda_graph=True),
          "compiled": dict(compile=True, cuda_graph=False)}
 

@@ -210,3 +210,15 @@ def test_search_compile_matches_the_eager_engine(trained):
 def test_search_compile_is_validated():
     with pytest.raises(ValueError, match="search_compile"):
         UnlearnConfig(search_compile="yes")
+
+
+def test_small_auto_search_rule():
+    """Which searches precision="auto" runs in fp32: small ones on CUDA only (the CUDA side of
+    it is tested in test_cuda.py)."""
+    from fastunlearn.search import SMALL_SEARCH_FP32, small_search_in_fp32
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert small_search_in_fp32("auto", cuda, SMALL_SEARCH_FP32 - 1)
+    assert not small_search_in_fp32("auto", cuda, SMALL_SEARCH_FP32)
+    assert not small_search_in_fp32("bf16", cuda, 1)
+    assert not small_search_in_fp32("auto", cpu, 1)

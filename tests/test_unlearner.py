@@ -131,3 +131,37 @@ def test_bf16_unlearn_on_cpu_keeps_fp32_labels(digits_model):
     assert agree >= 0.99, f"{agree:.2%} of {len(forget[1])} relabels agree"
     assert all(r["loss"] == r["loss"] for r in bf16.history)
     assert [r["loss"] for r in bf16.history] == pytest.approx([r["loss"] for r in fp32.history], rel=0.05)
+
+
+def test_history_is_the_same_with_and_without_the_progress_bar(gen):
+    """Epoch rows are read from the device late (one epoch late under a progress bar, at the
+    end without one); either way every epoch's row is there, in order, with the same losses."""
+    cfg = fu.UnlearnConfig(epochs=3, batch_size=8, lr=0.05, remain_reg=0.5)
+    f, r = data(gen, 20), data(gen, 24)
+    quiet = fu.unlearn(small_model(), f, r, config=cfg, mean=MEAN, std=STD, progress=False)
+    shown = fu.unlearn(small_model(), f, r, config=cfg, mean=MEAN, std=STD, progress=True)
+    assert [row["epoch"] for row in quiet.history] == [1, 2, 3]
+    for a, b in zip(quiet.history, shown.history):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+        assert a["seconds"] > 0 and b["seconds"] > 0
+
+
+def test_phases_split_a_revision(gen):
+    from fastunlearn import profiling
+
+    session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05), mean=MEAN, std=STD)
+    f = data(gen, 20)
+    with profiling.phases("cpu") as times:
+        res = session.revise(f, progress=False)
+    assert {"check", "search", "reset", "finetune", "result"} <= set(times)
+    assert all(calls == 1 for _, calls in (times[k] for k in ("check", "search", "reset", "finetune", "result")))
+    top = sum(times[k][0] for k in ("check", "search", "reset", "finetune", "result"))
+    assert 0 < top <= res.seconds * 1.01
+    with profiling.phases("cpu") as again:
+        session.revise(f, progress=False)
+        with pytest.raises(RuntimeError, match="already recording"):
+            with profiling.phases("cpu"):
+                pass
+    assert set(again) >= {"search", "finetune"}
+    # Outside a phases() block nothing is recorded and phase() is a no-op.
+    assert profiling.phase("search") is profiling.phase("finetune")

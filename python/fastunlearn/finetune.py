@@ -41,6 +41,7 @@ file is complete, so all ranks can resume from the same path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -53,6 +54,7 @@ import torch.nn as nn
 from . import distributed, reference
 from .config import UnlearnConfig
 from .distributed import shard_bounds
+from ._phases import phase
 from .heap import reuse_freed_memory
 from .search import SearchResult, resolve_precision
 from .train import augment_mode, crop_at, flip_where
@@ -100,6 +102,20 @@ GRAPH_WARMUP_STEPS = 2
 # Each capture keeps its own activation memory; past this many batch shapes (forget x
 # remain sizes), new shapes run eagerly.
 MAX_GRAPHS = 4
+# cuDNN times its candidate convolution algorithms in the first warm-up step of each batch
+# shape and keeps the fastest, which the capture then records for every replay. The
+# process-wide cudnn.benchmark flag is restored afterwards.
+AUTOTUNE_CAPTURE = True
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 class _GraphedStep:
@@ -209,6 +225,8 @@ class FinetuneEngine:
         self._eager_steps: dict = {}
         self.opt = self._make_optimizer()
         self._steps = {}
+        self._reset_src: Optional[list] = None  # the state tensors reset() copied from last
+        self._reset_dst: list = []
         # What the loss function calls: the model itself, or its DDP wrapper (which shares
         # the parameters, so the optimizer and state_dict of self.model stay the ones to use).
         # DDP copies rank 0's weights into every rank when it is built.
@@ -222,13 +240,23 @@ class FinetuneEngine:
     def reset(self, state_dict: dict):
         """Load the original weights and clear the optimizer: the next run starts afresh."""
         with torch.no_grad():
-            self.model.load_state_dict(state_dict)
+            src = list(state_dict.values())
+            if self._reset_src is not None and len(src) == len(self._reset_src) and all(
+                    a is b for a, b in zip(src, self._reset_src)):
+                # The same tensors as last time, already checked: one foreach copy instead
+                # of load_state_dict's walk over the modules (a warm revision's reset).
+                torch._foreach_copy_(self._reset_dst, src)
+            else:
+                self.model.load_state_dict(state_dict)
+                own = self.model.state_dict(keep_vars=True)
+                self._reset_src, self._reset_dst = src, [own[k] for k in state_dict]
             if self._graphs:
                 # The graphs read these buffers at fixed addresses: zero them in place. With
                 # dampening 0, SGD's first step from a zero buffer is its first step (buf = g).
-                for st in self.opt.state.values():
-                    if st.get("momentum_buffer") is not None:
-                        st["momentum_buffer"].zero_()
+                bufs = [st["momentum_buffer"] for st in self.opt.state.values()
+                        if st.get("momentum_buffer") is not None]
+                if bufs:
+                    torch._foreach_zero_(bufs)
             else:
                 self.opt.state.clear()
         for p in self.model.parameters():
@@ -345,6 +373,10 @@ class FinetuneEngine:
             return graphed(xf, tf, xr, yr)
         if len(self._graphs) >= MAX_GRAPHS:
             return self._eager_step(fn, key, xf, tf, xr, yr, None)  # never captured: no warm-up
+        with phase("finetune/capture"), _cudnn_benchmark(AUTOTUNE_CAPTURE):
+            return self._warm_up_or_capture(fn, key, xf, tf, xr, yr)
+
+    def _warm_up_or_capture(self, fn, key, xf, tf, xr, yr):
         done = self._eager_steps.get(key, 0)
         if done < GRAPH_WARMUP_STEPS:
             self._eager_steps[key] = done + 1
@@ -530,6 +562,7 @@ class FinetuneEngine:
 
             def write_checkpoint():
                 nonlocal acc
+                read_rows()
                 rank_rngs = {}
                 if sharded:
                     acc = distributed.all_reduce_sum(acc, dev)
@@ -550,7 +583,25 @@ class FinetuneEngine:
                 # and the result take rank 0's, as the next forward would.
                 distributed.broadcast_state(self.model, dev, buffers_only=True)
 
-            bar = _bar(total, progress and self.rank == 0, initial=step)
+            # Epoch rows wait on the device until they are read: at the end, before a
+            # checkpoint, or one epoch late for the progress bar. Reading each at once would
+            # stall the host at every epoch end, once per batch in a small revision.
+            pending: list = []
+            clock = _Clock(dev)
+
+            def read_rows(keep: int = 0):
+                while len(pending) > keep:
+                    number, mean_losses, carried, seconds, extra = pending.pop(0)
+                    sums = mean_losses.tolist()
+                    row = {"epoch": number, "loss": sums[0], "forget_loss": sums[1], "seconds": carried + seconds()}
+                    if use_remain:
+                        row["remain_loss"] = sums[2]
+                    row.update(extra)
+                    history.append(row)
+                    bar.set_postfix(epoch=number, loss=f"{sums[0]:.4f}", refresh=False)
+
+            show_bar = progress and self.rank == 0
+            bar = _bar(total, show_bar, initial=step)
             self.model.train()
             try:
                 while epoch < cfg.epochs:
@@ -567,7 +618,7 @@ class FinetuneEngine:
                     perm_dev = perm.to(dev, non_blocking=True)
                     aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
                     tgt = targets[epoch % len(targets)]
-                    t0 = time.perf_counter()
+                    clock.start()
                     while batch < per_epoch:
                         if max_steps is not None and step >= max_steps:
                             raise StopRun(f"stopped after max_steps={max_steps}")
@@ -594,27 +645,26 @@ class FinetuneEngine:
                         step += 1
                         bar.update(1)
                         if checkpoint_every and step % checkpoint_every == 0:
-                            epoch_seconds += time.perf_counter() - t0
-                            t0 = time.perf_counter()
+                            epoch_seconds += clock.stop()()
                             write_checkpoint()
+                            clock.start()
                         if on_step is not None:
                             on_step(step, {"epoch": epoch, "batch": batch, "total": total})
-                    epoch_seconds += time.perf_counter() - t0
+                    seconds = clock.stop()
                     if sharded:
                         acc = distributed.all_reduce_sum(acc, dev)
-                    sums = (acc / per_epoch).tolist()
                     if sharded:
                         sync_buffers()
-                    row = {"epoch": epoch + 1, "loss": sums[0], "forget_loss": sums[1],
-                           "seconds": epoch_seconds}
-                    if use_remain:
-                        row["remain_loss"] = sums[2]
+                    extra = {}
                     if probe:
                         self.model.eval()
-                        row.update(probe(self.model))
+                        extra = probe(self.model)
                         self.model.train()
-                    history.append(row)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{sums[0]:.4f}", refresh=False)
+                    pending.append((epoch + 1, acc / per_epoch, epoch_seconds, seconds, extra))
+                    if show_bar:
+                        # The bar shows the last epoch but one: reading it does not stall
+                        # the device, whose queue still holds this epoch.
+                        read_rows(keep=1)
                     epoch, batch, perm, remain_idx = epoch + 1, 0, None, None
                     acc = torch.zeros(3, dtype=torch.float64, device=dev)
                     epoch_seconds = 0.0
@@ -624,9 +674,39 @@ class FinetuneEngine:
                 bar.close()
                 self.opt.zero_grad(set_to_none=True)
                 self.model.eval()
+            read_rows()
             if sharded:
                 sync_buffers()
         return history
+
+
+class _Clock:
+    """Seconds of a stretch of steps. On CUDA from events, so that stopping the clock does
+    not wait for the device: ``stop`` returns a function that reads the time when called."""
+
+    def __init__(self, dev: torch.device):
+        self.cuda = dev.type == "cuda"
+        self.t0 = self.ev0 = None
+
+    def start(self):
+        if self.cuda:
+            self.ev0 = torch.cuda.Event(enable_timing=True)
+            self.ev0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> Callable[[], float]:
+        if not self.cuda:
+            dt = time.perf_counter() - self.t0
+            return lambda: dt
+        ev0, ev1 = self.ev0, torch.cuda.Event(enable_timing=True)
+        ev1.record()
+
+        def read():
+            ev1.synchronize()
+            return ev0.elapsed_time(ev1) / 1e3
+
+        return read
 
 
 def _draw_augment(mode: str, count: int, pad: int, gen: torch.Generator) -> dict:

@@ -11,6 +11,11 @@ without FlopCounterMode's module hooks, which torch.autograd.grad (the search's
 input-only backward) does not support. Bytes are the sizes of every op's tensor inputs and outputs, so
 they count what each op touches once; caches can make the real DRAM traffic smaller,
 and elementwise chains that a compiler fuses touch less.
+
+``phases`` splits the wall time of an unlearning call into its named parts (the check of
+the data, the search and its fp32 recheck, the reset, the fine-tune steps, the copy of the
+result): the library marks those parts with ``phase``, which costs nothing unless a
+``phases`` block is recording.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
+
+from ._phases import phase, phases  # noqa: F401  (the public home of both)
 
 
 def _sync(device: torch.device):

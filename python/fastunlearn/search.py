@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import reference
+from ._phases import phase
 from .config import UnlearnConfig
 from .heap import reuse_freed_memory
 from .ops import boundary_step, relabel_check
@@ -128,19 +129,37 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _chunk_size(model, sample: torch.Tensor, device: torch.device, requested: Optional[int]) -> int:
+# Under precision="auto" on a GPU, a search over fewer samples (times refreshes) than this
+# runs in full fp32. It is bound by kernel launches, not arithmetic, so bf16 saves nothing
+# there, while its fp32 recheck would launch a second search for the unsure samples.
+SMALL_SEARCH_FP32 = 1024
+
+
+def small_search_in_fp32(precision: str, device: torch.device, samples: int) -> bool:
+    """Whether a search of ``samples`` (all refreshes together) runs in fp32 although
+    precision resolves to bf16 / fp16: "auto" on CUDA below SMALL_SEARCH_FP32."""
+    return precision == "auto" and device.type == "cuda" and samples < SMALL_SEARCH_FP32
+
+
+def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.device, requested: Optional[int]) -> int:
     if requested:
         return requested
     if device.type != "cuda":
         # Past ~128 samples the activations fall out of cache: measured slower at 512.
         return 128
     free, _ = torch.cuda.mem_get_info(device)
-    # Measure one small forward + input backward and scale it to half the free memory.
-    probe = sample[:8].to(device, torch.float32).requires_grad_(True)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    model(probe).float().sum().backward()
-    per_sample = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
+    # The bytes one sample's forward + input backward takes, measured on a few samples once
+    # per frozen copy and sample shape (kept with the copy: a warm session's revisions and
+    # a sweep's searches skip the measuring pass), scaled to half the free memory.
+    measured = frozen.__dict__.setdefault("_fastunlearn_bytes_per_sample", {})
+    key = tuple(sample.shape[1:])
+    per_sample = measured.get(key)
+    if per_sample is None:
+        probe = sample[:8].to(device, torch.float32).requires_grad_(True)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        frozen(norm(probe)).float().sum().backward()
+        per_sample = measured[key] = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
     # No floor above 1: a large model at a large size may fit only a few samples.
     return int(max(1, min(65536, 0.5 * free // per_sample)))
 
@@ -194,7 +213,11 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     per_sample = first_chunk[0].numel()
     norm = _Normalizer(mean, std, channels, device)
     autocast = resolve_precision(config.precision, device)
-    chunk = _chunk_size(lambda t: frozen(norm(t)), _as_pixels(first_chunk, device), device, config.search_batch_size)
+    exact = contextlib.nullcontext()
+    if small_search_in_fp32(config.precision, device, refreshes * (n_total or n)):
+        autocast, exact = None, _ieee_fp32(device)
+    with phase("search/chunk size"):
+        chunk = _chunk_size(frozen, norm, _as_pixels(first_chunk, device), device, config.search_batch_size)
     alpha = config.step_size
     steps = config.steps
 
@@ -208,29 +231,32 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
 
     total = refreshes * math.ceil(n / chunk)
     bar = _progress(total, progress, "search")
-    for r in range(refreshes):
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            xc, yc = src.rows(start, stop)
-            u0 = _as_pixels(xc, device)
-            yc = yc.to(device)
-            res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
-                                per_sample, autocast, track_doubt=recheck)
-            lab, ok, margin, targets, took, doubt = res
-            if recheck:
-                unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
-                out_rechecked[r, start:stop] = unsure.cpu()
-                _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen, norm, u0, yc,
-                              config, alpha, steps, r, n_total or n, index_base + start, per_sample)
-            out_lab[r, start:stop] = lab.cpu()
-            out_ok[r, start:stop] = ok.cpu()
-            out_margin[r, start:stop] = margin.cpu()
-            out_steps[r, start:stop] = took.cpu().to(torch.int16)
-            if targets is not None:
-                if out_targets is None:
-                    out_targets = torch.empty(refreshes, n, targets.shape[1], dtype=torch.float32)
-                out_targets[r, start:stop] = targets.cpu()
-            bar.update(1)
+    with exact:
+        for r in range(refreshes):
+            for start in range(0, n, chunk):
+                stop = min(n, start + chunk)
+                xc, yc = src.rows(start, stop)
+                u0 = _as_pixels(xc, device)
+                yc = yc.to(device)
+                res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
+                                    per_sample, autocast, track_doubt=recheck)
+                lab, ok, margin, targets, took, doubt = res
+                if recheck:
+                    with phase("search/recheck"):
+                        unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
+                        out_rechecked[r, start:stop] = unsure.cpu()
+                        _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen,
+                                      norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
+                                      per_sample)
+                out_lab[r, start:stop] = lab.cpu()
+                out_ok[r, start:stop] = ok.cpu()
+                out_margin[r, start:stop] = margin.cpu()
+                out_steps[r, start:stop] = took.cpu().to(torch.int16)
+                if targets is not None:
+                    if out_targets is None:
+                        out_targets = torch.empty(refreshes, n, targets.shape[1], dtype=torch.float32)
+                    out_targets[r, start:stop] = targets.cpu()
+                bar.update(1)
     bar.close()
     return SearchResult(out_lab, out_ok, out_margin, out_targets, out_steps, out_rechecked)
 

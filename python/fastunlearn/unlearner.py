@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import validate
 from .config import UnlearnConfig
+from ._phases import phase
 from .distributed import barrier, sharded_search
 from .finetune import FinetuneEngine, default_channels_last, load_checkpoint, search_from_dict
 from .search import frozen_copy
@@ -139,45 +140,38 @@ class Unlearner:
         from .ops._dispatch import resolve
 
         t_start = time.perf_counter()
-        cfg = self.config
-        validate.check_distinct(forget, remain)
-        if cfg.remain_reg == 0:
-            # Never read: the authors' loop loads a remain batch it does not use. Passing the
-            # forget images as the remain set is still an error worth reporting.
-            if _tensor_pair(forget) and _tensor_pair(remain):
-                validate.check_same_data(forget[0], remain[0])
-            remain = None
-        elif remain is None:
-            raise ValueError(f"config.remain_reg={cfg.remain_reg} needs a remain set: pass remain=(x, y)")
-        pairs = self._check(forget, remain)
+        with phase("check"):
+            pairs, engine = self._prepare(forget, remain)
         fx, fy = pairs["forget"]
-        if pairs["remain"] is not None:
-            validate.check_same_data(fx, pairs["remain"][0])
-        engine = self._ensure_engine()
+        cfg = self.config
         state = None
         t0 = time.perf_counter()
-        if resume is not None:
-            state = load_checkpoint(resume) if isinstance(resume, str) else resume
-            search = search_from_dict(state["search"])
-            if search.relabels.shape[1] != fx.shape[0]:
-                raise ValueError(f"resume: the checkpoint's search covers {search.relabels.shape[1]} samples, "
-                                 f"the forget set has {fx.shape[0]}")
-        else:
-            search = sharded_search(self.frozen, ImageSource(fx, fy), cfg, mean=self.mean, std=self.std,
-                                    device=self.device, refreshes=refreshes_for(cfg), progress=progress,
-                                    frozen=self.frozen)
+        with phase("search"):
+            if resume is not None:
+                state = load_checkpoint(resume) if isinstance(resume, str) else resume
+                search = search_from_dict(state["search"])
+                if search.relabels.shape[1] != fx.shape[0]:
+                    raise ValueError(f"resume: the checkpoint's search covers {search.relabels.shape[1]} samples, "
+                                     f"the forget set has {fx.shape[0]}")
+            else:
+                search = sharded_search(self.frozen, ImageSource(fx, fy), cfg, mean=self.mean, std=self.std,
+                                        device=self.device, refreshes=refreshes_for(cfg), progress=progress,
+                                        frozen=self.frozen)
         t_search = time.perf_counter() - t0
-        engine.reset(self._original)
+        with phase("reset"):
+            engine.reset(self._original)
         compile_before = engine.compile_seconds
         t0 = time.perf_counter()
-        history = engine.run(fx, search, pairs["remain"], progress=progress, probe=probe,
-                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=state,
-                                  on_step=on_step, max_steps=max_steps)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        with phase("finetune"):
+            history = engine.run(fx, search, pairs["remain"], progress=progress, probe=probe,
+                                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=state,
+                                 on_step=on_step, max_steps=max_steps)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         t_tune = time.perf_counter() - t0
         t_compile = engine.compile_seconds - compile_before
-        model = copy.deepcopy(engine.model).to(memory_format=torch.contiguous_format).eval()
+        with phase("result"):
+            model = copy.deepcopy(engine.model).to(memory_format=torch.contiguous_format).eval()
         self.revisions += 1
         seconds = time.perf_counter() - t_start
         timings = {"search": t_search, "finetune": t_tune, "compile": t_compile, "total": seconds,
@@ -191,3 +185,20 @@ class Unlearner:
             # Every rank returns once the files are complete, so any rank may read them next.
             barrier(self.device)
         return res
+
+    def _prepare(self, forget, remain):
+        """The checked (x, y) pairs ({"forget": ..., "remain": ... or None}) and the engine."""
+        cfg = self.config
+        validate.check_distinct(forget, remain)
+        if cfg.remain_reg == 0:
+            # Never read: the authors' loop loads a remain batch it does not use. Passing the
+            # forget images as the remain set is still an error worth reporting.
+            if _tensor_pair(forget) and _tensor_pair(remain):
+                validate.check_same_data(forget[0], remain[0])
+            remain = None
+        elif remain is None:
+            raise ValueError(f"config.remain_reg={cfg.remain_reg} needs a remain set: pass remain=(x, y)")
+        pairs = self._check(forget, remain)
+        if pairs["remain"] is not None:
+            validate.check_same_data(pairs["forget"][0], pairs["remain"][0])
+        return pairs, self._ensure_engine()

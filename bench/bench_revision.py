@@ -1,0 +1,92 @@
+"""Where the time of a revision goes: a warm fu.Unlearner session, split by phase.
+
+For each forget-set size (drawn from one FashionMNIST class) and each precision, one
+session is built and revised once (set-up, first-use costs, graph captures), then
+--reps times more. Each warm revision is timed twice: plainly (the p50 reported as
+"total") and under fastunlearn.profiling.phases, which splits it into the check of the
+data, the search (and its chunk-size measurement and fp32 recheck), the reset to the
+original weights, the fine-tune (and its graph captures) and the copy of the result.
+Phases synchronise the device at their edges, so their sum is a little above the plain
+total. --profile DIR also writes a torch.profiler trace of one warm revision per size,
+with a table of the ops that took the most host and device time.
+
+The model and data are those of bench_e2e.py (same flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_e2e import FLAG, add_setup_args, setup, timed  # noqa: E402
+from common import append_csv, device_name, print_table  # noqa: E402
+
+import fastunlearn as fu  # noqa: E402
+from fastunlearn import profiling  # noqa: E402
+
+PHASES = ["check", "search", "search/chunk size", "search/recheck", "reset", "finetune", "finetune/capture", "result"]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setup_args(p)
+    p.add_argument("--sizes", default="64,all", help="forget-set sizes, comma-separated; all = the whole class")
+    p.add_argument("--precisions", default="auto", help="comma-separated: auto, fp32, bf16")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--reps", type=int, default=7, help="warm revisions timed per case")
+    p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--profile", metavar="DIR", help="write a trace of one warm revision per case to DIR")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    dev, name, train, forget, remain, _, mean, std, model = setup(args)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    order = torch.randperm(len(forget[1]), generator=g)
+    sizes = [len(order) if s == "all" else min(int(s), len(order)) for s in args.sizes.split(",")]
+    dname = device_name(dev)
+    rows = []
+    for precision in args.precisions.split(","):
+        cfg = fu.UnlearnConfig(epochs=args.epochs, precision=precision, cuda_graph=FLAG[args.cuda_graph],
+                               seed=args.seed)
+        for size in sizes:
+            session = fu.Unlearner(model, cfg, mean=mean, std=std, device=dev)
+            subsets = [order.roll(-37 * i)[:size] for i in range(args.reps + 1)]
+            pick = [(forget[0][i], forget[1][i]) for i in subsets]
+            t_first, res = timed(lambda: session.revise(pick[0], progress=False), dev)
+            plain, split = [], {}
+            for subset in pick[1:]:
+                plain.append(timed(lambda: session.revise(subset, progress=False), dev)[0])
+                with profiling.phases(dev) as times:
+                    session.revise(subset, progress=False)
+                for k, (sec, _) in times.items():
+                    split.setdefault(k, []).append(sec)
+            row = {"precision": precision, "forget": size, "first_ms": 1e3 * t_first,
+                   "total_ms": 1e3 * statistics.median(plain), "step_mode": res.step_mode,
+                   "rechecked": None if res.search.rechecked is None else int(res.search.rechecked.sum())}
+            row.update({k: 1e3 * statistics.median(v) for k, v in split.items()})
+            rows.append(row)
+            if args.profile:
+                path = os.path.join(args.profile, f"revision_{precision}_{size}.json")
+                profiling.trace(lambda: session.revise(pick[1], progress=False), path, dev)
+                print(f"trace of one warm revision ({precision}, {size} samples): {path}")
+    print(f"\nwarm revisions of a FashionMNIST class-{args.forget_class} subset, {args.arch} width {args.width}, "
+          f"{args.epochs} epochs, cuDNN autotune {args.autotune}; {dname}; ms, p50 of {args.reps}")
+    cols = ["precision", "forget", "first_ms", "total_ms"] + [k for k in PHASES if any(k in r for r in rows)]
+    print_table(rows, cols + ["step_mode", "rechecked"])
+    common = {"bench": "revision", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
+              "epochs": args.epochs, "autotune": args.autotune, "threads": torch.get_num_threads()}
+    path = append_csv([dict(common, **{k.replace("/", "_").replace(" ", "_"): v for k, v in r.items()})
+                       for r in rows], args.csv)
+    print(f"appended {len(rows)} rows to {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
