@@ -42,9 +42,6 @@ def add_setup_args(p):
     p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original")
     p.add_argument("--model", help="a .safetensors original to load; trained and saved there if missing")
-    p.add_argument("--autotune", default="on", choices=("on", "off"),
-                   help="cuDNN autotuning before each graph capture (finetune.AUTOTUNE_CAPTURE); it is "
-                        "process-wide state, so compare on and off in two processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -103,13 +100,10 @@ FLAG = {"auto": "auto", "on": True, "off": False}
 
 
 def setup(args):
-    """Threads, autotuning, device, data and the original model, as the flags ask:
+    """Threads, device, data and the original model, as the flags ask:
     (dev, name, train, forget, remain, test, mean, std, model)."""
-    from fastunlearn import finetune
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    finetune.AUTOTUNE_CAPTURE = args.autotune == "on"
     dev = torch.device(args.device)
     name, train, forget, remain, test = load(args)
     mean, std = data.channel_stats(train[0])

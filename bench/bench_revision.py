@@ -77,11 +77,11 @@ def main(argv=None):
                 profiling.trace(lambda: session.revise(pick[1], progress=False), path, dev)
                 print(f"trace of one warm revision ({precision}, {size} samples): {path}")
     print(f"\nwarm revisions of a FashionMNIST class-{args.forget_class} subset, {args.arch} width {args.width}, "
-          f"{args.epochs} epochs, cuDNN autotune {args.autotune}; {dname}; ms, p50 of {args.reps}")
+          f"{args.epochs} epochs; {dname}; ms, p50 of {args.reps}")
     cols = ["precision", "forget", "first_ms", "total_ms"] + [k for k in PHASES if any(k in r for r in rows)]
     print_table(rows, cols + ["step_mode", "rechecked"])
     common = {"bench": "revision", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
-              "epochs": args.epochs, "autotune": args.autotune, "threads": torch.get_num_threads()}
+              "epochs": args.epochs, "threads": torch.get_num_threads()}
     path = append_csv([dict(common, **{k.replace("/", "_").replace(" ", "_"): v for k, v in r.items()})
                        for r in rows], args.csv)
     print(f"appended {len(rows)} rows to {path}")

@@ -18,8 +18,9 @@ export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUDGET_S=${BUDGET_S:-540}
 # ONLY="...": a subset of the steps, default all of them, in this order: build e2e revision
-#   tests memcheck ops autotune-off e2e-variants search search-resnet.
-# TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases).
+#   tests memcheck ops e2e-variants search search-resnet.
+# TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases);
+# TESTS_FILES: which test files (default test_cuda, test_boundary_step, test_relabel_check).
 END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -68,12 +69,15 @@ fi
 if want revision; then
 step "bench: where a warm revision's time goes (64 samples and the whole class; auto, bf16, fp32)"
 run 150 "${REVISION[@]}" --sizes 64,all --precisions auto,bf16,fp32 --reps 5 --profile "$OUT/profile_revision"
-gzip -f "$OUT"/profile_revision/*.json 2>/dev/null
+# One file: the results come back as a limited number of files.
+tar -czf "$OUT/profile_revision.tar.gz" -C "$OUT" profile_revision 2>/dev/null && rm -rf "$OUT/profile_revision"
 fi
 if want tests; then
 step "GPU tests (engine on CUDA, both fused ops on cuda and triton)"
-run 200 python -m pytest -q -rf --tb=short --maxfail=5 -p no:cacheprovider -k "${TESTS_K:-}" tests/test_cuda.py \
-  tests/test_boundary_step.py tests/test_relabel_check.py
+# One pytest per file: a file that runs past its limit does not take the others' reports with it.
+for f in ${TESTS_FILES:-tests/test_cuda.py tests/test_boundary_step.py tests/test_relabel_check.py}; do
+  run 120 python -m pytest -q -rf --tb=short --maxfail=5 --durations=5 -p no:cacheprovider -k "${TESTS_K:-}" "$f"
+done
 fi
 
 if want memcheck; then
@@ -104,12 +108,6 @@ step "bench: boundary_step and relabel_check"
 run 60 python bench/bench_boundary_step.py --no-reference
 run 45 python bench/bench_relabel_check.py
 
-fi
-
-if want autotune-off; then
-step "bench: the same without cuDNN autotuning before the captures (a fresh process: the choice is cached)"
-run 120 "${E2E[@]}" --autotune off --no-authors-split --warm-reps 5
-run 60 "${REVISION[@]}" --autotune off --sizes 64 --precisions auto --reps 5
 fi
 
 if want e2e-variants; then

@@ -41,7 +41,6 @@ file is complete, so all ranks can resume from the same path.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
@@ -102,20 +101,6 @@ GRAPH_WARMUP_STEPS = 2
 # Each capture keeps its own activation memory; past this many batch shapes (forget x
 # remain sizes), new shapes run eagerly.
 MAX_GRAPHS = 4
-# cuDNN times its candidate convolution algorithms in the first warm-up step of each batch
-# shape and keeps the fastest, which the capture then records for every replay. The
-# process-wide cudnn.benchmark flag is restored afterwards.
-AUTOTUNE_CAPTURE = True
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(on: bool):
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = before or on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 class _GraphedStep:
@@ -373,7 +358,7 @@ class FinetuneEngine:
             return graphed(xf, tf, xr, yr)
         if len(self._graphs) >= MAX_GRAPHS:
             return self._eager_step(fn, key, xf, tf, xr, yr, None)  # never captured: no warm-up
-        with phase("finetune/capture"), _cudnn_benchmark(AUTOTUNE_CAPTURE):
+        with phase("finetune/capture"):
             return self._warm_up_or_capture(fn, key, xf, tf, xr, yr)
 
     def _warm_up_or_capture(self, fn, key, xf, tf, xr, yr):
