@@ -20,7 +20,8 @@ BUDGET_S=${BUDGET_S:-540}
 # ONLY="...": a subset of the steps, default all of them, in this order: build e2e revision
 #   tests memcheck ops e2e-variants search search-resnet.
 # TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases);
-# TESTS_FILES: which test files (default test_cuda, test_boundary_step, test_relabel_check).
+# TESTS_FILES: which test files (default test_cuda, test_boundary_step, test_relabel_check);
+# REVISION_PRECISIONS: the precisions bench_revision.py compares (default auto,bf16,fp32).
 END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -68,7 +69,7 @@ gzip -f "$OUT/profile_e2e/trace.json" 2>/dev/null
 fi
 if want revision; then
 step "bench: where a warm revision's time goes (64 samples and the whole class; auto, bf16, fp32)"
-run 150 "${REVISION[@]}" --sizes 64,all --precisions auto,bf16,fp32 --reps 5 --profile "$OUT/profile_revision"
+run 150 "${REVISION[@]}" --sizes 64,all --precisions "${REVISION_PRECISIONS:-auto,bf16,fp32}" --reps 5 --profile "$OUT/profile_revision"
 # One file: the results come back as a limited number of files.
 tar -czf "$OUT/profile_revision.tar.gz" -C "$OUT" profile_revision 2>/dev/null && rm -rf "$OUT/profile_revision"
 fi
