@@ -35,6 +35,14 @@ def _boundary_step_kernel(u_ptr, u0_ptr, g_ptr, out_ptr, inv_std_ptr, numel, C, 
                           NOISE: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_STD: tl.constexpr,
                           QUANTIZE: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX32: tl.constexpr,
                           BLOCK: tl.constexpr):
+    # A plain launch passes Python floats as fp32 scalars; Inductor (torch.compile around
+    # the op, torch 2.11) passes them as fp64. The CUDA and CPU kernels compute in fp32, and
+    # tl.div_rn takes fp32 only: cast once here.
+    eps = tl.cast(eps, tl.float32)
+    alpha = tl.cast(alpha, tl.float32)
+    lamda = tl.cast(lamda, tl.float32)
+    gamma = tl.cast(gamma, tl.float32)
+    q = tl.cast(q, tl.float32)
     # int64 program offsets: numel can pass 2**31.
     pid = tl.program_id(0).to(tl.int64)
     m = pid * BLOCK + tl.arange(0, BLOCK)

@@ -391,6 +391,54 @@ def test_torch_compile_fullgraph(backend, gen):
     assert torch.equal(compiled(u, u0, grad), step(u, u0, grad))
 
 
+_COMPILE_FOR_SM90 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastunlearn.kernels.boundary_step import _boundary_step_kernel as kernel
+
+scalars = sys.argv[1]
+floats = {"eps", "alpha", "lamda", "gamma", "q"}
+ints = {"numel", "C", "HW", "seed_lo", "seed_hi", "off_lo", "off_hi"}
+consts = {"NOISE": 2, "HAS_NOISE": True, "HAS_STD": True, "QUANTIZE": True, "CHANNELS_LAST": True,
+          "INDEX32": True, "BLOCK": 1024}
+sig = {}
+for name in kernel.arg_names:
+    if name in consts:
+        sig[name] = "constexpr"
+    elif name.endswith("_ptr"):
+        sig[name] = "*fp32"
+    elif name in floats:
+        sig[name] = scalars
+    elif name in ints:
+        sig[name] = "i32"
+    else:
+        raise SystemExit(f"kernel argument {name} is new to this test: give it a type")
+compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+assert ".entry _boundary_step_kernel" in compiled.asm["ptx"]
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("scalars", ["fp32", "fp64"])
+def test_triton_kernel_compiles_for_sm90(scalars):
+    """The GPU build of the Triton kernel, compiled here for an sm_90 (H100 / H200) target
+    without a GPU (in a process without TRITON_INTERPRET, which would swap in the
+    interpreter). A plain launch passes the float arguments as fp32; Inductor, when
+    torch.compile wraps the op (torch 2.11), passes them as fp64, which once failed to
+    compile (tl.div_rn takes fp32 only) although the interpreter ran it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, scalars], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("backend", ["cpu", "triton", "torch", "auto"])
 def test_bad_inputs(backend):
