@@ -45,6 +45,9 @@ class UnlearnConfig:
     precision      auto | fp32 | bf16 | fp16. auto is bf16 on GPUs and on CPUs with native bf16
                    (AMX or AVX512-BF16), else fp32. bf16 is autocast: weights, gradients and
                    the optimizer stay fp32; the search's unsure samples are redone in fp32.
+                   Under auto, a search of fewer than 1,024 samples (times refreshes) on a
+                   GPU runs in fp32 outright (search.SMALL_SEARCH_FP32): it is bound by
+                   launches, and one fp32 search beats a bf16 one plus its recheck.
     compile        torch.compile the train step: auto (= False) | True | False. On a GPU the
                    compiled step runs under CUDA graphs; its compile costs tens of seconds
                    (20 s for AllCNN on an H200, more than a whole eager run of the default
