@@ -165,3 +165,21 @@ def test_phases_split_a_revision(gen):
     assert set(again) >= {"search", "finetune"}
     # Outside a phases() block nothing is recorded and phase() is a no-op.
     assert profiling.phase("search") is profiling.phase("finetune")
+
+
+def test_contiguous_copy_keeps_values_ties_and_flags():
+    from fastunlearn.unlearner import contiguous_copy
+
+    model = small_model().to(memory_format=torch.channels_last)
+    model.train()
+    model(torch.rand(2, 3, 9, 9))  # running statistics and num_batches_tracked away from their defaults
+    model.add_module("tied", nn.Linear(8, 5))
+    model.tied.weight = model[8].weight  # a shared parameter stays shared in the copy
+    model[0].bias.requires_grad_(False)
+    out = contiguous_copy(model)
+    for (name, a), b in zip(model.state_dict().items(), out.state_dict().values()):
+        assert torch.equal(a, b) and a.dtype == b.dtype, name
+        assert b.is_contiguous() and b.data_ptr() != a.data_ptr(), name
+    assert not model[0].weight.is_contiguous()  # the source keeps its layout
+    assert out.tied.weight is out[8].weight and out[8].weight is not model[8].weight
+    assert not out[0].bias.requires_grad and out[0].weight.requires_grad and out.training

@@ -61,7 +61,8 @@ class _Phase:
         return self
 
     def __exit__(self, *exc):
-        _sync(_recording_device)
+        if exc[0] is None:  # after an error, a sync could raise again and hide it
+            _sync(_recording_device)
         dt = time.perf_counter() - self.t0
         self.rf.__exit__(*exc)
         if _recording is not None:

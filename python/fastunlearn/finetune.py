@@ -234,7 +234,10 @@ class FinetuneEngine:
             else:
                 self.model.load_state_dict(state_dict)
                 own = self.model.state_dict(keep_vars=True)
-                self._reset_src, self._reset_dst = src, [own[k] for k in state_dict]
+                dst = [own[k] for k in state_dict]
+                # The fast path is kept for tensors that copy_ needs no conversion for.
+                same = all(a.device == b.device and a.dtype == b.dtype for a, b in zip(src, dst))
+                self._reset_src, self._reset_dst = (src, dst) if same else (None, [])
             if self._graphs:
                 # The graphs read these buffers at fixed addresses: zero them in place. With
                 # dampening 0, SGD's first step from a zero buffer is its first step (buf = g).
@@ -670,13 +673,18 @@ class _Clock:
     not wait for the device: ``stop`` returns a function that reads the time when called."""
 
     def __init__(self, dev: torch.device):
+        self.dev = dev
         self.cuda = dev.type == "cuda"
         self.t0 = self.ev0 = None
 
+    def _event(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.dev))  # the engine's device, not the current one
+        return ev
+
     def start(self):
         if self.cuda:
-            self.ev0 = torch.cuda.Event(enable_timing=True)
-            self.ev0.record()
+            self.ev0 = self._event()
         else:
             self.t0 = time.perf_counter()
 
@@ -684,8 +692,7 @@ class _Clock:
         if not self.cuda:
             dt = time.perf_counter() - self.t0
             return lambda: dt
-        ev0, ev1 = self.ev0, torch.cuda.Event(enable_timing=True)
-        ev1.record()
+        ev0, ev1 = self.ev0, self._event()
 
         def read():
             ev1.synchronize()

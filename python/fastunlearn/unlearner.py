@@ -35,6 +35,23 @@ def refreshes_for(config: UnlearnConfig) -> int:
     return 1 if config.refresh_mode == "once" else max(1, config.epochs)
 
 
+def contiguous_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are contiguous (NCHW) clones.
+
+    One pass: the clones go into deepcopy's memo, so deepcopy reuses them instead of copying
+    each tensor in its own layout and then converting it (a warm revision's result copy on a
+    GPU went from 4-8 ms that way to the cost of the clones and the module walk)."""
+    memo: dict = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format), p.requires_grad)
+        for b in module._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = b.clone(memory_format=torch.contiguous_format)
+    return copy.deepcopy(model, memo)
+
+
 class Unlearner:
     """A warm unlearning session for ``model``.
 
@@ -171,7 +188,7 @@ class Unlearner:
         t_tune = time.perf_counter() - t0
         t_compile = engine.compile_seconds - compile_before
         with phase("result"):
-            model = copy.deepcopy(engine.model).to(memory_format=torch.contiguous_format).eval()
+            model = contiguous_copy(engine.model).eval()
         self.revisions += 1
         seconds = time.perf_counter() - t_start
         timings = {"search": t_search, "finetune": t_tune, "compile": t_compile, "total": seconds,
