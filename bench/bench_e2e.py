@@ -58,6 +58,10 @@ def parse(argv=None):
     p.add_argument("--precision", default="auto", help="our precision: auto | fp32 | bf16 (the rewrite runs fp32)")
     p.add_argument("--warm-reps", type=int, default=7, help="warm revisions of 64 samples timed (0 = skip)")
     p.add_argument("--no-authors-split", action="store_true", help="skip timing the rewrite's search alone")
+    p.add_argument("--authors-pil", action="store_true",
+                   help="also time the rewrite with its batches decoded one PIL image per sample through a "
+                        "DataLoader, as the authors' code loads them (same batches, same model)")
+    p.add_argument("--authors-workers", type=int, default=0, help="DataLoader workers for --authors-pil")
     p.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
     return p.parse_args(argv)
 
@@ -122,6 +126,12 @@ def main(argv=None):
     # The rewrite first, then ours: neither gains from the other having warmed a cache.
     t_auth, (auth_model, _) = timed(lambda: authors_unlearn(model, forget, remain, auth_cfg, **kw), dev)
     t_ours, res = timed(lambda: fu.unlearn(model, forget, remain, config=cfg, progress=False, **kw), dev)
+    t_pil = None
+    if args.authors_pil:
+        t_pil, (pil_model, _) = timed(lambda: authors_unlearn(model, forget, remain, auth_cfg, loading="pil",
+                                                              workers=args.authors_workers, **kw), dev)
+        same = all(torch.equal(a, b) for a, b in zip(auth_model.state_dict().values(),
+                                                     pil_model.state_dict().values()))
 
     ev = dict(forget=forget, remain=remain, test=test, max_shadow=1000, **kw)
     m_orig = evaluate(model, **ev)
@@ -156,6 +166,8 @@ def main(argv=None):
     ours_precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision(cfg.precision, dev)]
     rows = [dict(provider="original", **m_orig),
             dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
+            *([dict(provider=f"  same, PIL per sample, {args.authors_workers} workers", seconds=t_pil,
+                    ratio=t_auth / t_pil)] if t_pil is not None else []),
             dict(provider=f"fastunlearn ({res.config.refresh_mode}, {res.step_mode}, {ours_precision})",
                  seconds=t_ours,
                  ratio=t_auth / t_ours, **m_ours)]
@@ -166,6 +178,9 @@ def main(argv=None):
     t = res.timings
     print(f"\nours: search {t['search']:.3f}s, fine-tune {t['finetune']:.3f}s (compile {t['compile']:.3f}s), "
           f"set-up {t['setup']:.3f}s, other {t_ours - t['search'] - t['finetune'] - t['setup']:.3f}s")
+    if t_pil is not None:
+        print(f"ours vs the rewrite loading PIL images: {t_pil / t_ours:.2f}x (its model "
+              f"{'equals' if same else 'DIFFERS FROM'} the in-memory rewrite's)")
     if auth_search_share is not None:
         print(f"rewrite: its per-iteration search is about {100 * auth_search_share:.0f}% of its time")
     if warm_p50 is not None:
@@ -178,7 +193,8 @@ def main(argv=None):
               "n_forget": len(forget[1]), "n_remain": len(remain[1]), "epochs": args.epochs,
               "threads": torch.get_num_threads()}
     csv_row = dict(common, provider="fastunlearn vs authors' rewrite", seconds_ours=t_ours, seconds_authors=t_auth,
-                   ratio=t_auth / t_ours, search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
+                   ratio=t_auth / t_ours, seconds_authors_pil=t_pil, ratio_pil=None if t_pil is None else t_pil / t_ours,
+                   authors_workers=args.authors_workers if t_pil is not None else None, search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
                    compile=str(res.config.compile), step_mode=res.step_mode, precision=ours_precision,
                    warm_revision_p50_ms=warm_p50,
                    authors_search_share=auth_search_share,

@@ -6,13 +6,15 @@ chain as a separate tensor, the step is a chain of separate eager ops, and the r
 second forward that builds an autograd graph; a remain batch is drawn every iteration
 whether or not it is used. Their known defects are not reproduced: the normalisation is
 the dataset's own (given as mean/std), the lambda term is in pixel space, and targets are
-labels. Data comes from memory (tensors), which only makes this baseline faster than the
-original, whose loader decodes one PIL image at a time.
+labels. By default data comes from memory (tensors), which only makes this baseline faster
+than the original, whose loader decodes one PIL image at a time; loading="pil" serves the
+same batches that way (a PIL image per sample, then ToTensor, as torchvision's datasets do).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import time
 
@@ -91,12 +93,49 @@ def _as_pixels(x, device):
     return x.float() / 255 if x.dtype == torch.uint8 else x.float()
 
 
+class PILImages(torch.utils.data.Dataset):
+    """uint8 (N, C, H, W) images served one at a time the way torchvision's datasets serve
+    them: each sample becomes a PIL image ("L" for one channel, "RGB" for three), then
+    ToTensor's conversion (CHW float in [0, 1]). Gives the same numbers as the tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"PIL loading needs uint8 (N, 1 or 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        import numpy as np
+        from PIL import Image
+
+        a = self.x[i]
+        img = Image.fromarray(a[0].numpy(), mode="L") if a.shape[0] == 1 else Image.fromarray(
+            a.permute(1, 2, 0).numpy(), mode="RGB")
+        t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+        t = t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+        return t.float().div(255), int(self.y[i])
+
+
 def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=None, std=None, device=None,
-                    progress=False):
-    """Their whole loop (search redone every iteration, then one SGD step). Returns (model, seconds)."""
+                    progress=False, loading: str = "memory", workers: int = 0):
+    """Their whole loop (search redone every iteration, then one SGD step). Returns (model, seconds).
+
+    loading: "memory" (the batches are slices of tensors already on the device) or "pil"
+    (each batch is decoded sample by sample through a DataLoader with ``workers`` worker
+    processes, then copied to the device, inside the timed loop). Both draw the same
+    batches, so they return the same model.
+    """
+    if loading not in ("memory", "pil"):
+        raise ValueError(f"loading must be 'memory' or 'pil', got {loading!r}")
     device = torch.device(device or next(model.parameters()).device)
     fx, fy = forget
     rx, ry = remain
+    if loading == "pil":
+        if importlib.util.find_spec("PIL") is None:
+            raise ImportError("loading='pil' needs Pillow (pip install pillow)")
+        f_set, r_set = PILImages(fx, fy), PILImages(rx, ry)
     fx = _as_pixels(fx, device)
     rx = _as_pixels(rx, device)
     fy, ry = fy.to(device), ry.to(device)
@@ -118,15 +157,24 @@ def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=N
                 yield perm[i:i + b]
 
     forget_gen, remain_gen = batches(fx.shape[0]), batches(rx.shape[0])
+    # Drawn in the loop's order up front, so that loaders reading ahead draw the same batches.
+    order = [(next(forget_gen), next(remain_gen)) for _ in range(total)]
+    if loading == "pil":
+        loader = dict(num_workers=workers, pin_memory=device.type == "cuda")
+        f_iter = iter(torch.utils.data.DataLoader(f_set, batch_sampler=[f.tolist() for f, _ in order], **loader))
+        r_iter = iter(torch.utils.data.DataLoader(r_set, batch_sampler=[r.tolist() for _, r in order], **loader))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="authors' loop", leave=False)
-    for itr in range(total):
-        fi, ri = next(forget_gen), next(remain_gen)
-        x, y = fx[fi], fy[fi]
-        x_rem, y_rem = rx[ri], ry[ri]  # loaded every iteration, used or not
+    for itr, (fi, ri) in enumerate(order):
+        if loading == "pil":
+            x, y = (t.to(device, non_blocking=True) for t in next(f_iter))
+            x_rem, y_rem = (t.to(device, non_blocking=True) for t in next(r_iter))  # loaded, used or not
+        else:
+            x, y = fx[fi], fy[fi]
+            x_rem, y_rem = rx[ri], ry[ri]  # loaded every iteration, used or not
         test_model.eval()
         x_adv = fgsm_perturb(test_model, x, y, cfg, mean, std, itr + 1, total)
         adv_logits = test_model(_norm(x_adv, mean, std))
