@@ -341,7 +341,7 @@ def cmd_report(args):
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in rep.paths.values()))} to {args.out}")
 
 
-BENCHES = ("e2e", "search", "boundary_step", "relabel_check")
+BENCHES = ("e2e", "revision", "search", "boundary_step", "relabel_check")
 
 
 def _bench_script(name):
@@ -380,8 +380,8 @@ def cmd_bench(args):
             profile_dir = a.split("=", 1)[1]
             del rest[i]
             break
-    if profile_dir and args.name == "e2e":
-        rest += ["--profile", profile_dir]  # it profiles its own run, on its own model
+    if profile_dir and args.name in ("e2e", "revision"):
+        rest += ["--profile", profile_dir]  # they profile their own runs, on their own model
         profile_dir = None
     old_argv = sys.argv
     sys.argv = [script] + rest
@@ -523,11 +523,12 @@ def build_parser():
     b = sub.add_parser("backends", help="which fused-op backends are available, and why not")
     b.set_defaults(func=cmd_backends)
 
-    bn = sub.add_parser("bench", help="run a benchmark: e2e | search | boundary_step | relabel_check",
+    bn = sub.add_parser("bench", help="run a benchmark: e2e | revision | search | boundary_step | relabel_check",
                         description="Run bench/bench_NAME.py with the remaining arguments (see "
                         "`fastunlearn bench NAME --help`). --profile DIR (anywhere on the line) also writes a "
                         "torch.profiler trace (trace.json, opens in Perfetto or chrome://tracing) and a roofline "
-                        "summary (roofline.txt/json) of the search, a train step and the elementwise ops.")
+                        "summary (roofline.txt/json) of the search, a train step and the elementwise ops; for "
+                        "revision, a trace of one warm revision per case with its top ops.")
     bn.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
     bn.add_argument("name", choices=BENCHES)
     bn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
