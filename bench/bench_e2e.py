@@ -42,6 +42,8 @@ def add_setup_args(p):
     p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original")
     p.add_argument("--model", help="a .safetensors original to load; trained and saved there if missing")
+    p.add_argument("--search-batch-size", type=int, default=None,
+                   help="our search's chunk (UnlearnConfig.search_batch_size; default: sized from free memory)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -119,7 +121,7 @@ def main(argv=None):
     dev, name, train, forget, remain, test, mean, std, model = setup(args)
     flag = FLAG
     cfg = fu.UnlearnConfig(epochs=args.epochs, compile=flag[args.compile], cuda_graph=flag[args.cuda_graph],
-                           precision=args.precision, seed=args.seed)
+                           precision=args.precision, seed=args.seed, search_batch_size=args.search_batch_size)
     auth_cfg = cfg.replace(precision="fp32", cuda_graph=False)
     kw = dict(mean=mean, std=std, device=dev)
 

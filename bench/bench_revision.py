@@ -54,7 +54,7 @@ def main(argv=None):
     rows = []
     for precision in args.precisions.split(","):
         cfg = fu.UnlearnConfig(epochs=args.epochs, precision=precision, cuda_graph=FLAG[args.cuda_graph],
-                               seed=args.seed)
+                               seed=args.seed, search_batch_size=args.search_batch_size)
         for size in sizes:
             session = fu.Unlearner(model, cfg, mean=mean, std=std, device=dev)
             subsets = [order.roll(-37 * i)[:size] for i in range(args.reps + 1)]
