@@ -116,7 +116,7 @@ fi
 
 if want e2e-variants; then
 step "bench: end to end with the rewrite also loading PIL images; with a 2048-sample search chunk; with a plain eager step; with the compiled step"
-run 150 "${E2E[@]}" --authors-pil --authors-workers 4 --no-authors-split --warm-reps 0
+run 150 "${E2E[@]}" --authors-pil --no-authors-split --warm-reps 0  # 0 workers, DataLoader's default
 run 90 "${E2E[@]}" --search-batch-size 2048 --no-authors-split --warm-reps 0
 run 120 "${E2E[@]}" --cuda-graph off --no-authors-split
 run 150 "${E2E[@]}" --compile on --no-authors-split
