@@ -195,8 +195,10 @@ def main(argv=None):
               "n_forget": len(forget[1]), "n_remain": len(remain[1]), "epochs": args.epochs,
               "threads": torch.get_num_threads()}
     csv_row = dict(common, provider="fastunlearn vs authors' rewrite", seconds_ours=t_ours, seconds_authors=t_auth,
-                   ratio=t_auth / t_ours, seconds_authors_pil=t_pil, ratio_pil=None if t_pil is None else t_pil / t_ours,
-                   authors_workers=args.authors_workers if t_pil is not None else None, search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
+                   ratio=t_auth / t_ours, seconds_authors_pil=t_pil,
+                   ratio_pil=None if t_pil is None else t_pil / t_ours,
+                   authors_workers=args.authors_workers if t_pil is not None else None,
+                   search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
                    compile=str(res.config.compile), step_mode=res.step_mode, precision=ours_precision,
                    warm_revision_p50_ms=warm_p50,
                    authors_search_share=auth_search_share,

@@ -136,9 +136,9 @@ def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=N
         if importlib.util.find_spec("PIL") is None:
             raise ImportError("loading='pil' needs Pillow (pip install pillow)")
         f_set, r_set = PILImages(fx, fy), PILImages(rx, ry)
-    fx = _as_pixels(fx, device)
-    rx = _as_pixels(rx, device)
-    fy, ry = fy.to(device), ry.to(device)
+    else:
+        fx, rx = _as_pixels(fx, device), _as_pixels(rx, device)
+        fy, ry = fy.to(device), ry.to(device)
     mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=device)
     std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=device)
     t0 = time.perf_counter()
