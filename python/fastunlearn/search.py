@@ -142,6 +142,8 @@ def small_search_in_fp32(precision: str, device: torch.device, samples: int) -> 
 
 
 def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.device, requested: Optional[int]) -> int:
+    """Samples per search chunk. sample: a few rows of the forget set as they arrive (uint8
+    or float pixels), converted only when the measuring pass runs."""
     if requested:
         return requested
     if device.type != "cuda":
@@ -155,7 +157,7 @@ def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.dev
     key = tuple(sample.shape[1:])
     per_sample = measured.get(key)
     if per_sample is None:
-        probe = sample[:8].to(device, torch.float32).requires_grad_(True)
+        probe = _as_pixels(sample[:8], device).requires_grad_(True)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         frozen(norm(probe)).float().sum().backward()
@@ -217,7 +219,7 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     if small_search_in_fp32(config.precision, device, refreshes * (n_total or n)):
         autocast, exact = None, _ieee_fp32(device)
     with phase("search/chunk size"):
-        chunk = _chunk_size(frozen, norm, _as_pixels(first_chunk, device), device, config.search_batch_size)
+        chunk = _chunk_size(frozen, norm, first_chunk, device, config.search_batch_size)
     alpha = config.step_size
     steps = config.steps
 
