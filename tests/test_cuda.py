@@ -136,3 +136,31 @@ def test_warm_revision_on_cuda_equals_unlearn(gen, mode):
     params_close(second.model.cpu(), fresh.model.cpu(), rtol=1e-5, atol=1e-6)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("remain", [True, False])
+def test_replayed_epochs_never_wait_for_the_device(gen, remain):
+    """Once the steps are captured, the host queues a whole run without waiting: no copy of
+    indices between host and device, no read of a result, across epoch boundaries too.
+    The device is given as plain "cuda" (no index), as users write it."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    engine, _ = run_engine(seed, CUDA, "graph", remain)  # warms up and captures
+    assert engine.step_mode == "cuda graph"
+    g = torch.Generator().manual_seed(seed)
+    fx, _ = data(g, 37)
+    rx, ry = data(g, 29)
+    search = search_of(labels=torch.randint(0, 4, (37,), generator=g))
+    total = engine.config.epochs * 5
+    checked = []
+
+    def on_step(step, where):
+        # From the first step on, any synchronising call raises, until the last step:
+        # the history is read from the device after the loop, by design.
+        torch.cuda.set_sync_debug_mode("error" if step < total else "default")
+        checked.append(step)
+
+    try:
+        engine.run(fx, search, (rx, ry) if remain else None, progress=False, on_step=on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked == list(range(1, total + 1))

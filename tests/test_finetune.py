@@ -337,3 +337,28 @@ def test_layout_follows_device_and_precision():
     assert not engine.channels_last and engine.model[0].weight.is_contiguous()
     engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision="fp32"), device="cpu")
     assert engine.channels_last and engine.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cuda_device_gets_its_index(monkeypatch):
+    """Tensors carry "cuda:N"; a device kept as plain "cuda" would compare unequal to it."""
+    from fastunlearn.validate import canonical_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert canonical_device("cuda") == torch.device("cuda", 2)
+    assert canonical_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert canonical_device("cpu") == torch.device("cpu")
+
+
+def test_gather_takes_the_indices_where_the_rows_are(gen):
+    """Staged rows are gathered with the device's indices; rows in host memory with the
+    host's, never by copying indices across (which would stall every step)."""
+    from fastunlearn.finetune import _gather
+
+    src = torch.randint(0, 256, (10, 1, 3, 3), generator=gen, dtype=torch.uint8)
+    host_idx = torch.randperm(10, generator=gen)[:4]
+    # Rows in host memory, a device elsewhere: only host_idx may be used ("meta" stands in
+    # for the device; indexing host rows with its indices would raise).
+    out = _gather(src, host_idx.to("meta"), host_idx, torch.device("meta"))
+    assert out.device.type == "meta" and out.shape == (4, 1, 3, 3)
+    # Rows where the step runs: gathered with idx.
+    assert torch.equal(_gather(src, host_idx, host_idx.to("meta"), torch.device("cpu")), src[host_idx])

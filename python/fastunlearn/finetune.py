@@ -57,6 +57,7 @@ from ._phases import phase
 from .heap import reuse_freed_memory
 from .search import SearchResult, resolve_precision
 from .train import augment_mode, crop_at, flip_where
+from .validate import canonical_device
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
@@ -120,7 +121,7 @@ class _GraphedStep:
 def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Put a data tensor where the train step gathers from: on the device when it fits in a
     quarter of the free memory, else pinned host memory (batches are copied asynchronously)."""
-    if x.device == device:
+    if x.device == canonical_device(device):
         return x
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -176,7 +177,7 @@ class FinetuneEngine:
     def __init__(self, model: nn.Module, config: UnlearnConfig, *, mean=None, std=None, device=None,
                  teacher: Optional[nn.Module] = None, channels_last: Optional[bool] = None,
                  compile_mode: Optional[str] = None):
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = canonical_device(device) if device is not None else next(model.parameters()).device
         self.config = config
         self.autocast = resolve_precision(config.precision, self.device)
         self.channels_last = (default_channels_last(model, self.device, self.autocast) if channels_last is None
@@ -603,27 +604,36 @@ class FinetuneEngine:
                             # draws, so the augmentation does not depend on the world size.
                             aug_f = _draw_augment(cfg.augment, n, aug_pad, aug_gen)
                             aug_r = _draw_augment(cfg.augment, n_remain, aug_pad, aug_gen) if use_remain else None
+                    # The epoch's indices go to the device once: a per-batch copy from
+                    # host memory would make every step wait for the device.
                     perm_dev = perm.to(dev, non_blocking=True)
+                    if use_remain:
+                        remain_dev = torch.cat(remain_idx).to(dev, non_blocking=True)
+                        remain_at = [0]
+                        for r in remain_idx:
+                            remain_at.append(remain_at[-1] + r.shape[0])
                     aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
                     tgt = targets[epoch % len(targets)]
                     clock.start()
                     while batch < per_epoch:
                         if max_steps is not None and step >= max_steps:
                             raise StopRun(f"stopped after max_steps={max_steps}")
-                        idx = perm_dev[batch * bs:(batch + 1) * bs]
+                        idx, host_idx = perm_dev[batch * bs:(batch + 1) * bs], perm[batch * bs:(batch + 1) * bs]
                         shares = None
                         if sharded:
                             idx, share_f = _rank_slice(idx, self.rank, self.world)
+                            host_idx, _ = _rank_slice(host_idx, self.rank, self.world)
                             shares = (share_f, 1.0)
-                        xf, tf = _gather(fx, idx, dev), _gather(tgt, idx, dev)
+                        xf, tf = _gather(fx, idx, host_idx, dev), _gather(tgt, idx, host_idx, dev)
                         if aug_f_dev is not None:
                             xf = _apply_augment(xf, aug_f_dev, idx, aug_pad)
                         if use_remain:
-                            ridx = remain_idx[batch]
+                            ridx, host_ridx = remain_dev[remain_at[batch]:remain_at[batch + 1]], remain_idx[batch]
                             if sharded:
                                 ridx, share_r = _rank_slice(ridx, self.rank, self.world)
+                                host_ridx, _ = _rank_slice(host_ridx, self.rank, self.world)
                                 shares = (share_f, share_r)
-                            xr, yr = _gather(rx, ridx, dev), _gather(ry, ridx, dev)
+                            xr, yr = _gather(rx, ridx, host_ridx, dev), _gather(ry, ridx, host_ridx, dev)
                             if aug_r_dev is not None:
                                 xr = _apply_augment(xr, aug_r_dev, ridx, aug_pad)
                             acc += self.step(xf, tf, xr, yr, shares=shares)
@@ -744,10 +754,14 @@ def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- checkpoints
-def _gather(src: torch.Tensor, idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    if src.device == dev:
-        return src[idx.to(dev)]
-    return src[idx.cpu()].to(dev, non_blocking=True)
+def _gather(src: torch.Tensor, idx: torch.Tensor, host_idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Rows of src on dev: src is staged on dev (gathered there with idx, the indices on the
+    device) or, too big for it, in pinned host memory (gathered with the same indices on the
+    host, host_idx). Neither path copies indices between host and device: that would make
+    every step wait for the device."""
+    if src.device.type == "cpu" and dev.type != "cpu":
+        return src[host_idx].to(dev, non_blocking=True)
+    return src[idx]
 
 
 def _to_cpu(obj):

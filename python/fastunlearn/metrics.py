@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import as_tensors, to_float
+from .validate import canonical_device
 
 GAP_KEYS = ("forget_acc", "remain_acc", "test_acc", "mia_lr")
 
 
 def _model_device(model: torch.nn.Module, device) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return canonical_device(device)
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 

@@ -44,6 +44,7 @@ from .config import UnlearnConfig
 from .heap import reuse_freed_memory
 from .ops import boundary_step, relabel_check
 from .source import ImageSource
+from .validate import canonical_device
 
 
 @dataclass
@@ -198,7 +199,7 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
     index_base / n_total: where these rows sit in a larger forget set (a shard of it), so
     each sample draws the noise it would draw in a search over the whole set.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = canonical_device(device) if device is not None else next(model.parameters()).device
     with reuse_freed_memory(device.type == "cpu"):
         return _run_search(model, x, y, config, mean=mean, std=std, device=device, refreshes=refreshes,
                            progress=progress, frozen=frozen, index_base=index_base, n_total=n_total)

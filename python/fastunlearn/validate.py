@@ -11,6 +11,18 @@ import torch.nn as nn
 from .data import as_tensors
 
 
+def canonical_device(device) -> torch.device:
+    """The device with its index: "cuda" becomes "cuda:N" for the current device N.
+
+    torch.device("cuda") != torch.device("cuda:0"), while tensors always carry the index;
+    a comparison of a tensor's device with an index-less one would wrongly say "elsewhere"
+    (and send every batch through host memory)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -96,7 +108,7 @@ def mean_std(mean, std, channels: int):
 def check_devices(model: nn.Module, device, **tensors):
     """Data given on a device other than the model's is an error unless device= says where to run."""
     if device is not None:
-        return torch.device(device)
+        return canonical_device(device)
     mdev = model_device(model)
     for name, t in tensors.items():
         if t is not None and t.device.type != "cpu" and t.device != mdev:
