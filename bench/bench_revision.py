@@ -7,7 +7,7 @@ session is built and revised once (set-up, first-use costs, graph captures), the
 data, the search (and its chunk-size measurement and fp32 recheck), the reset to the
 original weights, the fine-tune (and its graph captures) and the copy of the result.
 Phases synchronise the device at their edges, so their sum is a little above the plain
-total. --profile DIR also writes a torch.profiler trace of one warm revision per size,
+total. The first revision is split the same way, in a second table. --profile DIR also writes a torch.profiler trace of one warm revision per size,
 with a table of the ops that took the most host and device time.
 
 The model and data are those of bench_e2e.py (same flags).
@@ -51,7 +51,7 @@ def main(argv=None):
     order = torch.randperm(len(forget[1]), generator=g)
     sizes = [len(order) if s == "all" else min(int(s), len(order)) for s in args.sizes.split(",")]
     dname = device_name(dev)
-    rows = []
+    rows, firsts = [], []
     for precision in args.precisions.split(","):
         cfg = fu.UnlearnConfig(epochs=args.epochs, precision=precision, cuda_graph=FLAG[args.cuda_graph],
                                seed=args.seed, search_batch_size=args.search_batch_size)
@@ -59,7 +59,10 @@ def main(argv=None):
             session = fu.Unlearner(model, cfg, mean=mean, std=std, device=dev)
             subsets = [order.roll(-37 * i)[:size] for i in range(args.reps + 1)]
             pick = [(forget[0][i], forget[1][i]) for i in subsets]
-            t_first, res = timed(lambda: session.revise(pick[0], progress=False), dev)
+            with profiling.phases(dev) as first:
+                t_first, res = timed(lambda: session.revise(pick[0], progress=False), dev)
+            firsts.append({"precision": precision, "forget": size, "first_ms": 1e3 * t_first,
+                           **{k: 1e3 * sec for k, (sec, _) in first.items()}})
             plain, split = [], {}
             for subset in pick[1:]:
                 plain.append(timed(lambda: session.revise(subset, progress=False), dev)[0])
@@ -80,8 +83,12 @@ def main(argv=None):
           f"{args.epochs} epochs; {dname}; ms, p50 of {args.reps}")
     cols = ["precision", "forget", "first_ms", "total_ms"] + [k for k in PHASES if any(k in r for r in rows)]
     print_table(rows, cols + ["step_mode", "rechecked"])
+    print("\nthe first revision of each session (set-up, first-use costs, captures), ms by phase")
+    print_table(firsts, ["precision", "forget", "first_ms"] + [k for k in PHASES if any(k in r for r in firsts)])
     common = {"bench": "revision", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
               "epochs": args.epochs, "threads": torch.get_num_threads()}
+    for r, f in zip(rows, firsts):
+        r.update({f"first_{k}": v for k, v in f.items() if k in PHASES})
     path = append_csv([dict(common, **{k.replace("/", "_").replace(" ", "_"): v for k, v in r.items()})
                        for r in rows], args.csv)
     print(f"appended {len(rows)} rows to {path}")
