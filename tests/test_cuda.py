@@ -52,8 +52,11 @@ def test_bf16_search_on_cuda_keeps_the_fp32_labels(digits_model):
     ref = reference_search(model, x, y, cfg).relabel
     res = run_search(copy.deepcopy(model), x, y, cfg.replace(precision="bf16"), mean=DIGITS_MEAN, std=DIGITS_STD,
                      device=CUDA)
+    # Up to 3 of the 1,797 may differ. The recheck leaves a flip now and then: over 16 digits
+    # models (T = 1 and 3) 3 of 28,752 labels differed from fp32, 5 with BatchNorm folded
+    # into the convolutions (frozen_copy's default), measured on the CPU.
     agree = float((res.relabels[0].cpu() == ref).float().mean())
-    assert agree >= 0.999, f"{agree:.4%} of {len(y)} labels agree"
+    assert agree >= 0.998, f"{agree:.4%} of {len(y)} labels agree"
 
 
 def test_small_auto_search_on_cuda_runs_in_fp32(digits_model):

@@ -113,8 +113,11 @@ def test_bf16_search_keeps_the_fp32_labels(trained_all, one_thread):
     cfg = UnlearnConfig(eps=0.1, steps=1, search_batch_size=256)
     ref = ref_labels(model, x, y, cfg).relabel
     res = run_search(model, x, y, cfg.replace(precision="bf16"), mean=MEAN, std=STD, device="cpu")
+    # Up to 3 of the 1,797 may differ. The recheck leaves a flip now and then: over 16 digits
+    # models (T = 1 and 3) 3 of 28,752 labels differed from fp32, 5 with BatchNorm folded
+    # into the convolutions (frozen_copy's default); this model has 2.
     agree = float((res.relabels[0] == ref).float().mean())
-    assert agree >= 0.999, f"{agree:.4%} of {len(y)} labels agree"
+    assert agree >= 0.998, f"{agree:.4%} of {len(y)} labels agree"
     # The recheck must stay a minority of the samples (about a fifth here), or bf16 would buy little.
     assert float(res.rechecked.float().mean()) < 0.35
 
@@ -222,3 +225,112 @@ def test_small_auto_search_rule():
     assert not small_search_in_fp32("auto", cuda, SMALL_SEARCH_FP32)
     assert not small_search_in_fp32("bf16", cuda, 1)
     assert not small_search_in_fp32("auto", cpu, 1)
+
+
+def _random_bn_stats(model, gen):
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.data.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["allcnn", "resnet18"])
+def test_fold_batchnorm_computes_the_same_function(gen, arch):
+    """Sequential runs (AllCNN) and attribute-wired blocks (ResNet, found by tracing): every
+    BatchNorm after a convolution folds, and the float64 logits agree to rounding."""
+    import copy
+
+    from fastunlearn.models import create_model
+    from fastunlearn.search import fold_batchnorm
+
+    model = _random_bn_stats(create_model(arch, in_channels=2, num_classes=7, width=0.25) if arch == "allcnn"
+                             else create_model(arch, in_channels=2, num_classes=7), gen).double()
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    folded = copy.deepcopy(model)
+    assert fold_batchnorm(folded) == n_bn
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(5, 2, 19, 23, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+class _Shared(torch.nn.Module):
+    """Convolution outputs read twice, a BatchNorm called twice: neither may fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        z = self.conv(x)
+        h = self.bn(z) + z
+        return self.bn2(self.conv2(h)) + self.bn2(h)
+
+
+class _OwnForward(torch.nn.Sequential):
+    def forward(self, x):
+        return self[1](x.repeat(1, 4, 1, 1)) + self[0](x)
+
+
+def test_fold_batchnorm_leaves_what_it_cannot_fold(gen):
+    seq_hooked = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    seq_hooked[0].register_forward_hook(lambda m, i, o: o * 2)
+    no_stats = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
+    param = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(3, 4, 3)),
+                                torch.nn.BatchNorm2d(4))
+    cases = [_Shared(), _OwnForward(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)), seq_hooked,
+             no_stats, param]
+    import copy
+
+    from fastunlearn.search import fold_batchnorm
+
+    for model in cases:
+        model = _random_bn_stats(model, gen)
+        folded = copy.deepcopy(model)
+        x = torch.rand(2, 1 if isinstance(model, _OwnForward) else 3, 6, 6, generator=gen)
+        assert fold_batchnorm(folded) == 0, type(model).__name__
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x))
+
+
+def test_fold_batchnorm_past_an_untraceable_forward(gen):
+    """A forward torch.fx cannot trace (control flow on data) keeps its BatchNorms outside
+    plain Sequentials; those inside still fold."""
+    import copy
+
+    from fastunlearn.search import fold_batchnorm
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+            self.conv = torch.nn.Conv2d(4, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.block(x)
+            return self.bn(self.conv(h)) if h.sum() > 0 else h
+
+    model = _random_bn_stats(Branchy(), gen)
+    folded = copy.deepcopy(model)
+    assert fold_batchnorm(folded) == 1
+    assert isinstance(folded.block[1], torch.nn.Identity) and isinstance(folded.bn, torch.nn.BatchNorm2d)
+    x = torch.rand(2, 3, 5, 5, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+
+
+def test_frozen_copy_folds_and_leaves_the_model_alone(trained):
+    from fastunlearn.search import frozen_copy
+
+    model, _, _ = trained
+    frozen = frozen_copy(model, torch.device("cpu"))
+    assert isinstance(model[1], torch.nn.BatchNorm2d) and isinstance(frozen[1], torch.nn.Identity)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
