@@ -285,8 +285,13 @@ def test_fold_batchnorm_leaves_what_it_cannot_fold(gen):
     no_stats = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
     param = torch.nn.Sequential(torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(3, 4, 3)),
                                 torch.nn.BatchNorm2d(4))
+    tied = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(3, 3, 3, padding=1))
+    tied[3].weight = tied[0].weight  # the second convolution has no BatchNorm after it
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3))
+    twice = torch.nn.Sequential(block, torch.nn.ReLU(), block)
     cases = [_Shared(), _OwnForward(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)), seq_hooked,
-             no_stats, param]
+             no_stats, param, tied, twice]
     import copy
 
     from fastunlearn.search import fold_batchnorm

@@ -102,7 +102,8 @@ _CONV_BN = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d
 
 def _foldable_conv(m: nn.Module) -> bool:
     return (any(type(m).forward is c.forward and isinstance(m, c) for c, _ in _CONV_BN)
-            and not _has_hooks(m) and not torch.nn.utils.parametrize.is_parametrized(m))
+            and not _has_hooks(m) and not torch.nn.utils.parametrize.is_parametrized(m)
+            and not torch.nn.parameter.is_lazy(m.weight) and m.weight.is_floating_point())
 
 
 def _foldable_bn(m: nn.Module, conv: nn.Module) -> bool:
@@ -124,13 +125,26 @@ def _conv_bn_pairs(model: nn.Module) -> list:
     and nothing else does. Plain nn.Sequential runs give them without tracing; other
     models are traced with torch.fx (a model it cannot trace keeps its other BatchNorms)."""
     mods = dict(model.named_modules())
+    # A module reachable by two paths, or a weight shared with another module, would carry
+    # the fold into places that have no BatchNorm after them.
+    seen_mods: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen_mods[id(m)] = seen_mods.get(id(m), 0) + 1
+    seen_params: dict = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen_params[id(p)] = seen_params.get(id(p), 0) + 1
+
+    def single(*ms):
+        return all(seen_mods[id(m)] == 1 and all(seen_params[id(p)] == 1 for p in m.parameters(recurse=False))
+                   for m in ms)
+
     pairs, taken = [], set()
     for name, seq in mods.items():
         if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
             continue  # a Sequential subclass with its own forward may use its children otherwise
         kids = list(seq.named_children())
         for (a_name, a), (b_name, b) in zip(kids, kids[1:]):
-            if _foldable_conv(a) and _foldable_bn(b, a):
+            if _foldable_conv(a) and _foldable_bn(b, a) and single(a, b):
                 pair = (f"{name}.{a_name}" if name else a_name, f"{name}.{b_name}" if name else b_name)
                 pairs.append(pair)
                 taken.update(pair)
@@ -159,7 +173,7 @@ def _conv_bn_pairs(model: nn.Module) -> list:
         # Each called once, the convolution's output read by the BatchNorm only: then the
         # fold changes nothing else the model computes.
         if (conv is not None and bn is not None and calls[prev.target] == 1 and calls[node.target] == 1
-                and len(prev.users) == 1 and _foldable_conv(conv) and _foldable_bn(bn, conv)):
+                and len(prev.users) == 1 and _foldable_conv(conv) and _foldable_bn(bn, conv) and single(conv, bn)):
             pairs.append((prev.target, node.target))
             taken.update((prev.target, node.target))
     return pairs
@@ -173,9 +187,10 @@ def fold_batchnorm(model: nn.Module) -> int:
     For a frozen model (eval mode, running statistics) BN(conv(x)) = conv'(x) with
     W' = W * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps) per output channel,
     computed in float64. The search then skips a read and a write of every such activation
-    in the forward and again in the input backward: on 2 CPU cores the AllCNN search ran
-    1.5x (fp32) to 2x (bf16) faster. Only pairs where nothing else reads the convolution's
-    output are folded; modules with hooks or parametrizations are left alone.
+    in the forward and again in the input backward: on 2 CPU cores the search of a narrow
+    AllCNN ran 1.5x (fp32) and 1.7x (bf16) faster (bench/RESULTS.md). Only pairs where
+    nothing else reads the convolution's output are folded; modules reachable twice, shared
+    weights, hooks and parametrizations are left alone.
     """
     mods = dict(model.named_modules())
     pairs = _conv_bn_pairs(model)
