@@ -142,8 +142,12 @@ def assert_step_matches(out, u, u0, grad, kw, label=""):
         if nan_out or nan_ref:
             lines.append(f"  NaN: out {nan_out}, ref {nan_ref}")
         raise AssertionError("\n".join(lines))
-    # Ambiguity must stay the exception, or the comparison above would prove little.
-    assert n_amb <= max(2, 0.05 * ok.numel()), f"{label}: {n_amb} of {ok.numel()} elements ambiguous"
+    # Ambiguity must stay the exception, or the comparison above would prove little. fp16's
+    # coarse resolution near 1 puts about 3% of the elements near a rounding point of the
+    # 1/255 grid (600 draws of cfg3 at (3, 5, 7, 11): mean 3.0%, p99 4.3%; one CI run saw
+    # 5.02%); bf16, by the same draws, stays under 1%.
+    limit = 0.08 if u.dtype == torch.float16 else 0.05
+    assert n_amb <= max(2, limit * ok.numel()), f"{label}: {n_amb} of {ok.numel()} elements ambiguous"
     return ref
 
 
