@@ -339,3 +339,30 @@ def test_frozen_copy_folds_and_leaves_the_model_alone(trained):
     frozen = frozen_copy(model, torch.device("cpu"))
     assert isinstance(model[1], torch.nn.BatchNorm2d) and isinstance(frozen[1], torch.nn.Identity)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_input_says_so_in_its_strides(gen, channels):
+    """One channel: NCHW and channels_last hold the same bytes, and PyTorch reads the
+    layout from the strides. The input must read as channels_last, or a convolution's
+    backward converts its output gradient to NCHW (cuDNN matches the input's layout)."""
+    from fastunlearn.search import channels_last_input
+
+    transposed = torch.rand(4, channels, 7, 5, generator=gen).transpose(2, 3)
+    for x in (torch.rand(4, channels, 5, 7, generator=gen), transposed):
+        u = channels_last_input(x)
+        assert torch.equal(u, x)
+        assert u.stride(1) == 1 and u.is_contiguous(memory_format=torch.channels_last)
+        # A convolution with an NCHW weight follows the input's layout on the CPU.
+        w = torch.rand(6, channels, 3, 3, generator=gen)
+        assert torch.nn.functional.conv2d(u, w).is_contiguous(memory_format=torch.channels_last)
+        assert not torch.nn.functional.conv2d(x.contiguous(), w).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_one_channel_first_layer_does_not_hide_the_layout():
+    from fastunlearn.models import create_model
+    from fastunlearn.search import _is_channels_last
+
+    model = create_model("allcnn", in_channels=1, num_classes=10, width=0.125)
+    assert not _is_channels_last(model)
+    assert _is_channels_last(model.to(memory_format=torch.channels_last))

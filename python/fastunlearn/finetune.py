@@ -55,7 +55,7 @@ from .config import UnlearnConfig
 from .distributed import shard_bounds
 from ._phases import phase
 from .heap import reuse_freed_memory
-from .search import SearchResult, resolve_precision
+from .search import SearchResult, channels_last_input, resolve_precision
 from .train import augment_mode, crop_at, flip_where
 from .validate import canonical_device
 
@@ -268,7 +268,7 @@ class FinetuneEngine:
             shape = (1, -1) + (1,) * (u.dim() - 2)
             u = (u - self.mean.reshape(shape)) / self.std.reshape(shape)
         if self.channels_last and u.dim() == 4:
-            u = u.contiguous(memory_format=torch.channels_last)
+            u = channels_last_input(u)
         return u
 
     def _loss_fn(self, use_remain: bool):

@@ -388,16 +388,36 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
 
 def _is_channels_last(model: nn.Module) -> bool:
     for p in model.parameters():
-        if p.dim() == 4:
+        # A weight with one input channel (or a 1x1 kernel) is contiguous in both layouts
+        # and says nothing: the first one that can tell decides.
+        if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
             return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
     return False
+
+
+def channels_last_input(u: torch.Tensor) -> torch.Tensor:
+    """u (N, C, H, W) in channels_last, with strides that say so even when C == 1.
+
+    With one channel both layouts hold the same bytes and u.contiguous(channels_last) keeps
+    the NCHW strides, so PyTorch takes u for NCHW (suggest_memory_format). A convolution's
+    backward then converts its output gradient to NCHW to match its input (cuDNN backward:
+    grad_output.to(input.suggest_memory_format())): in every batch-64 step of a 1-channel
+    AllCNN on an H200, a 32 us copy and cuDNN's own layout conversions around the first
+    layer's weight gradient, and in the search a copy of the first activation's gradient.
+    """
+    if u.dim() != 4:
+        return u
+    u = u.contiguous(memory_format=torch.channels_last)
+    if u.shape[1] == 1 and u.stride(1) != 1:
+        u = u.as_strided(u.shape, (u.shape[2] * u.shape[3], 1, u.shape[3], 1))
+    return u
 
 
 def _forward(frozen, norm, u, autocast, need_grad):
     """Logits of the frozen model at u, and the normalised input they were taken at."""
     nu = norm(u).detach()
     if nu.dim() == 4 and _is_channels_last(frozen):
-        nu = nu.contiguous(memory_format=torch.channels_last)
+        nu = channels_last_input(nu)
     if need_grad:
         nu.requires_grad_(True)
     with torch.set_grad_enabled(need_grad), torch.autocast(u.device.type, dtype=autocast or torch.float32,
