@@ -88,8 +88,10 @@ def original_model(args, train, mean, std, dev):
     arch = {"name": args.arch, "in_channels": int(train[0].shape[1]), "num_classes": int(train[1].max()) + 1}
     if args.arch in ("allcnn", "smallcnn"):
         arch["width"] = args.width if args.arch == "allcnn" else int(args.width)
+    torch.manual_seed(args.seed)  # the initialisation too: a run with the same seed trains the same original
     model = create_model(**arch)
-    model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, progress=False)
+    model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
+                             progress=False)
     if args.model:
         save_model(model, args.model, arch, mean=mean, std=std)
     return model.to(dev).eval()

@@ -72,6 +72,7 @@ def trained(path, arch, d, args, mean, std, dev, desc):
         m, meta = load_model(path, dev)
         return m, float(meta.get("seconds", "nan"))
     t0 = time.perf_counter()
+    torch.manual_seed(args.seed)  # the initialisation too, so the seed names the whole run
     m = train_classifier(create_model(**arch), d, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
                          progress=not args.no_progress, desc=desc)
     secs = time.perf_counter() - t0

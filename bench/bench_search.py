@@ -59,6 +59,7 @@ def parse():
     p.add_argument("--compile", action="store_true",
                    help="also time the engine with search_compile=True: compile seconds (first search minus a "
                         "warm one), warm samples/s, and labels against the eager engine")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's initialisation and training")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--csv", default=None, help="CSV file to append rows to (default bench/results.csv)")
     return p.parse_args()
@@ -108,9 +109,11 @@ def main():
         # The ImageNet stem (7x7/2 + max-pool) from 96 px up: the small-image stem keeps
         # full resolution through layer1, 16x the activations at 512 px.
         kwargs["small_input"] = train[0].shape[-1] < 96
+    torch.manual_seed(args.seed)  # the same initialisation, so the same model, run after run
     model = create_model(args.arch, in_channels=c, num_classes=int(train[1].max()) + 1, **kwargs)
     if args.train_epochs:
-        model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, progress=False)
+        model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
+                                 progress=False)
     model = model.to(dev).eval()
     fx, fy = forget
     n = len(fy)
