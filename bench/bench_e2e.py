@@ -5,10 +5,10 @@ one forget set (a class of a FashionMNIST subset) and its remain set. Both runs 
 authors' defaults (batch 64, lr 1e-5, momentum 0.9, 10 epochs, eps 0.1, gamma 0), so the
 quality comparison is fair; the rewrite gets its data already in memory as float tensors.
 Prints wall time, the ratio, forget / remain / test accuracy and MIA-LR for both, where
-our time goes (search, fine-tune, compile, set-up; and by fastunlearn.profiling.phases, which
-adds a device sync at each of the run's few phase edges), the share of the rewrite's time spent
-in its per-iteration search, and the p50 of a warm revision of 64 samples through
-fu.Unlearner. Appends rows to the CSV. --profile DIR also writes a torch.profiler trace
+our time goes (search, fine-tune, compile, set-up; and by fastunlearn.profiling.phases,
+which adds a device sync at each of the run's few phase edges), the share of the rewrite's
+time spent in its per-iteration search, and the p50 of a warm revision of 64 samples
+through fu.Unlearner. Appends rows to the CSV. --profile DIR also writes a torch.profiler trace
 of our run and a roofline summary.
 """
 

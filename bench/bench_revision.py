@@ -7,8 +7,9 @@ session is built and revised once (set-up, first-use costs, graph captures), the
 data, the search (and its chunk-size measurement and fp32 recheck), the reset to the
 original weights, the fine-tune (and its graph captures) and the copy of the result.
 Phases synchronise the device at their edges, so their sum is a little above the plain
-total. The first revision is split the same way, in a second table. --profile DIR also writes a torch.profiler trace of one warm revision per size,
-with a table of the ops that took the most host and device time.
+total. The first revision is split the same way, in a second table. --profile DIR also
+writes a torch.profiler trace of one warm revision per size, with a table of the ops that
+took the most host and device time.
 
 The model and data are those of bench_e2e.py (same flags).
 """

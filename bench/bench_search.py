@@ -5,8 +5,9 @@ The authors' loop (fastunlearn.authors.authors_search): batches of 64, a full ba
 with an autograd graph for the relabel. The engine: a frozen copy, big chunks, the
 input-only backward seeded by relabel_check's dlogits, the fused boundary_step, one check
 forward at the end; it is timed again on a copy whose BatchNorm layers are not folded into
-the convolutions (what folding buys). Both run T = 1 FGSM at eps = 0.1 on the same images; the table shows
-samples/s, the ratio and how many labels agree. With --curve it also times T = 1..8 with
+the convolutions (what folding buys). Both run T = 1 FGSM at eps = 0.1 on the same images;
+the table shows samples/s, the ratio and how many labels agree. With --curve it also times
+T = 1..8 with
 and without early exit, to show the cost per sample falling as samples cross. With
 --compile it also times the engine with search_compile=True (torch.compile of the frozen
 model): compile seconds, warm samples/s against the eager engine, and label agreement.
