@@ -7,10 +7,10 @@ input-only backward seeded by relabel_check's dlogits, the fused boundary_step, 
 forward at the end; it is timed again on a copy whose BatchNorm layers are not folded into
 the convolutions (what folding buys). Both run T = 1 FGSM at eps = 0.1 on the same images;
 the table shows samples/s, the ratio and how many labels agree. With --curve it also times
-T = 1..8 with
-and without early exit, to show the cost per sample falling as samples cross. With
---compile it also times the engine with search_compile=True (torch.compile of the frozen
-model): compile seconds, warm samples/s against the eager engine, and label agreement.
+T = 1..8 with and without early exit, to show the cost per sample falling as samples
+cross. With --compile it also times the engine with search_compile=True (torch.compile of
+the frozen model): compile seconds, warm samples/s against the eager engine, and label
+agreement.
 
 With --precision bf16 (or fp16, or auto on a GPU) a second table compares, for each T in
 --lowp-steps, the low-precision engine with and without its fp32 recheck against the fp32
