@@ -172,6 +172,20 @@ def trace(fn: Callable, path: str, device) -> str:
     return path
 
 
+def layout_conversions(averages) -> tuple:
+    """(ms, kernels) spent in cuDNN's own NCHW <-> NHWC transposes, from profiler averages.
+
+    cuDNN runs them when it is handed an NCHW tensor for a kernel that wants NHWC (or the
+    other way): in a channels_last model that means some input, weight or gradient is laid
+    out, or only strided, as NCHW, and every step pays a transpose of it."""
+    ms, calls = 0.0, 0
+    for e in averages:
+        if "nchwToNhwc" in e.key or "nhwcToNchw" in e.key:
+            ms += getattr(e, "self_device_time_total", 0.0) / 1e3
+            calls += e.count
+    return ms, calls
+
+
 def write_op_table(prof, path: str, wall_ms: float, device: torch.device, rows: int = 30) -> str:
     """The ops that took the most time, and how busy the device was: a trace too big to
     open still answers whether a run waits on the device or on the host."""
@@ -186,6 +200,11 @@ def write_op_table(prof, path: str, wall_ms: float, device: torch.device, rows: 
         lines.append(f"device busy {busy_ms:.1f} ms of {wall_ms:.1f} ms wall ({100 * busy_ms / wall_ms:.0f}%): "
                      + ("the host (launches, Python) is the bound" if busy_ms < 0.6 * wall_ms else
                         "the device is the bound"))
+        conv_ms, conv_calls = layout_conversions(averages)
+        if conv_calls:
+            lines.append(f"cuDNN layout conversions (NCHW <-> NHWC): {conv_ms:.2f} ms in {conv_calls} kernels "
+                         f"({100 * conv_ms / max(busy_ms, 1e-9):.1f}% of device time): a convolution met a tensor "
+                         "PyTorch reads as NCHW in a channels_last model (see search.channels_last_input)")
     else:
         lines.append(f"wall {wall_ms:.1f} ms; the table is host time")
     lines.append(averages.table(sort_by=key, row_limit=rows))
