@@ -203,8 +203,9 @@ def write_op_table(prof, path: str, wall_ms: float, device: torch.device, rows: 
         conv_ms, conv_calls = layout_conversions(averages)
         if conv_calls:
             lines.append(f"cuDNN layout conversions (NCHW <-> NHWC): {conv_ms:.2f} ms in {conv_calls} kernels "
-                         f"({100 * conv_ms / max(busy_ms, 1e-9):.1f}% of device time): a convolution met a tensor "
-                         "PyTorch reads as NCHW in a channels_last model (see search.channels_last_input)")
+                         f"({100 * conv_ms / max(busy_ms, 1e-9):.1f}% of device time): convolutions met tensors in "
+                         "another layout than their kernels use (an NCHW model under bf16, or a channels_last one "
+                         "with an input PyTorch reads as NCHW: see search.channels_last_input)")
     else:
         lines.append(f"wall {wall_ms:.1f} ms; the table is host time")
     lines.append(averages.table(sort_by=key, row_limit=rows))
