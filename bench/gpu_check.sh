@@ -111,6 +111,8 @@ if want ops; then
 step "bench: boundary_step and relabel_check"
 run 60 python bench/bench_boundary_step.py --no-reference
 run 45 python bench/bench_relabel_check.py
+# The first layer of a 1-channel model: cuDNN channels_last vs NCHW vs unfold + GEMM.
+run 90 python bench/bench_thin_conv.py
 
 fi
 

@@ -341,7 +341,7 @@ def cmd_report(args):
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in rep.paths.values()))} to {args.out}")
 
 
-BENCHES = ("e2e", "revision", "search", "boundary_step", "relabel_check")
+BENCHES = ("e2e", "revision", "search", "boundary_step", "relabel_check", "thin_conv")
 
 
 def _bench_script(name):
