@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import validate
-from .metrics import _model_device, prepare
+from .metrics import prepare
+from .validate import resolve_device
 
 BASELINES = ("retrain", "finetune_remain", "neggrad", "neggrad_plus", "random_labels", "boundary_shrink", "scrub")
 
@@ -77,7 +78,7 @@ def _loop(model, forget, remain, steps_of, loss_fn, epochs, lr, batch_size, mean
           weight_decay=0.0):
     """SGD for ``epochs`` passes over the set ``steps_of`` names ("forget" or "remain");
     each step gets a batch of both sets (None where a set is absent) and loss_fn(model, f, r)."""
-    dev = _model_device(model, device)
+    dev = resolve_device(model, device)
     net = copy.deepcopy(model).to(dev)
     net.requires_grad_(True)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -206,7 +207,7 @@ def scrub(model, forget, remain, *, epochs: int = 2, max_steps: int = 1, lr: flo
     the first ``max_steps`` epochs) and towards it plus the labels on remain batches (min steps)."""
     _check(epochs, lr)
     f, r = validate.pair(forget, "forget"), validate.pair(remain, "remain")
-    dev = _model_device(model, device)
+    dev = resolve_device(model, device)
     teacher = copy.deepcopy(model).to(dev).eval()
     teacher.requires_grad_(False)
 

@@ -523,7 +523,7 @@ def build_parser():
     b = sub.add_parser("backends", help="which fused-op backends are available, and why not")
     b.set_defaults(func=cmd_backends)
 
-    bn = sub.add_parser("bench", help="run a benchmark: e2e | revision | search | boundary_step | relabel_check",
+    bn = sub.add_parser("bench", help="run a benchmark: " + " | ".join(BENCHES),
                         description="Run bench/bench_NAME.py with the remaining arguments (see "
                         "`fastunlearn bench NAME --help`). --profile DIR (anywhere on the line) also writes a "
                         "torch.profiler trace (trace.json, opens in Perfetto or chrome://tracing) and a roofline "

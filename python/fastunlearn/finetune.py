@@ -41,6 +41,7 @@ file is complete, so all ranks can resume from the same path.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import warnings
@@ -57,7 +58,7 @@ from ._phases import phase
 from .heap import reuse_freed_memory
 from .search import SearchResult, channels_last_input, resolve_precision
 from .train import augment_mode, crop_at, flip_where
-from .validate import canonical_device
+from .validate import resolve_device
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces; a checkpoint may be resumed
@@ -120,8 +121,9 @@ class _GraphedStep:
 
 def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Put a data tensor where the train step gathers from: on the device when it fits in a
-    quarter of the free memory, else pinned host memory (batches are copied asynchronously)."""
-    if x.device == canonical_device(device):
+    quarter of the free memory, else pinned host memory (batches are copied asynchronously).
+    device carries its index (validate.canonical_device), as tensors' devices do."""
+    if x.device == device:
         return x
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -177,7 +179,7 @@ class FinetuneEngine:
     def __init__(self, model: nn.Module, config: UnlearnConfig, *, mean=None, std=None, device=None,
                  teacher: Optional[nn.Module] = None, channels_last: Optional[bool] = None,
                  compile_mode: Optional[str] = None):
-        self.device = canonical_device(device) if device is not None else next(model.parameters()).device
+        self.device = resolve_device(model, device)
         self.config = config
         self.autocast = resolve_precision(config.precision, self.device)
         self.channels_last = (default_channels_last(model, self.device, self.autocast) if channels_last is None
@@ -608,31 +610,30 @@ class FinetuneEngine:
                     # host memory would make every step wait for the device.
                     perm_dev = perm.to(dev, non_blocking=True)
                     if use_remain:
-                        remain_dev = torch.cat(remain_idx).to(dev, non_blocking=True)
-                        remain_at = [0]
-                        for r in remain_idx:
-                            remain_at.append(remain_at[-1] + r.shape[0])
+                        remain_host = torch.cat(remain_idx)
+                        remain_dev = remain_host.to(dev, non_blocking=True)
+                        remain_at = [0, *itertools.accumulate(r.shape[0] for r in remain_idx)]
                     aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
                     tgt = targets[epoch % len(targets)]
                     clock.start()
                     while batch < per_epoch:
                         if max_steps is not None and step >= max_steps:
                             raise StopRun(f"stopped after max_steps={max_steps}")
-                        idx, host_idx = perm_dev[batch * bs:(batch + 1) * bs], perm[batch * bs:(batch + 1) * bs]
+                        rows = slice(batch * bs, min(n, (batch + 1) * bs))
                         shares = None
                         if sharded:
-                            idx, share_f = _rank_slice(idx, self.rank, self.world)
-                            host_idx, _ = _rank_slice(host_idx, self.rank, self.world)
+                            rows, share_f = _rank_rows(rows, self.rank, self.world)
                             shares = (share_f, 1.0)
+                        idx, host_idx = perm_dev[rows], perm[rows]
                         xf, tf = _gather(fx, idx, host_idx, dev), _gather(tgt, idx, host_idx, dev)
                         if aug_f_dev is not None:
                             xf = _apply_augment(xf, aug_f_dev, idx, aug_pad)
                         if use_remain:
-                            ridx, host_ridx = remain_dev[remain_at[batch]:remain_at[batch + 1]], remain_idx[batch]
+                            rrows = slice(remain_at[batch], remain_at[batch + 1])
                             if sharded:
-                                ridx, share_r = _rank_slice(ridx, self.rank, self.world)
-                                host_ridx, _ = _rank_slice(host_ridx, self.rank, self.world)
+                                rrows, share_r = _rank_rows(rrows, self.rank, self.world)
                                 shares = (share_f, share_r)
+                            ridx, host_ridx = remain_dev[rrows], remain_host[rrows]
                             xr, yr = _gather(rx, ridx, host_ridx, dev), _gather(ry, ridx, host_ridx, dev)
                             if aug_r_dev is not None:
                                 xr = _apply_augment(xr, aug_r_dev, ridx, aug_pad)
@@ -737,11 +738,12 @@ def _apply_augment(x: torch.Tensor, params: dict, idx: torch.Tensor, pad: int) -
     return x
 
 
-def _rank_slice(idx: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, float]:
-    """This rank's contiguous slice of a global batch, and its fraction of the batch's rows."""
-    rows = idx.shape[0]
-    start, stop = shard_bounds(rows, rank, world)
-    return idx[start:stop], (stop - start) / rows
+def _rank_rows(rows: slice, rank: int, world: int) -> tuple[slice, float]:
+    """This rank's contiguous part of a global batch's rows (a slice of the epoch's index
+    list), and its fraction of the batch."""
+    count = rows.stop - rows.start
+    start, stop = shard_bounds(count, rank, world)
+    return slice(rows.start + start, rows.start + stop), (stop - start) / count
 
 
 def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:

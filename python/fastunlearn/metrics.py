@@ -9,16 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import as_tensors, to_float
-from .validate import canonical_device
+from .validate import resolve_device
 
 GAP_KEYS = ("forget_acc", "remain_acc", "test_acc", "mia_lr")
-
-
-def _model_device(model: torch.nn.Module, device) -> torch.device:
-    if device is not None:
-        return canonical_device(device)
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _channel(v, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
@@ -51,7 +44,7 @@ def predict_logits(model, x, mean=None, std=None, batch_size: int = 512, device=
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = _model_device(model, device)
+    dev = resolve_device(model, device)
     was_training = model.training
     model.eval()
     try:

@@ -30,12 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from ._phases import phase, phases  # noqa: F401  (the public home of both)
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ._phases import _sync, phase, phases  # noqa: F401  (the public home of phase and phases)
 
 
 def _median_seconds(fn: Callable, device: torch.device, reps: int, warmup: int = 2) -> float:

@@ -45,7 +45,7 @@ from .config import UnlearnConfig
 from .heap import reuse_freed_memory
 from .ops import boundary_step, relabel_check
 from .source import ImageSource
-from .validate import canonical_device
+from .validate import resolve_device
 
 
 @dataclass
@@ -120,11 +120,11 @@ def _has_hooks(m: nn.Module) -> bool:
                 or getattr(m, "_backward_pre_hooks", None) or m._state_dict_hooks)
 
 
-def _conv_bn_pairs(model: nn.Module) -> list:
+def _conv_bn_pairs(model: nn.Module, mods: dict) -> list:
     """(conv name, BatchNorm name) pairs where the BatchNorm takes the convolution's output
     and nothing else does. Plain nn.Sequential runs give them without tracing; other
-    models are traced with torch.fx (a model it cannot trace keeps its other BatchNorms)."""
-    mods = dict(model.named_modules())
+    models are traced with torch.fx (a model it cannot trace keeps its other BatchNorms).
+    mods: dict(model.named_modules())."""
     # A module reachable by two paths, or a weight shared with another module, would carry
     # the fold into places that have no BatchNorm after them.
     seen_mods: dict = {}
@@ -193,7 +193,7 @@ def fold_batchnorm(model: nn.Module) -> int:
     weights, hooks and parametrizations are left alone.
     """
     mods = dict(model.named_modules())
-    pairs = _conv_bn_pairs(model)
+    pairs = _conv_bn_pairs(model, mods)
     for conv_name, bn_name in pairs:
         conv, bn = mods[conv_name], mods[bn_name]
         w = conv.weight
@@ -321,7 +321,7 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
     index_base / n_total: where these rows sit in a larger forget set (a shard of it), so
     each sample draws the noise it would draw in a search over the whole set.
     """
-    device = canonical_device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(model, device)
     with reuse_freed_memory(device.type == "cpu"):
         return _run_search(model, x, y, config, mean=mean, std=std, device=device, refreshes=refreshes,
                            progress=progress, frozen=frozen, index_base=index_base, n_total=n_total)

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .config import AUGMENT_MODES
 from .data import as_tensors
-from .metrics import _model_device, prepare
+from .metrics import prepare
+from .validate import resolve_device
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 
@@ -83,7 +84,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
     n = x.shape[0]
     if n == 0:
         raise ValueError("train is empty")
-    dev = _model_device(model, device)
+    dev = resolve_device(model, device)
     net = copy.deepcopy(model).to(dev)
     if epochs == 0:
         return net.eval()

@@ -105,6 +105,11 @@ def mean_std(mean, std, channels: int):
     return out[0], out[1]
 
 
+def resolve_device(model: nn.Module, device=None) -> torch.device:
+    """Where to run: ``device`` (with its index, see canonical_device), else the model's device."""
+    return canonical_device(device) if device is not None else model_device(model)
+
+
 def check_devices(model: nn.Module, device, **tensors):
     """Data given on a device other than the model's is an error unless device= says where to run."""
     if device is not None:
