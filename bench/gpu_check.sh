@@ -3,7 +3,7 @@
 # and leave a table (summary.txt) and a CSV (results.csv) under $OUT.
 # Budget: 8 minutes in all (BUDGET_S). Steps run in order of importance; each gets at most
 # its own limit and what is left of the budget; what the budget does not reach is listed as
-# skipped (on an H200: build about 55 s, end to end 45 s, revision split 2 min, test_cuda
+# skipped (on an H200: build about 55 s, end to end 45 s, first use not yet timed, revision split 2 min, test_cuda
 # 65 s, test_boundary_step 100 s). A device session of 15 minutes fits one call (about
 # 30-60 s to start the machine) and leaves time for a short second one.
 #
@@ -20,7 +20,7 @@ export FASTUNLEARN_BENCH_CSV="$OUT/results.csv"
 export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUDGET_S=${BUDGET_S:-480}
-# ONLY="...": a subset of the steps, default all of them, in this order: build e2e revision
+# ONLY="...": a subset of the steps, default all of them, in this order: build e2e cold revision
 #   tests memcheck ops e2e-variants search search-resnet.
 # TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases);
 # TESTS_FILES: which test files (default test_cuda, test_boundary_step, test_relabel_check);
@@ -69,6 +69,11 @@ run 180 "${E2E[@]}" --profile "$OUT/profile_e2e"
 gzip -f "$OUT/profile_e2e/trace.json" 2>/dev/null
 # The original trained here comes back with the results: put it in .bench_data/ to reuse it.
 [[ -f "$MODEL" ]] && cp "$MODEL" "$OUT/"
+fi
+if want cold; then
+step "bench: what the first fu.unlearn of a process pays (1 epoch, first call vs second, by phase and op)"
+run 90 python bench/bench_cold_start.py --width 1 --train-size 0 --train-epochs 3 --epochs 1 --model "$MODEL" --profile "$OUT/profile_cold"
+gzip -f "$OUT/profile_cold/first_use_trace.json" 2>/dev/null
 fi
 if want revision; then
 step "bench: where a warm revision's time goes (64 samples and the whole class; auto, bf16, fp32)"

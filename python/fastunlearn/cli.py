@@ -341,7 +341,7 @@ def cmd_report(args):
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in rep.paths.values()))} to {args.out}")
 
 
-BENCHES = ("e2e", "revision", "search", "boundary_step", "relabel_check", "thin_conv")
+BENCHES = ("e2e", "revision", "cold_start", "search", "boundary_step", "relabel_check", "thin_conv")
 
 
 def _bench_script(name):
@@ -380,7 +380,7 @@ def cmd_bench(args):
             profile_dir = a.split("=", 1)[1]
             del rest[i]
             break
-    if profile_dir and args.name in ("e2e", "revision"):
+    if profile_dir and args.name in ("e2e", "revision", "cold_start"):
         rest += ["--profile", profile_dir]  # they profile their own runs, on their own model
         profile_dir = None
     old_argv = sys.argv
@@ -528,7 +528,8 @@ def build_parser():
                         "`fastunlearn bench NAME --help`). --profile DIR (anywhere on the line) also writes a "
                         "torch.profiler trace (trace.json, opens in Perfetto or chrome://tracing) and a roofline "
                         "summary (roofline.txt/json) of the search, a train step and the elementwise ops; for "
-                        "revision, a trace of one warm revision per case with its top ops.")
+                        "revision, a trace of one warm revision per case with its top ops; for cold_start, the first "
+                        "call's trace and the table of what it paid more than the second.")
     bn.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
     bn.add_argument("name", choices=BENCHES)
     bn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")

@@ -167,6 +167,73 @@ def trace(fn: Callable, path: str, device) -> str:
     return path
 
 
+def first_use(fn: Callable, device, trace_path: Optional[str] = None) -> dict:
+    """What the first call of fn in this process pays that a second, identical call does not.
+
+    Runs fn twice, each under torch.profiler and ``phases``, and returns
+    {"first": run, "second": run}, each run {"wall_s", "phases": {name: seconds},
+    "ops": {name: (host_self_ms, device_self_ms, calls)}}. A cold call's extra time sits in
+    a few places: the host time inside convolution ops (cuDNN / oneDNN building plans or
+    primitives for shapes they have not met), CUDA runtime calls (kernel modules loaded on
+    first launch, allocations, graph instantiation) and the library's phases (captures,
+    the search's chunk-size probe); ``format_first_use`` ranks them. trace_path: also write
+    the first call's trace there.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for label in ("first", "second"):
+        _sync(device)
+        with phases(device) as ph, profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            wall = time.perf_counter() - t0
+        ops = {}
+        for e in prof.key_averages():
+            host, dev_us, calls = ops.get(e.key, (0.0, 0.0, 0))
+            ops[e.key] = (host + e.self_cpu_time_total / 1e3,
+                          dev_us + getattr(e, "self_device_time_total", 0.0) / 1e3, calls + e.count)
+        out[label] = {"wall_s": wall, "phases": {k: v[0] for k, v in ph.items()}, "ops": ops}
+        if label == "first" and trace_path:
+            os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
+            prof.export_chrome_trace(trace_path)
+    return out
+
+
+def format_first_use(result: dict, rows: int = 15) -> str:
+    """The phases and the ops of ``first_use``'s result, ranked by what the first call paid
+    more than the second (host self time for ops: a host stall there delays everything)."""
+    first, second = result["first"], result["second"]
+    lines = [f"first call {first['wall_s']:.3f} s, second {second['wall_s']:.3f} s: the first pays "
+             f"{first['wall_s'] - second['wall_s']:+.3f} s (both under the profiler, so slower than plain runs)"]
+    names = list(dict.fromkeys(list(first["phases"]) + list(second["phases"])))
+    # A part ("search/recheck") closes before its phase and so is recorded first: list each
+    # phase, then its parts.
+    tops = list(dict.fromkeys(k.split("/")[0] for k in names))
+    names.sort(key=lambda k: (tops.index(k.split("/")[0]), "/" in k))
+    if names:
+        lines.append(f"{'by phase (s)':<31s}{'first':>8s} {'second':>8s} {'excess':>8s}")
+        for k in names:
+            a, b = first["phases"].get(k, 0.0), second["phases"].get(k, 0.0)
+            lines.append(f"  {k:<28.28s} {a:8.3f} {b:8.3f} {a - b:+8.3f}")
+    keys = set(first["ops"]) | set(second["ops"])
+    zero = (0.0, 0.0, 0)
+    ranked = sorted(keys, key=lambda k: second["ops"].get(k, zero)[0] - first["ops"].get(k, zero)[0])
+    lines.append("by op, host self time (ms)            first    second   excess  calls first/second"
+                 "  device ms excess")
+    for k in ranked[:rows]:
+        a, b = first["ops"].get(k, zero), second["ops"].get(k, zero)
+        if a[0] - b[0] < 0.05:  # the rest differ by less than the table shows
+            break
+        name = k if len(k) <= 36 else k[:33] + "..."
+        lines.append(f"  {name:<36s} {a[0]:8.1f} {b[0]:8.1f} {a[0] - b[0]:+8.1f}  {a[2]:>6d}/{b[2]:<6d}"
+                     f"  {a[1] - b[1]:+8.2f}")
+    return "\n".join(lines)
+
+
 def layout_conversions(averages) -> tuple:
     """(ms, kernels) spent in cuDNN's own NCHW <-> NHWC transposes, from profiler averages.
 
