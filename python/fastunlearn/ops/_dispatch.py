@@ -7,8 +7,11 @@ import torch
 from .. import _backends
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
-# Preference for CUDA tensors when backend="auto"; bench/gpu_check.sh measures both
-# and this order follows the faster one.
+# Preference for CUDA tensors when backend="auto". The CUDA ops come compiled; a Triton
+# kernel is compiled on its first call in a process without a warm Triton cache, which costs
+# a one-off job more than the kernel can win back: on the H200 of bench/RESULTS.md Triton's
+# boundary_step saves 0.09 ms on 38.5M elements (0.148 vs 0.239 ms), and its relabel_check is
+# slower than eager below 32,000 classes. gpu_check.sh measures both.
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 
