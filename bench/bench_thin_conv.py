@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import add_run_args, append_csv, apply_run_args, device_name, print_table, timeit  # noqa: E402
+from common import add_run_args, apply_run_args, device_name, report, timeit  # noqa: E402
 
 from fastunlearn.search import channels_last_input  # noqa: E402
 
@@ -139,11 +139,8 @@ def main(argv=None):
                         row[f"{name}_err"] = rel_err(fn(), ref[i])
                 row["gemm_vs_cl"] = row["cl_ms"] / row["gemm_ms"]
                 rows.append(row)
-    print(f"\nthin convolution, {device_name(dev)}; ms p50")
-    print_table(rows, ["batch", "dtype", "pass", "cl_ms", "nchw_ms", "gemm_ms", "gemm_vs_cl", "cl_err", "gemm_err"])
-    if not args.no_csv:
-        common = {"device": device_name(dev)}
-        print(f"\nappended {len(rows)} rows to {append_csv([dict(common, **r) for r in rows], args.csv)}")
+    report(rows, f"thin convolution, {device_name(dev)}; ms p50",
+           ["batch", "dtype", "pass", "cl_ms", "nchw_ms", "gemm_ms", "gemm_vs_cl", "cl_err", "gemm_err"], args, dev)
     return rows
 
 

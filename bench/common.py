@@ -110,6 +110,16 @@ def apply_run_args(args):
     return torch.device(args.device)
 
 
+def report(rows: list[dict], title: str, cols: list[str], args, device: torch.device):
+    """Print the rows as a table under title; append them to the CSV with the device name
+    unless --no-csv."""
+    print(f"\n{title}")
+    print_table(rows, cols)
+    if not args.no_csv:
+        common = {"device": device_name(device)}
+        print(f"\nappended {len(rows)} rows to {append_csv([dict(common, **r) for r in rows], args.csv)}")
+
+
 def print_table(rows: list[dict], cols: list[str]):
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))

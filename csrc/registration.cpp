@@ -17,6 +17,15 @@ TORCH_LIBRARY(fastunlearn, m) {
   m.def(
       "relabel_check(Tensor logits, Tensor y, int mode, int topk, bool want_grad) "
       "-> (Tensor relabel, Tensor success, Tensor margin, Tensor targets, Tensor dlogits)");
+  // Training-mode BatchNorm2d over (N, C, H, W), then max(., 0) when relu. weight, bias and
+  // the running statistics are float32 (C,); the running ones are updated in place with
+  // momentum (the unbiased variance), as torch.nn.functional.batch_norm does.
+  m.def(
+      "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor y, Tensor mean, Tensor invstd)");
+  m.def(
+      "batch_norm_relu_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
+      "bool relu) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 }
 
 // The Python module itself only carries the build facts; the ops live in torch.ops.fastunlearn.

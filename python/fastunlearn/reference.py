@@ -309,6 +309,36 @@ def remain_loss(logits, y_true, teacher_logits, remain_target):
     return soft_cross_entropy(logits, torch.softmax(teacher_logits.float(), dim=1))
 
 
+# ------------------------------------------------------------- train step
+def batch_norm_relu(x, weight, bias, running_mean=None, running_var=None, *, momentum=0.1, eps=1e-5, relu=True):
+    """A training-mode BatchNorm2d, then max(., 0) when relu: the train step's fused layer.
+
+    x (N, C, H, W); weight, bias (C,). Returns (y, mean, invstd) in float64 (y in x's shape):
+    mean and the biased variance over (N, H, W) normalise, invstd = 1 / sqrt(var + eps).
+    running_mean / running_var, when given, are updated in place as
+    torch.nn.functional.batch_norm does: (1 - momentum) * old + momentum * new, with the
+    unbiased variance. Differentiable (autograd gives the reference backward); at an
+    output of exactly 0 the ReLU's gradient is 0, as torch's is.
+    """
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    if m <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}")
+    xd = x.double()
+    mean = xd.mean(dim=(0, 2, 3))
+    var = xd.var(dim=(0, 2, 3), unbiased=False)
+    invstd = 1.0 / torch.sqrt(var + eps)
+    shape = (1, -1, 1, 1)
+    y = (xd - mean.reshape(shape)) * invstd.reshape(shape) * weight.double().reshape(shape) \
+        + bias.double().reshape(shape)
+    if relu:
+        y = torch.relu(y)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_((1 - momentum) * running_mean.double() + momentum * mean.detach())
+            running_var.copy_((1 - momentum) * running_var.double() + momentum * var.detach() * m / (m - 1))
+    return y, mean, invstd
+
+
 # ---------------------------------------------------------------- composition
 def interpolate(model_a, model_b, t: float):
     """A copy of model_a with floating-point state (1 - t) * a + t * b."""

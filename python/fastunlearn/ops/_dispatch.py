@@ -15,7 +15,13 @@ BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 
+# Ops that only some backends implement (the others: every backend).
+OP_BACKENDS = {"batch_norm_relu": ("torch", "cpu")}
+
+
 def _available(op: str, name: str, device: torch.device) -> bool:
+    if name not in OP_BACKENDS.get(op, BACKENDS):
+        return False
     if name == "torch":
         return True
     if name == "cpu":
