@@ -331,12 +331,18 @@ def test_layout_follows_device_and_precision():
 
     model, cpu = model_with_dropout(), torch.device("cpu")
     assert default_channels_last(model, cpu) and default_channels_last(model, torch.device("cuda"), torch.bfloat16)
-    assert not default_channels_last(model, cpu, torch.bfloat16)  # oneDNN bf16 runs NCHW faster
+    assert default_channels_last(model, cpu, torch.bfloat16)  # BatchNorm fused: channels_last is fastest
+    # Unfused, PyTorch's CPU BatchNorm is slow in channels_last: a bf16 model with it runs NCHW.
+    assert not default_channels_last(model, cpu, torch.bfloat16, fused_batch_norm=False)
+    no_bn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(75, 2))
+    assert default_channels_last(no_bn, cpu, torch.bfloat16, fused_batch_norm=False)
     assert not default_channels_last(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), cpu)
-    engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision="bf16"), device="cpu")
-    assert not engine.channels_last and engine.model[0].weight.is_contiguous()
-    engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision="fp32"), device="cpu")
-    assert engine.channels_last and engine.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for precision, backend, cl in (("bf16", "auto", True), ("bf16", "torch", False), ("fp32", "auto", True)):
+        engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision=precision, backend=backend),
+                                device="cpu")
+        assert engine.fuse_batch_norm == (backend == "auto") and engine.channels_last == cl
+        assert engine.model[0].weight.is_contiguous(memory_format=torch.channels_last if cl else
+                                                    torch.contiguous_format)
 
 
 def test_cuda_device_gets_its_index(monkeypatch):

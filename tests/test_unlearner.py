@@ -115,7 +115,8 @@ def test_session_checks_data_against_the_model(gen):
 
 def test_bf16_unlearn_on_cpu_keeps_fp32_labels(digits_model):
     """The path precision="auto" takes on CPUs with AMX / AVX512-BF16: a bf16 search whose
-    labels are the fp32 search's (the recheck), and a bf16 fine-tune that trains NCHW."""
+    labels are the fp32 search's (the recheck), and a bf16 fine-tune that trains
+    channels_last with its BatchNorm fused."""
     from conftest import DIGITS_MEAN, DIGITS_STD
 
     model, x, y = digits_model
@@ -125,8 +126,8 @@ def test_bf16_unlearn_on_cpu_keeps_fp32_labels(digits_model):
     fp32 = fu.unlearn(model, forget, remain, config=cfg.replace(precision="fp32"), **kw)
     session = fu.Unlearner(model, cfg.replace(precision="bf16"), mean=DIGITS_MEAN, std=DIGITS_STD)
     bf16 = session.revise(forget, remain, progress=False)
-    assert not session.engine.channels_last and session.frozen[0].weight.is_contiguous(
-        memory_format=torch.channels_last)
+    assert session.engine.channels_last and session.engine.fuse_batch_norm
+    assert session.frozen[0].weight.is_contiguous(memory_format=torch.channels_last)
     agree = float((bf16.relabels == fp32.relabels).float().mean())
     assert agree >= 0.99, f"{agree:.2%} of {len(forget[1])} relabels agree"
     assert all(r["loss"] == r["loss"] for r in bf16.history)

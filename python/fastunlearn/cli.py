@@ -341,7 +341,8 @@ def cmd_report(args):
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in rep.paths.values()))} to {args.out}")
 
 
-BENCHES = ("e2e", "revision", "cold_start", "search", "boundary_step", "relabel_check", "thin_conv")
+BENCHES = ("e2e", "revision", "cold_start", "search", "boundary_step", "relabel_check", "batch_norm_relu",
+           "thin_conv")
 
 
 def _bench_script(name):

@@ -63,7 +63,8 @@ class UnlearnConfig:
                    bench/RESULTS.md), so it pays for large forget sets or a warm Unlearner.
                    Inductor's fused kernels round differently, so a sample at a near-tie may
                    relabel differently than without it.
-    backend        backend of the fused ops: auto | torch | cpu | cuda | triton.
+    backend        backend of the fused ops: auto | torch | cpu | cuda | triton. "torch" also
+                   runs the CPU train step's BatchNorm + ReLU as PyTorch's modules (unfused).
     compat         None, or "authors" to reproduce the published code's known defects.
     recheck_margin bf16 / fp16 search only: a sample whose closest decision (relabel, success,
                    early exit) lay within recheck_margin x its rounding noise, r |z|max +

@@ -14,8 +14,9 @@ Where the time goes, and what this module does about it:
   launches of a few hundred small kernels, not the arithmetic, bound an eager step.
   torch.compile can take the step instead (config.compile; then with "reduce-overhead"
   graphs), at a compile cost of tens of seconds. SGD is fused (CUDA) or foreach (CPU).
-* Conv models run channels_last on GPUs and under CPU fp32; CPU bf16 (oneDNN) runs NCHW,
-  which measured faster there (see default_channels_last).
+* Conv models run channels_last (see default_channels_last). On CPU each BatchNorm2d runs
+  as one native op fused with the ReLU after it (fuse_batch_norm_relu): PyTorch's CPU
+  BatchNorm, unfused and in channels_last, cost more than the convolutions at few channels.
 * With remain_reg = 0 the remain set is never read.
 
 BatchNorm: by default the forget and remain batches go through the model in separate
@@ -41,9 +42,11 @@ file is complete, so all ranks can resume from the same path.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
+import types
 import warnings
 import zlib
 from typing import Callable, Optional, Union
@@ -51,18 +54,20 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import distributed, reference
+from . import _backends, distributed, reference
 from .config import UnlearnConfig
 from .distributed import shard_bounds
 from ._phases import phase
 from .heap import reuse_freed_memory
-from .search import SearchResult, channels_last_input, resolve_precision
+from .ops.batch_norm_relu import batch_norm_relu
+from .search import SearchResult, _has_hooks, channels_last_input, resolve_precision
 from .train import augment_mode, crop_at, flip_where
 from .validate import resolve_device
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
-# Config fields that do not change the numbers a run produces; a checkpoint may be resumed
-# with different values of these.
+# Config fields that do not change the numbers a run produces beyond float rounding (compile,
+# and backend through the CPU BatchNorm fusion, round differently); a checkpoint may be
+# resumed with different values of these.
 # recheck_margin only shapes the search, which the checkpoint carries.
 _RESUME_FREE = ("compile", "cuda_graph", "search_compile", "backend", "search_batch_size", "recheck_margin")
 
@@ -75,16 +80,23 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules())
 
 
-def default_channels_last(model: nn.Module, device: torch.device, autocast: Optional[torch.dtype] = None) -> bool:
-    """channels_last for conv models, except under CPU bf16 autocast.
+def default_channels_last(model: nn.Module, device: torch.device, autocast: Optional[torch.dtype] = None,
+                          fused_batch_norm: bool = True) -> bool:
+    """channels_last for conv models, except under CPU bf16 autocast with BatchNorm layers
+    that run unfused.
 
-    GPUs: the layout the bf16 convolution kernels want. CPU fp32: 1.3x faster train steps
-    on AMD EPYC (about even on a Xeon). CPU bf16 (oneDNN on AMX): NCHW is as fast at AllCNN
-    width 0.25 and 1.8x faster at width 0.125 (17.6 vs 32.3 ms per batch-64 step, 2 cores).
+    GPUs: the layout the bf16 convolution kernels want. CPU: oneDNN's convolutions are
+    faster in channels_last, and PyTorch's CPU BatchNorm is slow in it at few channels; with
+    BatchNorm (+ ReLU) fused (fuse_batch_norm_relu, the CPU default) the channels_last step
+    is the fastest at every width measured (AllCNN, batch 64, 2 cores, bf16: 11.6 vs 14.9 ms
+    NCHW unfused at width 0.125, 41 vs 64 ms at width 0.5; bench/RESULTS.md). Unfused under
+    bf16, NCHW is faster (17.6 vs 32.3 ms at width 0.125).
     """
-    if device.type == "cpu" and autocast is not None:
+    if not has_conv(model):
         return False
-    return has_conv(model)
+    if device.type == "cpu" and autocast is not None and not fused_batch_norm:
+        return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return True
 
 
 def resolve_compile(setting) -> bool:
@@ -131,6 +143,83 @@ def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
             return x.to(device, non_blocking=True)
         return x.pin_memory() if not x.is_pinned() else x
     return x.to(device)
+
+
+def _fused_bn_forward(self, x):
+    """A BatchNorm2d's forward (bound to the module) that runs ops.batch_norm_relu in training
+    mode on CPU float32 / bfloat16 inputs, and the module's own forward otherwise; with
+    _fastunlearn_relu set it also applies the ReLU that followed it (which then passes its
+    input through)."""
+    relu = self._fastunlearn_relu
+    if not (self.training and x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1):
+        y = type(self).forward(self, x)
+        return torch.relu(y) if relu else y
+    # _BatchNorm.forward's bookkeeping, unchanged.
+    factor = 0.0 if self.momentum is None else self.momentum
+    if self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+    return batch_norm_relu(x, self.weight, self.bias, *stats, momentum=factor, eps=self.eps, relu=relu,
+                           backend="cpu")
+
+
+def _passthrough(self, x):
+    return x
+
+
+def fuse_batch_norm_relu(model: nn.Module) -> Callable[[], None]:
+    """Route model's BatchNorm2d layers through ops.batch_norm_relu, each fused with the ReLU
+    that follows it in a plain Sequential; returns the function that undoes it.
+
+    Only the modules' forward methods change (their parameters, buffers and state_dict stay),
+    so the model trains as before, and copies made meanwhile stay correct. A ReLU is fused
+    only when both modules are reached once in the model and neither carries hooks (a hook
+    on the BatchNorm would see the ReLU's output), and no global module hook is set.
+    """
+    seen: dict = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    if not bns:
+        return lambda: None
+    from torch.nn.modules import module as _module
+
+    global_hooks = any(getattr(_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"))
+
+    fused_relus = []
+    relu_after = set()
+    if not global_hooks:
+        for seq in model.modules():
+            if type(seq) is not nn.Sequential:
+                continue
+            kids = list(seq._modules.values())  # the order forward runs (children() drops repeats)
+            for a, b in zip(kids, kids[1:]):
+                if (type(a) is nn.BatchNorm2d and type(b) is nn.ReLU and seen[id(a)] == 1 and seen[id(b)] == 1
+                        and not _has_hooks(a) and not _has_hooks(b)):
+                    relu_after.add(id(a))
+                    fused_relus.append(b)
+    for bn in bns:
+        bn._fastunlearn_relu = id(bn) in relu_after
+        bn.forward = types.MethodType(_fused_bn_forward, bn)
+    for r in fused_relus:
+        r.forward = types.MethodType(_passthrough, r)
+
+    def undo():
+        for m in bns + fused_relus:
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_fastunlearn_relu", None)
+
+    return undo
+
+
+def _fusing(device: torch.device, compiled: bool, backend: str) -> bool:
+    """Whether a CPU train step routes BatchNorm (+ ReLU) through the native op: not under
+    torch.compile (which fuses on its own) nor with backend="torch" (plain PyTorch asked for)."""
+    return (device.type == "cpu" and not compiled and backend in ("auto", "cpu")
+            and _backends.has_cpu_op("batch_norm_relu"))
 
 
 class _Probe:
@@ -182,14 +271,6 @@ class FinetuneEngine:
         self.device = resolve_device(model, device)
         self.config = config
         self.autocast = resolve_precision(config.precision, self.device)
-        self.channels_last = (default_channels_last(model, self.device, self.autocast) if channels_last is None
-                              else channels_last)
-        self.model = model.to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.teacher = teacher
-        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
-        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.rank, self.world = distributed.world()
         self.compiled = resolve_compile(config.compile)
         if self.world > 1 and self.compiled:
@@ -201,6 +282,15 @@ class FinetuneEngine:
                 warnings.warn("compile=True is ignored under torch.distributed: the data-parallel train step "
                               "runs eagerly", stacklevel=2)
             self.compiled = False
+        self.fuse_batch_norm = _fusing(self.device, self.compiled, config.backend)
+        self.channels_last = (default_channels_last(model, self.device, self.autocast, self.fuse_batch_norm)
+                              if channels_last is None else channels_last)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.teacher = teacher
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=self.device)
         self.compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.compile_seconds = 0.0
         self._seen = set()
@@ -444,7 +534,11 @@ class FinetuneEngine:
         on a file system every rank that resumes can read.
         """
         # On CPU every step frees and reallocates its activations: keep them in the heap.
-        with reuse_freed_memory(self.device.type == "cpu"):
+        # The BatchNorm layers run fused only for the run: the model the caller gets back
+        # (and any copy of it) has its own forward methods.
+        undo = fuse_batch_norm_relu(self.model) if self.fuse_batch_norm else (lambda: None)
+        with reuse_freed_memory(self.device.type == "cpu"), contextlib.ExitStack() as stack:
+            stack.callback(undo)
             return self._run(forget_x, search, remain, progress=progress, probe=probe,
                              checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                              on_step=on_step, max_steps=max_steps)

@@ -116,7 +116,7 @@ def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=No
     import copy
 
     from .config import UnlearnConfig
-    from .finetune import FinetuneEngine, default_channels_last
+    from .finetune import FinetuneEngine, default_channels_last, fuse_batch_norm_relu
     from .ops import boundary_step, relabel_check
     from .search import SearchResult, frozen_copy, run_search
 
@@ -134,9 +134,12 @@ def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=No
                             teacher=frozen)
     xb, yb = x[:bs], y[:bs]
     engine.model.train()
+    undo = fuse_batch_norm_relu(engine.model) if engine.fuse_batch_norm else None  # as a run does
     if engine.compiled:
         engine.step(xb, yb)  # compile outside the measurement
     rows.append(measure_region(f"train step (batch {bs})", lambda: engine.step(xb, yb), device, peaks, reps))
+    if undo is not None:
+        undo()
     u0 = (x.float() / 255 if x.dtype == torch.uint8 else x.float())
     g = torch.randn_like(u0)
     logits = torch.randn(x.shape[0], 10, device=device)

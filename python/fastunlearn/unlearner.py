@@ -81,8 +81,8 @@ class Unlearner:
         self._channels: Optional[int] = None
         self._classes: Optional[int] = None
         t0 = time.perf_counter()
-        # The search's copy and the train step each pick their layout unless one is given:
-        # under CPU bf16 the train step runs NCHW (see default_channels_last).
+        # The search's copy and the train step each pick their layout unless one is given
+        # (see finetune.default_channels_last).
         cl = default_channels_last(model, self.device) if channels_last is None else channels_last
         self.frozen = frozen_copy(model, self.device, channels_last=cl)
         trainable = copy.deepcopy(model).to(self.device)
