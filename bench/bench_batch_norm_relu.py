@@ -9,6 +9,9 @@ reference value; where the ReLU's input is 0 up to float32 rounding either side 
 those values are left out of the input-gradient error).
 
 The default shapes are those of AllCNN (widths 0.25 and 1) on 28 x 28 images at batch 64.
+With --step-widths, a second table times the whole train step (FinetuneEngine.step, batch 64,
+AllCNN at each width, 1 x 28 x 28 inputs) as PyTorch's modules in NCHW and in channels_last,
+and fused in channels_last (the default).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def parse(argv=None):
                    help="N x C x H x W, comma-separated")
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     p.add_argument("--layouts", default="cl,nchw", help="comma-separated: cl (channels_last), nchw")
+    p.add_argument("--step-widths", default="", help="AllCNN widths whose train step to time, e.g. 0.125,0.25,0.5 "
+                   "(default: none)")
+    p.add_argument("--step-precision", default="bf16", help="the train step's precision: bf16 | fp32")
     add_run_args(p)
     p.set_defaults(device="cpu")
     return p.parse_args(argv)
@@ -61,6 +67,35 @@ def errors(out, x, w, b, dy):
 
     return {"err_y": rel(out[0], y.detach()), "err_dx": rel(out[1][sure], xr.grad[sure]),
             "err_dwb": max(rel(out[2], wr.grad), rel(out[3], br.grad))}
+
+
+def step_rows(args, dev):
+    """ms p50 of one batch-64 train step per AllCNN width: unfused NCHW, unfused channels_last,
+    fused channels_last."""
+    import fastunlearn as fu
+    from fastunlearn.finetune import FinetuneEngine, fuse_batch_norm_relu
+    from fastunlearn.models import create_model
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    cfg = fu.UnlearnConfig(precision=args.step_precision)
+    rows = []
+    for width in [float(w) for w in args.step_widths.split(",") if w]:
+        row = {"bench": "batch_norm_relu step", "width": width, "precision": args.step_precision}
+        for name, channels_last, fuse in (("nchw_ms", False, False), ("cl_ms", True, False), ("cl_fused_ms", True, True)):
+            torch.manual_seed(0)
+            model = create_model(name="allcnn", in_channels=1, num_classes=10, width=width)
+            engine = FinetuneEngine(model, cfg, mean=[0.286], std=[0.353], device=dev, channels_last=channels_last)
+            engine.model.train()
+            undo = fuse_batch_norm_relu(engine.model) if fuse else None
+            row[name] = timeit(lambda: engine.step(x, y), dev, reps=args.reps)[1]
+            if undo:
+                undo()
+        row["fused_vs_nchw"] = row["nchw_ms"] / row["cl_fused_ms"]
+        row["fused_vs_cl"] = row["cl_ms"] / row["cl_fused_ms"]
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -93,7 +128,11 @@ def main(argv=None):
     report(rows, f"batch_norm_relu forward + backward, {device_name(dev)}; ms p50; errors vs float64",
            ["shape", "dtype", "layout", "eager_ms", "fused_ms", "speedup", "fused_err_y", "fused_err_dx",
             "fused_err_dwb", "eager_err_dx", "eager_err_dwb"], args, dev)
-    return rows
+    steps = step_rows(args, dev)
+    if steps:
+        report(steps, f"train step, AllCNN, batch 64, {args.step_precision}, {device_name(dev)}; ms p50",
+               ["width", "nchw_ms", "cl_ms", "cl_fused_ms", "fused_vs_nchw", "fused_vs_cl"], args, dev)
+    return rows + steps
 
 
 if __name__ == "__main__":
