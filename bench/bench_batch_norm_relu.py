@@ -1,6 +1,6 @@
-"""batch_norm_relu (a training-mode BatchNorm2d and the ReLU after it, forward + backward)
-on the CPU: the native op against PyTorch's modules (F.batch_norm, then relu), in the same
-process, on the activation shapes of a batch-64 train step.
+"""batch_norm_relu (a training-mode BatchNorm2d and the ReLU after it, forward + backward):
+the native op of the device (cpu or cuda) against PyTorch's modules (F.batch_norm, then
+relu), in the same process, on the activation shapes of a batch-64 train step.
 
 For each shape, dtype and layout: ms p50 of one forward + backward (the gradient flows to the
 input, the weight and the bias, and the running statistics are updated), the ratio, and the
@@ -10,8 +10,8 @@ those values are left out of the input-gradient error).
 
 The default shapes are those of AllCNN (widths 0.25 and 1) on 28 x 28 images at batch 64.
 With --step-widths, a second table times the whole train step (FinetuneEngine.step, batch 64,
-AllCNN at each width, 1 x 28 x 28 inputs) as PyTorch's modules in NCHW and in channels_last,
-and fused in channels_last (the default).
+AllCNN at each width, 1 x 28 x 28 inputs; on CUDA replayed from a CUDA graph) as PyTorch's
+modules in NCHW and in channels_last, and fused in channels_last (the CPU default).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_run_args, apply_run_args, device_name, report, timeit  # noqa: E402
 
-from fastunlearn import reference  # noqa: E402
+from fastunlearn import _backends, reference  # noqa: E402
 from fastunlearn.ops import batch_norm_relu  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,13 +41,12 @@ def parse(argv=None):
                    "(default: none)")
     p.add_argument("--step-precision", default="bf16", help="the train step's precision: bf16 | fp32")
     add_run_args(p)
-    p.set_defaults(device="cpu")
     return p.parse_args(argv)
 
 
 def one_pass(backend, x, w, b, rm, rv, dy):
     """A forward + backward as a train step runs it; returns (y, dx, dw, db)."""
-    xx, ww, bb = (t.detach().requires_grad_(True) for t in (x, w, b))
+    xx, ww, bb = (t.detach().requires_grad_(True) for t in (x, w, b))  # fresh leaves: no accumulation
     y = batch_norm_relu(xx, ww, bb, rm, rv, backend=backend)
     y.backward(dy)
     return y, xx.grad, ww.grad, bb.grad
@@ -55,6 +54,8 @@ def one_pass(backend, x, w, b, rm, rv, dy):
 
 def errors(out, x, w, b, dy):
     """Largest relative error of y, dx and (dw, db) against the float64 reference."""
+    out = [t.cpu() for t in out]
+    x, w, b, dy = (t.cpu() for t in (x, w, b, dy))
     xr, wr, br = (t.detach().double().requires_grad_(True) for t in (x, w, b))
     y, mean, invstd = reference.batch_norm_relu(xr, wr, br)
     y.backward(dy.double())
@@ -77,8 +78,8 @@ def step_rows(args, dev):
     from fastunlearn.models import create_model
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=gen)
-    y = torch.randint(0, 10, (64,), generator=gen)
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=gen).to(dev)
+    y = torch.randint(0, 10, (64,), generator=gen).to(dev)
     cfg = fu.UnlearnConfig(precision=args.step_precision)
     rows = []
     for width in [float(w) for w in args.step_widths.split(",") if w]:
@@ -101,8 +102,10 @@ def step_rows(args, dev):
 def main(argv=None):
     args = parse(argv)
     dev = apply_run_args(args)
-    if dev.type != "cpu":
-        raise SystemExit(f"batch_norm_relu has a native kernel on the CPU only; got --device {dev}")
+    native = dev.type
+    if native not in ("cpu", "cuda") or not getattr(_backends, f"has_{native}_op")("batch_norm_relu"):
+        raise SystemExit(f"batch_norm_relu has no native kernel for --device {dev} in this build "
+                         f"(fastunlearn.backends(): {_backends.backends()})")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for spec in args.shapes.split(","):
@@ -113,12 +116,13 @@ def main(argv=None):
         for dname in args.dtypes.split(","):
             for layout in args.layouts.split(","):
                 fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-                x = torch.randn(shape, generator=gen).to(DTYPES[dname]).contiguous(memory_format=fmt)
-                dy = torch.randn(shape, generator=gen).to(DTYPES[dname]).contiguous(memory_format=fmt)
-                w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.1
-                rm, rv = torch.zeros(c), torch.ones(c)
+                x = torch.randn(shape, generator=gen).to(dev, DTYPES[dname]).contiguous(memory_format=fmt)
+                dy = torch.randn(shape, generator=gen).to(dev, DTYPES[dname]).contiguous(memory_format=fmt)
+                w = (torch.rand(c, generator=gen) + 0.5).to(dev)
+                b = (torch.randn(c, generator=gen) * 0.1).to(dev)
+                rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
                 row = {"bench": "batch_norm_relu", "shape": spec, "dtype": dname, "layout": layout}
-                for backend, name in (("torch", "eager"), ("cpu", "fused")):
+                for backend, name in (("torch", "eager"), (native, "fused")):
                     row[f"{name}_ms"] = timeit(lambda: one_pass(backend, x, w, b, rm, rv, dy), dev,
                                                reps=args.reps)[1]
                     row.update({f"{name}_{k}": v for k, v in

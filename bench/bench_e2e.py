@@ -28,6 +28,7 @@ from common import append_csv, device_name, print_table, sync  # noqa: E402
 import fastunlearn as fu  # noqa: E402
 from fastunlearn import data, profiling  # noqa: E402
 from fastunlearn.authors import authors_search, authors_unlearn  # noqa: E402
+from fastunlearn.finetune import fuses_batch_norm  # noqa: E402
 from fastunlearn.metrics import evaluate  # noqa: E402
 from fastunlearn.models import create_model  # noqa: E402
 from fastunlearn.search import resolve_precision  # noqa: E402
@@ -59,6 +60,8 @@ def parse(argv=None):
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
                    help="replay our eager train step as a CUDA graph (auto: on for CUDA with compile off)")
     p.add_argument("--precision", default="auto", help="our precision: auto | fp32 | bf16 (the rewrite runs fp32)")
+    p.add_argument("--fuse-batch-norm", default="auto", choices=("auto", "on", "off"),
+                   help="our train step's BatchNorm + ReLU as the native op (auto: on CPU only)")
     p.add_argument("--warm-reps", type=int, default=7, help="warm revisions of 64 samples timed (0 = skip)")
     p.add_argument("--no-authors-split", action="store_true", help="skip timing the rewrite's search alone")
     p.add_argument("--authors-pil", action="store_true",
@@ -124,7 +127,8 @@ def main(argv=None):
     dev, name, train, forget, remain, test, mean, std, model = setup(args)
     flag = FLAG
     cfg = fu.UnlearnConfig(epochs=args.epochs, compile=flag[args.compile], cuda_graph=flag[args.cuda_graph],
-                           precision=args.precision, seed=args.seed, search_batch_size=args.search_batch_size)
+                           precision=args.precision, seed=args.seed, search_batch_size=args.search_batch_size,
+                           fuse_batch_norm=flag[args.fuse_batch_norm])
     auth_cfg = cfg.replace(precision="fp32", cuda_graph=False)
     kw = dict(mean=mean, std=std, device=dev)
 
@@ -171,12 +175,14 @@ def main(argv=None):
         warm_p50 = 1e3 * statistics.median(times)
 
     dname = device_name(dev)
+    fused_bn = fuses_batch_norm(dev, res.step_mode == "compiled", cfg)
     ours_precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision(cfg.precision, dev)]
     rows = [dict(provider="original", **m_orig),
             dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
             *([dict(provider=f"  same, PIL per sample, {args.authors_workers} workers", seconds=t_pil,
                     ratio=t_auth / t_pil)] if t_pil is not None else []),
-            dict(provider=f"fastunlearn ({res.config.refresh_mode}, {res.step_mode}, {ours_precision})",
+            dict(provider=f"fastunlearn ({res.config.refresh_mode}, {res.step_mode}, {ours_precision}"
+                          f"{', BatchNorm fused' if fused_bn else ''})",
                  seconds=t_ours,
                  ratio=t_auth / t_ours, **m_ours)]
     print(f"\nend to end: forget class {args.forget_class} ({len(forget[1])} of {len(train[1])} {name} training "
@@ -209,6 +215,7 @@ def main(argv=None):
                    authors_workers=args.authors_workers if t_pil is not None else None,
                    search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
                    compile=str(res.config.compile), step_mode=res.step_mode, precision=ours_precision,
+                   fused_batch_norm=fused_bn,
                    warm_revision_p50_ms=warm_p50,
                    cold_phases_s=";".join(f"{k}={sec:.4f}" for k, (sec, _) in cold.items()),
                    authors_search_share=auth_search_share,

@@ -3,9 +3,11 @@
 # and leave a table (summary.txt) and a CSV (results.csv) under $OUT.
 # Budget: 8 minutes in all (BUDGET_S). Steps run in order of importance; each gets at most
 # its own limit and what is left of the budget; what the budget does not reach is listed as
-# skipped (on an H200: build about 55 s, end to end 45 s, first use not yet timed, revision split 2 min, test_cuda
-# 65 s, test_boundary_step 100 s). A device session of 15 minutes fits one call (about
-# 30-60 s to start the machine) and leaves time for a short second one.
+# skipped (on an H200: build about 55 s, end to end 45 s before the PIL-loading rewrite was
+# added to it, revision split 2 min, test_cuda 65 s, test_boundary_step 100 s; the tests of
+# batch_norm_relu, the fused end to end and the first-use step are not yet timed there). A
+# device session of 15 minutes fits one call (about 30-60 s to start the machine) and leaves
+# time for a short second one.
 #
 #   device run (from the repo root):  bash bench/gpu_check.sh       carry: [".bench_data"]
 #   .bench_data/ holds the FashionMNIST IDX files: mkdir -p .bench_data &&
@@ -20,10 +22,10 @@ export FASTUNLEARN_BENCH_CSV="$OUT/results.csv"
 export FASTUNLEARN_DATA=${FASTUNLEARN_DATA:-$PWD/.bench_data}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 BUDGET_S=${BUDGET_S:-480}
-# ONLY="...": a subset of the steps, default all of them, in this order: build e2e cold revision
-#   tests memcheck ops e2e-variants search search-resnet.
+# ONLY="...": a subset of the steps, default all of them, in this order: build e2e tests e2e-fused
+#   cold revision tests-ops memcheck ops e2e-variants search search-resnet.
 # TESTS_K: a pytest -k filter for the GPU tests (e.g. "not compiled" skips the compile cases);
-# TESTS_FILES: which test files (default test_cuda, test_boundary_step, test_relabel_check);
+# TESTS_FILES: which test files the tests step runs (default test_cuda, test_batch_norm_relu);
 # REVISION_PRECISIONS: the precisions bench_revision.py compares (default auto,bf16,fp32).
 END=$(( $(date +%s) + BUDGET_S ))
 SUMMARY="$OUT/summary.txt"
@@ -70,6 +72,20 @@ gzip -f "$OUT/profile_e2e/trace.json" 2>/dev/null
 # The original trained here comes back with the results: put it in .bench_data/ to reuse it.
 [[ -f "$MODEL" ]] && cp "$MODEL" "$OUT/"
 fi
+# One pytest per file: a file that runs past its limit does not take the others' reports with it.
+pytest_files() {
+  for f in "$@"; do
+    run 120 python -m pytest -q -rf --tb=short --maxfail=5 --durations=5 -p no:cacheprovider -k "${TESTS_K:-}" "$f"
+  done
+}
+if want tests; then
+step "GPU tests: the engine on CUDA, batch_norm_relu's CUDA kernel against reference.py"
+pytest_files ${TESTS_FILES:-tests/test_cuda.py tests/test_batch_norm_relu.py}
+fi
+if want e2e-fused; then
+step "bench: end to end as above, the train step's BatchNorm + ReLU through the CUDA batch_norm_relu (fuse_batch_norm=True)"
+run 120 "${E2E[@]}" --fuse-batch-norm on --no-authors-split --warm-reps 7
+fi
 if want cold; then
 step "bench: what the first fu.unlearn of a process pays (1 epoch, first call vs second, by phase and op)"
 run 90 python bench/bench_cold_start.py --width 1 --train-size 0 --train-epochs 3 --epochs 1 --model "$MODEL" --profile "$OUT/profile_cold"
@@ -81,19 +97,16 @@ run 150 "${REVISION[@]}" --sizes 64,all --precisions "${REVISION_PRECISIONS:-aut
 # One file: the results come back as a limited number of files.
 tar -czf "$OUT/profile_revision.tar.gz" -C "$OUT" profile_revision 2>/dev/null && rm -rf "$OUT/profile_revision"
 fi
-if want tests; then
-step "GPU tests (engine on CUDA, both fused ops on cuda and triton)"
-# One pytest per file: a file that runs past its limit does not take the others' reports with it.
-for f in ${TESTS_FILES:-tests/test_cuda.py tests/test_boundary_step.py tests/test_relabel_check.py}; do
-  run 120 python -m pytest -q -rf --tb=short --maxfail=5 --durations=5 -p no:cacheprovider -k "${TESTS_K:-}" "$f"
-done
+if want tests-ops; then
+step "GPU tests: boundary_step and relabel_check on the cuda and triton backends"
+pytest_files tests/test_boundary_step.py tests/test_relabel_check.py
 fi
 
 if want memcheck; then
-step "compute-sanitizer memcheck: both ops, cuda and triton backends"
+step "compute-sanitizer memcheck: boundary_step and relabel_check (cuda, triton), batch_norm_relu (cuda)"
 cat > "$OUT/memcheck_ops.py" <<'PY'
 import torch
-from fastunlearn.ops import boundary_step, relabel_check
+from fastunlearn.ops import batch_norm_relu, boundary_step, relabel_check
 for backend in ("cuda", "triton"):
     for shape in [(3, 3, 31, 17), (1, 1, 1, 1)]:
         u0 = torch.rand(shape, device="cuda")
@@ -106,6 +119,13 @@ for backend in ("cuda", "triton"):
         y = torch.randint(0, k, (n,), device="cuda")
         for mode in ("argmax", "nearest_incorrect", "soft", "topk"):
             relabel_check(z, y, mode=mode, want_grad=True, backend=backend)
+for shape in [(3, 5, 7, 9), (2, 1, 1, 3), (64, 40, 3, 3), (1, 70, 2, 2)]:
+    for dt in (torch.float32, torch.bfloat16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(shape, device="cuda").to(dt).contiguous(memory_format=fmt).requires_grad_(True)
+            c = shape[1]
+            batch_norm_relu(x, torch.ones(c, device="cuda"), torch.zeros(c, device="cuda"),
+                            torch.zeros(c, device="cuda"), torch.ones(c, device="cuda"), backend="cuda").sum().backward()
 torch.cuda.synchronize()
 print("memcheck workload done")
 PY
@@ -113,11 +133,13 @@ run 180 compute-sanitizer --tool memcheck --error-exitcode 9 python "$OUT/memche
 fi
 
 if want ops; then
-step "bench: boundary_step and relabel_check"
+step "bench: boundary_step, relabel_check, the thin first convolution, batch_norm_relu"
 run 60 python bench/bench_boundary_step.py --no-reference
 run 45 python bench/bench_relabel_check.py
 # The first layer of a 1-channel model: cuDNN channels_last vs NCHW vs unfold + GEMM.
 run 90 python bench/bench_thin_conv.py
+# The train step's BatchNorm + ReLU: PyTorch's kernels vs batch_norm_relu, alone and in the step.
+run 90 python bench/bench_batch_norm_relu.py --step-widths 1 --layouts cl
 
 fi
 

@@ -2,6 +2,7 @@
 engine's use of it (finetune.fuse_batch_norm_relu)."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ from fastunlearn.ops import batch_norm_relu
 
 needs_cpu_op = pytest.mark.skipif(not _backends.has_cpu_op("batch_norm_relu"),
                                   reason="native extension not built")
+needs_cuda_op = pytest.mark.skipif(not _backends.has_cuda_op("batch_norm_relu"),
+                                   reason="no CUDA device, or the extension was built without CUDA")
+# The native kernel of each device; the CUDA cases run where there is one.
+NATIVE = [pytest.param("cpu", marks=needs_cpu_op), pytest.param("cuda", marks=needs_cuda_op)]
 # Odd sizes, one channel, one pixel, more channels than a vector; at least 3 values per
 # channel (with 2, x - mean is +-s and the input gradient is 0 up to rounding).
 SHAPES = [(64, 24, 28, 28), (3, 5, 7, 9), (3, 1, 1, 3), (5, 7, 1, 1), (7, 130, 3, 5), (1, 3, 3, 1)]
@@ -43,12 +48,12 @@ def _rel(a, ref, floor=1e-12):
     return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(floor))
 
 
-@needs_cpu_op
+@pytest.mark.parametrize("device", NATIVE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(dtype, channels_last, relu, shape, gen):
+def test_matches_reference(device, dtype, channels_last, relu, shape, gen):
     x, w, b, rm, rv, dy = _inputs(shape, dtype, channels_last, gen)
     momentum = float(torch.rand((), generator=gen))
     rm_ref, rv_ref = rm.double(), rv.double()
@@ -62,9 +67,12 @@ def test_matches_reference(dtype, channels_last, relu, shape, gen):
     z = ((xr - mean.reshape(ch)) * invstd.reshape(ch) * wr.reshape(ch) + br.reshape(ch)).detach()
     sure = z.abs() > 1e-5 * z.abs().max() if relu else torch.ones_like(z, dtype=torch.bool)
 
-    xx, ww, bb = (t.clone().requires_grad_(True) for t in (x, w, b))
-    y = batch_norm_relu(xx, ww, bb, rm, rv, momentum=momentum, eps=1e-3, relu=relu, backend="cpu")
-    y.backward(dy)
+    xx, ww, bb = (t.to(device).requires_grad_(True) for t in (x, w, b))
+    rm, rv = rm.to(device), rv.to(device)
+    y = batch_norm_relu(xx, ww, bb, rm, rv, momentum=momentum, eps=1e-3, relu=relu, backend=device)
+    y.backward(dy.to(device))
+    y, rm, rv = y.cpu(), rm.cpu(), rv.cpu()
+    xx, ww, bb = (SimpleNamespace(grad=t.grad.cpu()) for t in (xx, ww, bb))
     tol, tol_wb, tol_stats = TOL[dtype]
     assert y.dtype == dtype and y.shape == x.shape
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -113,6 +121,33 @@ def test_relu_mask_and_statistics_follow_the_definition(gen):
     xr = x.detach().double().requires_grad_(True)
     reference.batch_norm_relu(xr, torch.ones(3), torch.zeros(3))[0].sum().backward()
     assert _rel(x.grad, xr.grad) < 2e-5
+
+
+@needs_cuda_op
+def test_cuda_results_repeat_bit_for_bit_and_replay_in_a_graph(gen):
+    """Fixed-order reductions: two runs agree to the bit, and a captured forward + backward
+    replays to the same numbers (no host synchronisation inside)."""
+    x, w, b, rm, rv, dy = (t.cuda() for t in _inputs((16, 24, 14, 14), torch.bfloat16, True, gen))
+
+    def run():
+        xx, ww, bb = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+        y = batch_norm_relu(xx, ww, bb, backend="cuda")
+        y.backward(dy)
+        return [y.detach(), xx.grad, ww.grad, bb.grad]
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(first, captured))
 
 
 @needs_cpu_op
@@ -283,3 +318,57 @@ def test_unlearn_with_fused_batch_norm_matches_plain_pytorch(digits_model):
     # The model handed back runs its own modules' forward methods.
     assert all("forward" not in m.__dict__ for m in fused.model.modules())
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_config_says_what_fuse_batch_norm_takes():
+    with pytest.raises(ValueError, match=r"fuse_batch_norm must be 'auto', True or False, got 'yes'"):
+        fu.UnlearnConfig(fuse_batch_norm="yes")
+
+
+def test_engine_fuses_where_the_config_and_the_build_allow():
+    from fastunlearn.finetune import FinetuneEngine
+
+    def engine(**kw):
+        return FinetuneEngine(_net(), fu.UnlearnConfig(**kw), device="cpu")
+
+    native = _backends.has_cpu_op("batch_norm_relu")
+    assert engine().fuse_batch_norm == native and engine(fuse_batch_norm=True).fuse_batch_norm == native
+    assert not engine(fuse_batch_norm=False).fuse_batch_norm
+    assert not engine(backend="torch").fuse_batch_norm
+    # Unfused under bf16, the model's BatchNorm keeps the step NCHW.
+    assert not engine(fuse_batch_norm=False, precision="bf16").channels_last
+
+
+@needs_cuda_op
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_fused_step_on_cuda_equals_unfused(cuda_graph, gen):
+    """fuse_batch_norm=True on CUDA (off by default there): the same run as PyTorch's modules
+    within float rounding, eager and replayed from a CUDA graph."""
+    x = torch.randint(0, 256, (40, 2, 7, 7), dtype=torch.uint8, generator=gen).cuda()
+    y = torch.randint(0, 3, (40,), generator=gen).cuda()
+    states = []
+    # TF32 convolutions differ from fp32 in the 4th digit: this is an fp32 check.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _fused_and_plain_runs(x, y, cuda_graph, states)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], rtol=1e-4, atol=1e-5), k
+
+
+def _fused_and_plain_runs(x, y, cuda_graph, states):
+    from fastunlearn.finetune import FinetuneEngine
+
+    for fuse in (False, True):
+        cfg = fu.UnlearnConfig(precision="fp32", lr=0.05, cuda_graph=cuda_graph, fuse_batch_norm=fuse)
+        eng = FinetuneEngine(_net(), cfg, mean=[0.5, 0.5], std=[0.25, 0.25], device="cuda")
+        assert eng.fuse_batch_norm == fuse
+        eng.model.train()
+        undo = fuse_batch_norm_relu(eng.model) if fuse else None
+        for i in range(6):
+            eng.step(x[i * 4:(i + 1) * 4 + 8], y[i * 4:(i + 1) * 4 + 8])
+        if undo:
+            undo()
+        states.append({k: v.float().cpu() for k, v in eng.model.state_dict().items()})

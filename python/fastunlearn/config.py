@@ -57,6 +57,11 @@ class UnlearnConfig:
                    A replay costs one launch instead of hundreds. Each batch shape runs two
                    eager steps, then is captured (up to 4 shapes; more run eagerly); results
                    equal the eager step's within float rounding.
+    fuse_batch_norm run the train step's BatchNorm2d layers (each with the ReLU after it in an
+                   nn.Sequential) as the native batch_norm_relu op: auto (on CPU, where it makes
+                   the step 1.3-1.5x faster, see bench/RESULTS.md; off on CUDA until measured
+                   there) | True (wherever the op has a native kernel) | False (PyTorch's
+                   modules). Results equal the modules' within float rounding.
     search_compile torch.compile the search's frozen model (True / False). The compile costs
                    seconds to tens of seconds once per process and shape family; each search
                    step then runs faster (1.15x on CPU for AllCNN width 0.25, see
@@ -101,6 +106,7 @@ class UnlearnConfig:
     precision: str = "auto"
     compile: object = "auto"
     cuda_graph: object = "auto"
+    fuse_batch_norm: object = "auto"
     search_compile: bool = False
     backend: str = "auto"
     compat: Optional[str] = None
@@ -167,6 +173,8 @@ class UnlearnConfig:
             bad("compile", "'auto', True or False")
         if self.cuda_graph not in COMPILE_MODES:
             bad("cuda_graph", "'auto', True or False")
+        if self.fuse_batch_norm not in COMPILE_MODES:
+            bad("fuse_batch_norm", "'auto', True or False")
         if not isinstance(self.search_compile, bool):
             bad("search_compile", "True or False")
         if self.backend not in BACKENDS:

@@ -66,10 +66,11 @@ from .validate import resolve_device
 
 CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # Config fields that do not change the numbers a run produces beyond float rounding (compile,
-# and backend through the CPU BatchNorm fusion, round differently); a checkpoint may be
-# resumed with different values of these.
+# fuse_batch_norm, and backend through the BatchNorm fusion, round differently); a checkpoint
+# may be resumed with different values of these.
 # recheck_margin only shapes the search, which the checkpoint carries.
-_RESUME_FREE = ("compile", "cuda_graph", "search_compile", "backend", "search_batch_size", "recheck_margin")
+_RESUME_FREE = ("compile", "cuda_graph", "fuse_batch_norm", "search_compile", "backend", "search_batch_size",
+                "recheck_margin")
 
 
 class StopRun(Exception):
@@ -147,11 +148,11 @@ def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _fused_bn_forward(self, x):
     """A BatchNorm2d's forward (bound to the module) that runs ops.batch_norm_relu in training
-    mode on CPU float32 / bfloat16 inputs, and the module's own forward otherwise; with
+    mode on float32 / bfloat16 inputs, and the module's own forward otherwise; with
     _fastunlearn_relu set it also applies the ReLU that followed it (which then passes its
     input through)."""
     relu = self._fastunlearn_relu
-    if not (self.training and x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if not (self.training and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[0] * x.shape[2] * x.shape[3] > 1):
         y = type(self).forward(self, x)
         return torch.relu(y) if relu else y
@@ -161,8 +162,7 @@ def _fused_bn_forward(self, x):
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
     stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-    return batch_norm_relu(x, self.weight, self.bias, *stats, momentum=factor, eps=self.eps, relu=relu,
-                           backend="cpu")
+    return batch_norm_relu(x, self.weight, self.bias, *stats, momentum=factor, eps=self.eps, relu=relu)
 
 
 def _passthrough(self, x):
@@ -215,11 +215,16 @@ def fuse_batch_norm_relu(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def _fusing(device: torch.device, compiled: bool, backend: str) -> bool:
-    """Whether a CPU train step routes BatchNorm (+ ReLU) through the native op: not under
-    torch.compile (which fuses on its own) nor with backend="torch" (plain PyTorch asked for)."""
-    return (device.type == "cpu" and not compiled and backend in ("auto", "cpu")
-            and _backends.has_cpu_op("batch_norm_relu"))
+def fuses_batch_norm(device: torch.device, compiled: bool, config: UnlearnConfig) -> bool:
+    """Whether a train step routes BatchNorm (+ ReLU) through the native op: by default on
+    CPU only; never under torch.compile (which fuses on its own) nor with backend="torch"
+    (plain PyTorch asked for) or "triton" (the op has no Triton kernel)."""
+    setting = config.fuse_batch_norm
+    if setting is False or compiled or config.backend in ("torch", "triton"):
+        return False
+    if device.type == "cpu":
+        return _backends.has_cpu_op("batch_norm_relu")
+    return setting is True and device.type == "cuda" and _backends.has_cuda_op("batch_norm_relu")
 
 
 class _Probe:
@@ -282,7 +287,7 @@ class FinetuneEngine:
                 warnings.warn("compile=True is ignored under torch.distributed: the data-parallel train step "
                               "runs eagerly", stacklevel=2)
             self.compiled = False
-        self.fuse_batch_norm = _fusing(self.device, self.compiled, config.backend)
+        self.fuse_batch_norm = fuses_batch_norm(self.device, self.compiled, config)
         self.channels_last = (default_channels_last(model, self.device, self.autocast, self.fuse_batch_norm)
                               if channels_last is None else channels_last)
         self.model = model.to(self.device)

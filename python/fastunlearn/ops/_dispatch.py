@@ -16,7 +16,7 @@ AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 
 # Ops that only some backends implement (the others: every backend).
-OP_BACKENDS = {"batch_norm_relu": ("torch", "cpu")}
+OP_BACKENDS = {"batch_norm_relu": ("torch", "cpu", "cuda")}
 
 
 def _available(op: str, name: str, device: torch.device) -> bool:

@@ -5,8 +5,9 @@ normalise pass and a ReLU pass forward, and a ReLU-gradient pass, a reduction pa
 input-gradient pass backward. Fused, it is two passes each way, and the backward needs only
 the BatchNorm's input (the ReLU's mask is recomputed from it).
 
-Backends: "cpu" (csrc/batch_norm_relu.cpp), "torch" (F.batch_norm then relu: the unfused
-layers). reference.batch_norm_relu is the float64 definition both are tested against.
+Backends: "cpu" (csrc/batch_norm_relu.cpp), "cuda" (csrc/cuda/batch_norm_relu.cu), "torch"
+(F.batch_norm then relu: the unfused layers). reference.batch_norm_relu is the float64
+definition they are tested against.
 """
 
 from __future__ import annotations
@@ -59,18 +60,18 @@ def batch_norm_relu(x, weight=None, bias=None, running_mean=None, running_var=No
     when relu=False. weight / bias (C,) default to ones / zeros; running_mean / running_var,
     when given, are updated in place (momentum, unbiased variance), as
     torch.nn.functional.batch_norm(training=True) does. Differentiable in x, weight, bias.
-    x: float32 or bfloat16 for the "cpu" backend, NCHW or channels_last (y keeps x's layout).
+    x: float32 or bfloat16 for the native backends, NCHW or channels_last (y keeps x's layout).
     """
     _check(x, weight, bias, running_mean, running_var, eps)
     name = resolve("batch_norm_relu", x.device, backend)
     native_dtype = x.dtype in (torch.float32, torch.bfloat16)
-    if name == "cpu" and not native_dtype and backend == "auto":
+    if name != "torch" and not native_dtype and backend == "auto":
         name = "torch"
     if name == "torch":
         y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
         return torch.relu(y) if relu else y
     if not native_dtype:
-        raise TypeError(f"batch_norm_relu (cpu): x must be float32 or bfloat16, got {x.dtype}")
+        raise TypeError(f"batch_norm_relu ({name}): x must be float32 or bfloat16, got {x.dtype}")
     c = x.shape[1]
     f32 = dict(dtype=torch.float32, device=x.device)
     w = weight if weight is not None else torch.ones(c, **f32)
