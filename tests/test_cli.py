@@ -81,8 +81,10 @@ def test_method_flags_reach_the_config():
     args = cli.build_parser().parse_args(
         ["unlearn", "--model", "m", "--out", "o", "--forget-class", "0", "--eps", "0.2", "--steps", "3",
          "--gamma", "0.1", "--relabel", "soft", "--precision", "bf16", "--recheck-margin", "2.5", "--search-compile",
-         "--remain-reg", "1", "--remain-target", "distill", "--batch-size", "32", "--augment", "flip"])
+         "--remain-reg", "1", "--remain-target", "distill", "--batch-size", "32", "--augment", "flip",
+         "--fuse-batch-norm", "off"])
     cfg = cli.config_from_args(args)
+    assert cfg.fuse_batch_norm is False
     assert (cfg.eps, cfg.steps, cfg.gamma, cfg.relabel, cfg.precision) == (0.2, 3, 0.1, "soft", "bf16")
     assert (cfg.recheck_margin, cfg.search_compile, cfg.remain_reg, cfg.remain_target, cfg.batch_size,
             cfg.augment) == (2.5, True, 1.0, "distill", 32, "flip")

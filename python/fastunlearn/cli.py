@@ -147,6 +147,8 @@ def config_from_args(args):
                                              "remain_reg", "remain_target", "seed", "precision", "backend",
                                              "recheck_margin", "search_compile", "augment")
               if getattr(args, k, None) is not None}
+    if getattr(args, "fuse_batch_norm", None) is not None:
+        fields["fuse_batch_norm"] = {"auto": "auto", "on": True, "off": False}[args.fuse_batch_norm]
     try:
         return UnlearnConfig(**fields)
     except ValueError as e:
@@ -182,6 +184,10 @@ def add_config_args(p, defaults=None):
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
     g.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default=d.backend,
                    help="backend of the fused ops (see `fastunlearn backends`)")
+    g.add_argument("--fuse-batch-norm", choices=("auto", "on", "off"),
+                   default={True: "on", False: "off"}.get(d.fuse_batch_norm, "auto"),
+                   help="train step: BatchNorm2d + the ReLU after it as one native op (auto: on CPU only; "
+                        "on: also on CUDA; off: PyTorch's modules)")
     g.add_argument("--recheck-margin", type=float, default=d.recheck_margin,
                    help="bf16/fp16 search: redo in fp32 the samples whose decisions lay within this many times "
                         "their rounding noise; 0 = off")

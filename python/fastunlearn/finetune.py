@@ -89,9 +89,9 @@ def default_channels_last(model: nn.Module, device: torch.device, autocast: Opti
     GPUs: the layout the bf16 convolution kernels want. CPU: oneDNN's convolutions are
     faster in channels_last, and PyTorch's CPU BatchNorm is slow in it at few channels; with
     BatchNorm (+ ReLU) fused (fuse_batch_norm_relu, the CPU default) the channels_last step
-    is the fastest at every width measured (AllCNN, batch 64, 2 cores, bf16: 11.6 vs 14.9 ms
-    NCHW unfused at width 0.125, 41 vs 64 ms at width 0.5; bench/RESULTS.md). Unfused under
-    bf16, NCHW is faster (17.6 vs 32.3 ms at width 0.125).
+    is the fastest at every width measured (AllCNN, batch 64, 2 cores, bf16: 13.0 ms against
+    17.1 ms NCHW unfused at width 0.125, 43.4 against 62.1 ms at width 0.5; bench/RESULTS.md).
+    Unfused under bf16, NCHW is faster (17.1 against 32.9 ms channels_last at width 0.125).
     """
     if not has_conv(model):
         return False
