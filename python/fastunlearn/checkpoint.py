@@ -7,7 +7,6 @@ import os
 import tempfile
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .models import create_model

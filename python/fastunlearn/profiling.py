@@ -118,7 +118,7 @@ def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=No
     from .config import UnlearnConfig
     from .finetune import FinetuneEngine, default_channels_last, fuse_batch_norm_relu
     from .ops import boundary_step, relabel_check
-    from .search import SearchResult, frozen_copy, run_search
+    from .search import frozen_copy, run_search
 
     cfg = config or UnlearnConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
