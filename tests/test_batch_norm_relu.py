@@ -289,6 +289,19 @@ def test_fused_plain_batch_norm_without_affine_or_running_stats(gen):
 
 
 @needs_cpu_op
+def test_a_half_precision_batch_norm_runs_its_own_forward():
+    """Parameters or statistics in another dtype than float32: the module's own forward (and
+    the fused ReLU after it), not the op, which takes float32 ones only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).to(torch.bfloat16).train()
+    x = torch.randn(4, 1, 6, 6, dtype=torch.bfloat16)
+    plain = copy.deepcopy(model)
+    fuse_batch_norm_relu(model)
+    assert torch.equal(model(x), plain(x))
+    assert torch.equal(model[1].running_mean, plain[1].running_mean)
+
+
+@needs_cpu_op
 def test_a_copy_made_while_fused_trains_its_own_statistics():
     model = _net()
     fuse_batch_norm_relu(model)

@@ -59,7 +59,7 @@ class UnlearnConfig:
                    equal the eager step's within float rounding.
     fuse_batch_norm run the train step's BatchNorm2d layers (each with the ReLU after it in an
                    nn.Sequential) as the native batch_norm_relu op: auto (on CPU, where it makes
-                   the step 1.3-1.5x faster, see bench/RESULTS.md; off on CUDA until measured
+                   the batch-64 step 1.3-2x faster, see bench/RESULTS.md; off on CUDA until measured
                    there) | True (wherever the op has a native kernel) | False (PyTorch's
                    modules). Results equal the modules' within float rounding.
     search_compile torch.compile the search's frozen model (True / False). The compile costs

@@ -148,11 +148,13 @@ def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _fused_bn_forward(self, x):
     """A BatchNorm2d's forward (bound to the module) that runs ops.batch_norm_relu in training
-    mode on float32 / bfloat16 inputs, and the module's own forward otherwise; with
+    mode on float32 / bfloat16 inputs (with float32 parameters and statistics), and the
+    module's own forward otherwise; with
     _fastunlearn_relu set it also applies the ReLU that followed it (which then passes its
     input through)."""
     relu = self._fastunlearn_relu
-    if not (self.training and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+    f32 = all(t is None or t.dtype == torch.float32 for t in (self.weight, self.bias, self.running_mean))
+    if not (self.training and f32 and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[0] * x.shape[2] * x.shape[3] > 1):
         y = type(self).forward(self, x)
         return torch.relu(y) if relu else y
