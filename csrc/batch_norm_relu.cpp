@@ -24,6 +24,8 @@
 #include <tuple>
 #include <vector>
 
+#include "batch_norm_stats.h"
+
 namespace fastunlearn {
 namespace {
 
@@ -58,6 +60,8 @@ struct Layout {
   int64_t blocks() const { return channels_last ? (n * hw + kRowsPerBlock - 1) / kRowsPerBlock : n; }
   int64_t block_begin(int64_t b) const { return b * kRowsPerBlock * c; }
   int64_t block_end(int64_t b) const { return std::min(n * hw, (b + 1) * kRowsPerBlock) * c; }
+  // Values per channel in block b.
+  int64_t block_count(int64_t b) const { return channels_last ? (block_end(b) - block_begin(b)) / c : hw; }
 };
 
 int64_t tile_of(int64_t C) {
@@ -80,10 +84,10 @@ void fold_rows(const float* acc, int64_t C, int64_t tile, float* out) {
   }
 }
 
-// Per block and channel: count, mean and sum of squared deviations (two passes over the
-// block, which is in cache for the second).
+// Per block and channel: mean and sum of squared deviations (two passes over the block,
+// which is in cache for the second).
 template <typename scalar_t>
-void block_moments(const scalar_t* x, const Layout& L, int64_t b, float* mean, float* m2, int64_t* count) {
+void block_moments(const scalar_t* x, const Layout& L, int64_t b, float* mean, float* m2) {
   const int64_t C = L.c;
   if (L.channels_last) {
     const int64_t e0 = L.block_begin(b), e1 = L.block_end(b), T = L.tile;
@@ -95,7 +99,7 @@ void block_moments(const scalar_t* x, const Layout& L, int64_t b, float* mean, f
 #pragma omp simd
       for (int64_t j = 0; j < len; ++j) a[j] += load(p[j]);
     }
-    const float inv = static_cast<float>(C) / static_cast<float>(e1 - e0);
+    const float inv = 1.0f / static_cast<float>(L.block_count(b));
     fold_rows(acc.data(), C, T, mean);
     for (int64_t c = 0; c < C; ++c) mean[c] *= inv;
     repeat_into(mean, C, T, mu_t.data());
@@ -112,7 +116,6 @@ void block_moments(const scalar_t* x, const Layout& L, int64_t b, float* mean, f
       }
     }
     fold_rows(acc.data(), C, T, m2);
-    *count = (e1 - e0) / C;
   } else {
     // Block b is image b: one plane of hw values per channel.
     const float inv = 1.0f / static_cast<float>(L.hw);
@@ -131,7 +134,6 @@ void block_moments(const scalar_t* x, const Layout& L, int64_t b, float* mean, f
       mean[c] = mu;
       m2[c] = q;
     }
-    *count = L.hw;
   }
 }
 
@@ -292,15 +294,6 @@ void check_input(const at::Tensor& x, const char* name) {
               "batch_norm_relu (cpu): ", name, " must be float32 or bfloat16, got ", x.scalar_type());
 }
 
-// Channel-wise scale = weight * invstd and shift = bias - mean * scale (float32).
-void affine_of(const float* w, const float* bias, const float* mean, const float* invstd, int64_t C, float* scale,
-               float* shift) {
-  for (int64_t c = 0; c < C; ++c) {
-    scale[c] = w[c] * invstd[c];
-    shift[c] = bias[c] - mean[c] * scale[c];
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
@@ -323,7 +316,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
   at::Tensor mean_t = at::empty({C}, f32), invstd_t = at::empty({C}, f32);
   const int64_t nb = L.blocks();
   std::vector<float> pm(nb * C), pq(nb * C);
-  std::vector<int64_t> pc(nb);
   std::vector<float> scale(C), shift(C);
   float* mean = mean_t.data_ptr<float>();
   float* invstd = invstd_t.data_ptr<float>();
@@ -333,34 +325,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) block_moments<scalar_t>(xp, L, b, &pm[b * C], &pq[b * C], &pc[b]);
+      for (int64_t b = b0; b < b1; ++b) block_moments<scalar_t>(xp, L, b, &pm[b * C], &pq[b * C]);
     });
-    // Blocks merged in order (Chan et al.), in double.
-    std::vector<double> n_acc(C, 0.0), mu(C, 0.0), m2(C, 0.0);
-    for (int64_t b = 0; b < nb; ++b) {
-      const double nb_ = static_cast<double>(pc[b]);
-      for (int64_t c = 0; c < C; ++c) {
-        const double na = n_acc[c], n = na + nb_;
-        const double delta = static_cast<double>(pm[b * C + c]) - mu[c];
-        mu[c] += delta * nb_ / n;
-        m2[c] += static_cast<double>(pq[b * C + c]) + delta * delta * na * nb_ / n;
-        n_acc[c] = n;
-      }
-    }
+    // Blocks merged in order, in double.
+    const float* w = weight.data_ptr<float>();
+    const float* bias_p = bias.data_ptr<float>();
+    float* rm = running_mean.has_value() ? running_mean->data_ptr<float>() : nullptr;
+    float* rv = running_var.has_value() ? running_var->data_ptr<float>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
-      mean[c] = static_cast<float>(mu[c]);
-      invstd[c] = static_cast<float>(1.0 / std::sqrt(m2[c] / static_cast<double>(M) + eps));
+      double n = 0.0, mu = 0.0, m2 = 0.0;
+      for (int64_t b = 0; b < nb; ++b)
+        bn::merge_moments<double>(n, mu, m2, static_cast<double>(L.block_count(b)), pm[b * C + c], pq[b * C + c]);
+      bn::finish_moments(mu, m2, static_cast<double>(M), eps, momentum, w[c], bias_p[c], rm ? rm + c : nullptr,
+                         rv ? rv + c : nullptr, mean[c], invstd[c], scale[c], shift[c]);
     }
-    if (running_mean.has_value()) {
-      float* rm = running_mean->data_ptr<float>();
-      float* rv = running_var->data_ptr<float>();
-      const double m = momentum;
-      for (int64_t c = 0; c < C; ++c) {
-        rm[c] = static_cast<float>((1.0 - m) * rm[c] + m * mu[c]);
-        rv[c] = static_cast<float>((1.0 - m) * rv[c] + m * m2[c] / static_cast<double>(M - 1));
-      }
-    }
-    affine_of(weight.data_ptr<float>(), bias.data_ptr<float>(), mean, invstd, C, scale.data(), shift.data());
     const std::vector<float> scale_w = walked(scale.data(), L), shift_w = walked(shift.data(), L);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
@@ -385,7 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   check_channel_vector(mean_t, C, "mean");
   check_channel_vector(invstd_t, C, "invstd");
   // The gradient arrives in whatever layout autograd made it; walk it as x is laid out.
-  const at::Tensor dy = dy_in.contiguous(L.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  const at::Tensor dy =
+      dy_in.contiguous(L.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty_like(x);
@@ -396,7 +375,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
   const float* mean = mean_t.data_ptr<float>();
   const float* invstd = invstd_t.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
-  affine_of(w, bias.data_ptr<float>(), mean, invstd, C, scale.data(), shift.data());
+  const float* bias_p = bias.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) bn::affine(w[c], bias_p[c], mean[c], invstd[c], scale[c], shift[c]);
   const std::vector<float> scale_w = walked(scale.data(), L), shift_w = walked(shift.data(), L),
                            mean_w = walked(mean, L);
 
@@ -418,15 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
         s += ps[b * C + c];
         sx += psx[b * C + c];
       }
-      const double is = invstd[c], inv_m = 1.0 / static_cast<double>(M);
-      db[c] = static_cast<float>(s);
-      dw[c] = static_cast<float>(sx * is);
-      // dx = w * is * (g - s / M - (x - mean) * is^2 * sx / M)
-      const double a = w[c] * is;
-      const double b2 = -a * is * is * sx * inv_m;
-      k1[c] = static_cast<float>(a);
-      k2[c] = static_cast<float>(b2);
-      k3[c] = static_cast<float>(-a * s * inv_m);
+      bn::grad_coefficients(s, sx, static_cast<double>(M), w[c], invstd[c], dw[c], db[c], k1[c], k2[c], k3[c]);
     }
     const std::vector<float> k1_w = walked(k1.data(), L), k2_w = walked(k2.data(), L), k3_w = walked(k3.data(), L);
     at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {

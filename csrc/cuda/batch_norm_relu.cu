@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "batch_norm_relu.h"
+#include "batch_norm_stats.h"
 
 namespace fastunlearn {
 namespace cuda {
@@ -42,23 +43,12 @@ int64_t blocks_of(const BatchNormShape& s) {
   return (s.n * s.hw + r - 1) / r;
 }
 
-// Chan et al.'s merge of (count, mean, m2) b into a.
-__device__ __forceinline__ void merge(float& n_a, float& mean_a, float& m2_a, float n_b, float mean_b, float m2_b) {
-  const float n = n_a + n_b;
-  if (n_b == 0.0f) return;
-  const float delta = mean_b - mean_a;
-  const float w = n_b / n;
-  mean_a += delta * w;
-  m2_a += m2_b + delta * delta * n_a * w;
-  n_a = n;
-}
-
 // ---------------------------------------------------------------- reductions, per block
 // Channels_last moments: grid (blocks, ceil(C / 32)), block (32, 8). Each thread runs
 // Welford over its rows; the 8 row lanes merge in lane order.
 template <typename T>
-__global__ void moments_cl(const T* __restrict__ x, int64_t m, int64_t c_total, int64_t rows, float* __restrict__ p_mean,
-                           float* __restrict__ p_m2) {
+__global__ void moments_cl(const T* __restrict__ x, int64_t m, int64_t c_total, int64_t rows,
+                           float* __restrict__ p_mean, float* __restrict__ p_m2) {
   __shared__ float s_n[kRowLanes][kChannelsPerTile], s_mean[kRowLanes][kChannelsPerTile],
       s_m2[kRowLanes][kChannelsPerTile];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -79,7 +69,7 @@ __global__ void moments_cl(const T* __restrict__ x, int64_t m, int64_t c_total, 
   s_m2[ty][tx] = m2;
   __syncthreads();
   if (ty == 0 && c < c_total) {
-    for (int k = 1; k < kRowLanes; ++k) merge(n, mean, m2, s_n[k][tx], s_mean[k][tx], s_m2[k][tx]);
+    for (int k = 1; k < kRowLanes; ++k) bn::merge_moments(n, mean, m2, s_n[k][tx], s_mean[k][tx], s_m2[k][tx]);
     p_mean[b * c_total + c] = mean;
     p_m2[b * c_total + c] = m2;
   }
@@ -96,7 +86,7 @@ __device__ void merge_block(float& n, float& mean, float& m2) {
   for (int stride = kPlaneThreads / 2; stride > 0; stride /= 2) {
     if (t < stride) {
       float a_n = s_n[t], a_mean = s_mean[t], a_m2 = s_m2[t];
-      merge(a_n, a_mean, a_m2, s_n[t + stride], s_mean[t + stride], s_m2[t + stride]);
+      bn::merge_moments(a_n, a_mean, a_m2, s_n[t + stride], s_mean[t + stride], s_m2[t + stride]);
       s_n[t] = a_n;
       s_mean[t] = a_mean;
       s_m2[t] = a_m2;
@@ -210,26 +200,15 @@ __global__ void finalize_moments(const float* __restrict__ p_mean, const float* 
                                  double eps, float* mean, float* invstd, float* scale, float* shift) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= c_total) return;
-  double n_acc = 0.0, mu = 0.0, m2 = 0.0;
+  double n = 0.0, mu = 0.0, m2 = 0.0;
   for (int64_t b = 0; b < blocks; ++b) {
     const double nb = channels_last ? static_cast<double>(min(m, (b + 1) * rows) - b * rows)
                                     : static_cast<double>(m / blocks);
-    const double n = n_acc + nb;
-    const double delta = static_cast<double>(p_mean[b * c_total + c]) - mu;
-    mu += delta * nb / n;
-    m2 += static_cast<double>(p_m2[b * c_total + c]) + delta * delta * n_acc * nb / n;
-    n_acc = n;
+    bn::merge_moments<double>(n, mu, m2, nb, p_mean[b * c_total + c], p_m2[b * c_total + c]);
   }
-  const double is = 1.0 / sqrt(m2 / static_cast<double>(m) + eps);
-  mean[c] = static_cast<float>(mu);
-  invstd[c] = static_cast<float>(is);
-  if (running_mean != nullptr) {
-    running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * mu);
-    running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * m2 / static_cast<double>(m - 1));
-  }
-  const float a = weight[c] * static_cast<float>(is);
-  scale[c] = a;
-  shift[c] = bias[c] - static_cast<float>(mu) * a;
+  bn::finish_moments(mu, m2, static_cast<double>(m), eps, momentum, weight[c], bias[c],
+                     running_mean != nullptr ? running_mean + c : nullptr,
+                     running_var != nullptr ? running_var + c : nullptr, mean[c], invstd[c], scale[c], shift[c]);
 }
 
 // Sums the blocks' gradient partials in block order (double): dweight, dbias and the
@@ -244,13 +223,8 @@ __global__ void finalize_grad(const float* __restrict__ p_g, const float* __rest
     s += p_g[b * c_total + c];
     sx += p_gx[b * c_total + c];
   }
-  const double is = invstd[c], inv_m = 1.0 / static_cast<double>(m);
-  dbias[c] = static_cast<float>(s);
-  dweight[c] = static_cast<float>(sx * is);
-  const double a = weight[c] * is;
-  k1[c] = static_cast<float>(a);
-  k2[c] = static_cast<float>(-a * is * is * sx * inv_m);
-  k3[c] = static_cast<float>(-a * s * inv_m);
+  bn::grad_coefficients(s, sx, static_cast<double>(m), weight[c], invstd[c], dweight[c], dbias[c], k1[c], k2[c],
+                        k3[c]);
 }
 
 // Scale / shift for the backward's ReLU mask, from the saved statistics.
@@ -258,9 +232,7 @@ __global__ void affine_of(const float* weight, const float* bias, const float* m
                           int64_t c_total, float* scale, float* shift) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= c_total) return;
-  const float a = weight[c] * invstd[c];
-  scale[c] = a;
-  shift[c] = bias[c] - mean[c] * a;
+  bn::affine(weight[c], bias[c], mean[c], invstd[c], scale[c], shift[c]);
 }
 
 // ---------------------------------------------------------------- elementwise passes
@@ -297,11 +269,20 @@ __global__ void input_grad(const T* __restrict__ dy, const T* __restrict__ x, T*
 }
 
 int elementwise_blocks(int64_t numel) {
-  int device = 0, sms = 0;
+  // The SM count per device, asked once: two launches per layer and step would otherwise
+  // query the driver each time. (An index past 63 shares a slot: only the grid size depends on it.)
+  static int sm_count[64] = {0};
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int& sms = sm_count[device & 63];
+  if (sms == 0) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t want = (numel + kElementwiseThreads - 1) / kElementwiseThreads;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(sms) * 8)));
+}
+
+// Channels_last reductions: one block per run of rows and per 32 channels.
+dim3 cl_grid(const BatchNormShape& s, int64_t blocks) {
+  return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>((s.c + kChannelsPerTile - 1) / kChannelsPerTile));
 }
 
 template <typename T>
@@ -314,7 +295,7 @@ cudaError_t forward(const T* x, const BatchNormShape& s, const float* weight, co
   float* scale = p_m2 + blocks * s.c;
   float* shift = scale + s.c;
   if (s.channels_last) {
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((s.c + kChannelsPerTile - 1) / kChannelsPerTile));
+    const dim3 grid = cl_grid(s, blocks);
     moments_cl<T><<<grid, dim3(kChannelsPerTile, kRowLanes), 0, stream>>>(x, m, s.c, rows, p_mean, p_m2);
   } else {
     moments_nchw<T><<<dim3(static_cast<unsigned>(s.n), static_cast<unsigned>(s.c)), kPlaneThreads, 0, stream>>>(
@@ -350,7 +331,7 @@ cudaError_t backward(const T* dy, const T* x, const BatchNormShape& s, const flo
   const unsigned cgrid = static_cast<unsigned>((s.c + 127) / 128);
   affine_of<<<cgrid, 128, 0, stream>>>(weight, bias, mean, invstd, s.c, scale, shift);
   if (s.channels_last) {
-    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((s.c + kChannelsPerTile - 1) / kChannelsPerTile));
+    const dim3 grid = cl_grid(s, blocks);
     grad_sums_cl<T><<<grid, dim3(kChannelsPerTile, kRowLanes), 0, stream>>>(dy, x, m, s.c, rows, mean, scale, shift,
                                                                             relu, p_g, p_gx);
   } else {

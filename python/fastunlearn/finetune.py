@@ -42,7 +42,6 @@ file is complete, so all ranks can resume from the same path.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
@@ -148,13 +147,11 @@ def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _fused_bn_forward(self, x):
     """A BatchNorm2d's forward (bound to the module) that runs ops.batch_norm_relu in training
-    mode on float32 / bfloat16 inputs (with float32 parameters and statistics), and the
-    module's own forward otherwise; with
+    mode on float32 / bfloat16 inputs, and the module's own forward otherwise; with
     _fastunlearn_relu set it also applies the ReLU that followed it (which then passes its
     input through)."""
     relu = self._fastunlearn_relu
-    f32 = all(t is None or t.dtype == torch.float32 for t in (self.weight, self.bias, self.running_mean))
-    if not (self.training and f32 and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+    if not (self.training and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[0] * x.shape[2] * x.shape[3] > 1):
         y = type(self).forward(self, x)
         return torch.relu(y) if relu else y
@@ -183,7 +180,10 @@ def fuse_batch_norm_relu(model: nn.Module) -> Callable[[], None]:
     seen: dict = {}
     for _, m in model.named_modules(remove_duplicate=False):
         seen[id(m)] = seen.get(id(m), 0) + 1
-    bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d]
+    # The op takes float32 parameters and statistics; a module in another dtype keeps its forward.
+    bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d
+           and all(t is None or t.dtype == torch.float32 for t in (m.weight, m.bias, m.running_mean))]
+    eligible = {id(m) for m in bns}
     if not bns:
         return lambda: None
     from torch.nn.modules import module as _module
@@ -199,7 +199,7 @@ def fuse_batch_norm_relu(model: nn.Module) -> Callable[[], None]:
                 continue
             kids = list(seq._modules.values())  # the order forward runs (children() drops repeats)
             for a, b in zip(kids, kids[1:]):
-                if (type(a) is nn.BatchNorm2d and type(b) is nn.ReLU and seen[id(a)] == 1 and seen[id(b)] == 1
+                if (id(a) in eligible and type(b) is nn.ReLU and seen[id(a)] == 1 and seen[id(b)] == 1
                         and not _has_hooks(a) and not _has_hooks(b)):
                     relu_after.add(id(a))
                     fused_relus.append(b)
@@ -544,11 +544,13 @@ class FinetuneEngine:
         # The BatchNorm layers run fused only for the run: the model the caller gets back
         # (and any copy of it) has its own forward methods.
         undo = fuse_batch_norm_relu(self.model) if self.fuse_batch_norm else (lambda: None)
-        with reuse_freed_memory(self.device.type == "cpu"), contextlib.ExitStack() as stack:
-            stack.callback(undo)
-            return self._run(forget_x, search, remain, progress=progress, probe=probe,
-                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                             on_step=on_step, max_steps=max_steps)
+        try:
+            with reuse_freed_memory(self.device.type == "cpu"):
+                return self._run(forget_x, search, remain, progress=progress, probe=probe,
+                                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                                 on_step=on_step, max_steps=max_steps)
+        finally:
+            undo()
 
     def _run(self, forget_x, search, remain, *, progress, probe, checkpoint_dir, checkpoint_every, resume,
              on_step, max_steps) -> list:
