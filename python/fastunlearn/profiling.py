@@ -194,11 +194,9 @@ def first_use(fn: Callable, device, trace_path: Optional[str] = None) -> dict:
             fn()
             _sync(device)
             wall = time.perf_counter() - t0
-        ops = {}
-        for e in prof.key_averages():
-            host, dev_us, calls = ops.get(e.key, (0.0, 0.0, 0))
-            ops[e.key] = (host + e.self_cpu_time_total / 1e3,
-                          dev_us + getattr(e, "self_device_time_total", 0.0) / 1e3, calls + e.count)
+        # key_averages has one entry per op name.
+        ops = {e.key: (e.self_cpu_time_total / 1e3, getattr(e, "self_device_time_total", 0.0) / 1e3, e.count)
+               for e in prof.key_averages()}
         out[label] = {"wall_s": wall, "phases": {k: v[0] for k, v in ph.items()}, "ops": ops}
         if label == "first" and trace_path:
             os.makedirs(os.path.dirname(os.path.abspath(trace_path)), exist_ok=True)
