@@ -313,6 +313,25 @@ def test_a_copy_made_while_fused_trains_its_own_statistics():
 
 
 @needs_cpu_op
+def test_predictions_of_a_fused_model_are_the_plain_models(gen):
+    """predict_logits folds each eval-mode BatchNorm into its convolution on a copy. While
+    fused, a BatchNorm may carry the ReLU after it (which passes its input through), so it
+    must not be folded away: the copy's logits are still the plain model's (as the fine-tune's
+    probe reads them mid-run)."""
+    from fastunlearn.metrics import predict_logits
+
+    model = _net()
+    model.train()(torch.randn(16, 2, 7, 7, generator=gen))  # running statistics away from 0 / 1
+    x = torch.randn(9, 2, 7, 7, generator=gen)
+    with torch.no_grad():
+        plain = model.eval()(x)
+    undo = fuse_batch_norm_relu(model)
+    got = predict_logits(model, x)
+    undo()
+    assert torch.allclose(got, plain, rtol=1e-5, atol=1e-6), (got - plain).abs().max()
+
+
+@needs_cpu_op
 def test_unlearn_with_fused_batch_norm_matches_plain_pytorch(digits_model):
     """fu.unlearn on CPU fuses BatchNorm + ReLU; backend="torch" runs the plain modules. Same
     search, so same labels; the weights agree to float32 rounding over the run."""

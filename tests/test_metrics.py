@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -43,6 +44,34 @@ def test_predict_logits_matches_manual(gen, uint8):
     plain = metrics.predict_logits(model, xin, batch_size=1000)
     assert torch.allclose(plain.double(), xf.flatten(1) @ model.w.detach().double(), atol=1e-4)
     assert not plain.requires_grad
+
+
+def test_predict_logits_of_a_conv_model_is_its_float64_forward(gen):
+    """predict_logits runs a copy with the BatchNorms folded and channels_last: the logits are
+    still the model's own, in eval mode, as float64 computes them; the model is untouched."""
+    from fastunlearn.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name="allcnn", in_channels=1, num_classes=7, width=0.125)
+    model.train()(torch.randn(32, 1, 11, 11, generator=gen))  # running statistics away from 0 / 1
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.uniform_(-0.5, 0.5, generator=gen)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 256, (13, 1, 11, 11), generator=gen, dtype=torch.uint8)
+    got = metrics.predict_logits(model, x, mean=[0.3], std=[0.4], batch_size=5)
+    assert model.training  # not even its mode changed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    m64 = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        expect = m64((x.double() / 255 - 0.3) / 0.4)
+    assert torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-5), (got.double() - expect).abs().max()
+
+    net = metrics.inference_copy(model)
+    assert net is not model and metrics.inference_copy(net) is net  # a copy is reused, not copied again
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # all folded
+    assert torch.equal(metrics.predict_logits(net, x, mean=[0.3], std=[0.4], batch_size=5), got)
 
 
 def test_predict_logits_errors(gen):

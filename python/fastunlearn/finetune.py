@@ -253,9 +253,10 @@ class _Probe:
     def __call__(self, model) -> dict:
         if self.fn is not None:
             return dict(self.fn(model))
-        from .metrics import accuracy, predict_logits
+        from .metrics import accuracy, inference_copy, predict_logits
 
-        return {f"probe_{k}_acc": accuracy(predict_logits(model, x, self.mean, self.std, device=self.device), y)
+        net = inference_copy(model, self.device)
+        return {f"probe_{k}_acc": accuracy(predict_logits(net, x, self.mean, self.std, device=self.device), y)
                 for k, (x, y) in self.sets.items()}
 
     def __bool__(self):

@@ -31,8 +31,8 @@ import torch.nn as nn
 
 from .checkpoint import atomic_write_text
 from .data import as_tensors
-from .metrics import (accuracy, gap, mia_efficacy_from_confidence, mia_lr, per_class_accuracy, per_sample_loss,
-                      predict_logits, true_class_confidence)
+from .metrics import (accuracy, gap, inference_copy, mia_efficacy_from_confidence, mia_lr, per_class_accuracy,
+                      per_sample_loss, predict_logits, true_class_confidence)
 
 TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds")
 
@@ -61,6 +61,7 @@ def _embed(model, x, mean, std, device, batch_size=512):
     """(embeddings, logits): the input of the classifier head, caught by a forward hook."""
     from .models import head_of
 
+    model = inference_copy(model, device)  # the hook goes on the copy predict_logits runs
     _, head = head_of(model)
     caught = []
     h = head.register_forward_hook(lambda m, inp, out: caught.append(torch.flatten(inp[0], 1).detach().float().cpu()))
@@ -128,7 +129,8 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
 
     for name, v in models.items():
         model, seconds = _model_and_seconds(v)
-        logits = {k: predict_logits(model, x, mean, std, device=device) for k, (x, y) in sets.items()}
+        net = inference_copy(model, device)
+        logits = {k: predict_logits(net, x, mean, std, device=device) for k, (x, y) in sets.items()}
         k_classes = logits["test"].shape[1]
         r = {"forget_acc": accuracy(logits["forget"], fy), "remain_acc": accuracy(logits["remain"], sets["remain"][1]),
              "test_acc": accuracy(logits["test"], ty)}

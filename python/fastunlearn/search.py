@@ -100,9 +100,16 @@ def frozen_copy(model: nn.Module, device: torch.device, channels_last: Optional[
 _CONV_BN = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
 
 
+def _own_forward(m: nn.Module) -> bool:
+    """The module runs its class's forward: no forward set on the instance (as
+    finetune.fuse_batch_norm_relu does for a run, where a BatchNorm may also apply the ReLU
+    after it)."""
+    return "forward" not in m.__dict__
+
+
 def _foldable_conv(m: nn.Module) -> bool:
     return (any(type(m).forward is c.forward and isinstance(m, c) for c, _ in _CONV_BN)
-            and not _has_hooks(m) and not torch.nn.utils.parametrize.is_parametrized(m)
+            and _own_forward(m) and not _has_hooks(m) and not torch.nn.utils.parametrize.is_parametrized(m)
             and not torch.nn.parameter.is_lazy(m.weight) and m.weight.is_floating_point())
 
 
@@ -110,7 +117,7 @@ def _foldable_bn(m: nn.Module, conv: nn.Module) -> bool:
     """An eval-mode BatchNorm of conv's dimensionality, using its running statistics: an
     affine map per channel, which the convolution before it can absorb."""
     bn_type = next(b for c, b in _CONV_BN if isinstance(conv, c))
-    return (isinstance(m, bn_type) and type(m).forward is bn_type.forward and not m.training
+    return (isinstance(m, bn_type) and type(m).forward is bn_type.forward and _own_forward(m) and not m.training
             and m.track_running_stats and m.running_mean is not None and m.num_features == conv.out_channels
             and not _has_hooks(m))
 

@@ -40,7 +40,7 @@ import torch.nn as nn
 from . import validate
 from .compose import _finetune_on_remain, compose, frozen_batchnorm, strip_frozen_batchnorm
 from .config import UnlearnConfig
-from .metrics import accuracy, predict_logits
+from .metrics import accuracy, inference_copy, predict_logits
 from .search import SearchResult, frozen_copy, run_search
 
 SWEEP_RELABELS = ("argmax", "nearest_incorrect", "soft", "soft_incorrect")
@@ -210,7 +210,8 @@ def _grid(grid: Optional[dict]) -> dict:
 def _val_scores(model, fv, rv, hv, mean, std, dev):
     """(forget acc, remain acc, held-out acc or None, diverged) of ``model``."""
     sets = (fv, rv) if hv is None else (fv, rv, hv)
-    logits = [predict_logits(model, d[0], mean, std, device=dev) for d in sets]
+    net = inference_copy(model, dev)
+    logits = [predict_logits(net, d[0], mean, std, device=dev) for d in sets]
     # NaN logits argmax to an arbitrary class and can look like perfect forgetting.
     diverged = not all(bool(torch.isfinite(lg).all()) for lg in logits)
     fa, ra = accuracy(logits[0], fv[1]), accuracy(logits[1], rv[1])
