@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastunlearn import data, metrics, models, train
+from fastunlearn import _backends, data, metrics, models, train
 
 
 def _params(m):
@@ -183,6 +183,57 @@ def test_train_classifier_options(digits, gen):
         train.train_classifier(model, (x, y), epochs=-1)
     with pytest.raises(ValueError, match="train: 130 images but 3 labels"):
         train.train_classifier(model, (x, y[:3]), epochs=1)
+
+
+@pytest.mark.skipif(not _backends.has_cpu_op("batch_norm_relu"), reason="native CPU op not built")
+def test_train_classifier_fast_step_trains_as_plain_pytorch(digits, monkeypatch):
+    """channels_last + the native BatchNorm op (the CPU default) against plain NCHW PyTorch
+    modules: the same run to float32 rounding, returned in the contiguous layout.
+
+    The net is smooth (Tanh, not ReLU): over a run, a pre-activation within rounding of a
+    ReLU's kink takes either side in two float32 orders of summation and the runs part by
+    a gradient's worth (the fused ReLU itself is tested in test_batch_norm_relu.py)."""
+    import fastunlearn.finetune as ft
+
+    x, y = digits["train"]
+    x, y = x[:300], y[:300]
+    mean, std = data.channel_stats(x)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Tanh(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    kw = dict(epochs=2, lr=0.05, batch_size=64, mean=mean, std=std, progress=False, seed=2, augment=True)
+    calls = []
+    op = ft.batch_norm_relu
+    monkeypatch.setattr(ft, "batch_norm_relu", lambda *a, **k: calls.append(a[0].shape) or op(*a, **k))
+    fast = train.train_classifier(model, (x, y), **kw)
+    assert len(calls) == 2 * 2 * 5  # both BatchNorms, every step (300 = 4 x 64 + 44)
+    assert all(p.is_contiguous() for p in fast.parameters())
+    assert all("forward" not in m.__dict__ for m in fast.modules())  # the fusion is undone
+
+    monkeypatch.setattr(_backends, "has_cpu_op", lambda name: False)
+    monkeypatch.setattr(ft, "default_channels_last", lambda *a, **k: False)
+    plain = train.train_classifier(model, (x, y), **kw)
+    for (k, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (k, (a - b).abs().max())
+        else:
+            assert torch.equal(a, b), k
+
+
+def test_train_classifier_precision(digits):
+    x, y = digits["train"]
+    x, y = x[:200], y[:200]
+    mean, std = data.channel_stats(x)
+    model = models.SmallCNN(1, 10, width=8)
+    kw = dict(epochs=2, lr=0.1, batch_size=64, mean=mean, std=std, progress=False, seed=1)
+    net = train.train_classifier(model, (x, y), precision="bf16", **kw)
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # autocast: fp32 weights
+    fp32 = train.train_classifier(model, (x, y), **kw)
+    diff = max(float((a - b).abs().max()) for a, b in zip(net.parameters(), fp32.parameters()))
+    assert 0 < diff < 0.05  # bf16 arithmetic, the same run
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'auto'\).*got 'fp16'"):
+        train.train_classifier(model, (x, y), precision="fp16", **kw)
 
 
 def test_random_crop_and_flip(gen):

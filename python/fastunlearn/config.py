@@ -11,6 +11,8 @@ from .reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
 REFRESH_MODES = ("auto", "iteration", "epoch", "once")
 REMAIN_TARGETS = ("labels", "distill")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# train.train_classifier: no fp16 there, which would need loss scaling.
+TRAIN_PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE_MODES = ("auto", True, False)
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 COMPAT = (None, "authors")

@@ -43,7 +43,7 @@ def run_demo(args):
           f"{classes} classes; model {arch}; device {dev}")
 
     forget, remain = split(x, y, by_class(y, args.forget_class))
-    kw = dict(mean=mean, std=std, device=dev, seed=args.seed, progress=progress)
+    kw = dict(mean=mean, std=std, device=dev, seed=args.seed, progress=progress, precision=args.train_precision)
     t0 = time.perf_counter()
     original = train_classifier(create_model(**{k: v for k, v in arch.items()}), train, args.train_epochs,
                                 desc="original", **kw)
