@@ -15,6 +15,18 @@ BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 
+def constant_under_compile(fn):
+    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo.
+
+    That decorator imports torch._dynamo (about 1.4 s on 2 cores, half of `import
+    fastunlearn`, paid by every command, --help included) only to set this attribute, which
+    Dynamo reads when it meets fn while tracing. tests/test_boundary_step.py checks that the
+    attribute is still all it sets.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Ops that only some backends implement (the others: every backend).
 OP_BACKENDS = {"batch_norm_relu": ("torch", "cpu", "cuda")}
 

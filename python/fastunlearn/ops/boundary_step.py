@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backends, reference
-from ._dispatch import channel_vector, check_same_device, resolve
+from ._dispatch import channel_vector, check_same_device, constant_under_compile, resolve
 
 NOISE_CODES = {name: i for i, name in enumerate(reference.NOISE_KINDS)}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,7 +78,7 @@ if _backends.native() is not None and torch._C._dispatch_has_kernel_for_dispatch
     torch.library.register_fake("fastunlearn::boundary_step")(empty_output)
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _backend_for(device_type: str, backend: str) -> str:
     """resolve() evaluated once at trace time: torch.compile sees a constant, not the probing."""
     return resolve("boundary_step", torch.device(device_type), backend)

@@ -10,7 +10,7 @@ import torch
 
 from .. import _backends, reference
 from ..reference import RelabelResult
-from ._dispatch import check_same_device, resolve
+from ._dispatch import check_same_device, constant_under_compile, resolve
 
 MODE_CODES = {name: i for i, name in enumerate(reference.RELABEL_MODES)}
 
@@ -40,7 +40,7 @@ def check_args(logits, y, mode, topk):
                          f"[{int(y.min())}, {int(y.max())}]")
 
 
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _backend_for(device_type: str, backend: str) -> str:
     """resolve() evaluated once at trace time: torch.compile sees a constant, not the probing."""
     return resolve("relabel_check", torch.device(device_type), backend)
