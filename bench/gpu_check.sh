@@ -133,13 +133,15 @@ run 180 compute-sanitizer --tool memcheck --error-exitcode 9 python "$OUT/memche
 fi
 
 if want ops; then
-step "bench: boundary_step, relabel_check, the thin first convolution, batch_norm_relu"
+step "bench: boundary_step, relabel_check, the thin first convolution, batch_norm_relu, training and prediction"
 run 60 python bench/bench_boundary_step.py --no-reference
 run 45 python bench/bench_relabel_check.py
 # The first layer of a 1-channel model: cuDNN channels_last vs NCHW vs unfold + GEMM.
 run 90 python bench/bench_thin_conv.py
 # The train step's BatchNorm + ReLU: PyTorch's kernels vs batch_norm_relu, alone and in the step.
 run 90 python bench/bench_batch_norm_relu.py --step-widths 1 --layouts cl
+# train_classifier (channels_last; fp32, bf16) and predict_logits (folded, channels_last) vs plain.
+run 60 python bench/bench_train_eval.py --width 1 --train-size 2560 --eval-size 10000
 
 fi
 
