@@ -356,7 +356,7 @@ def cmd_report(args):
 
 
 BENCHES = ("e2e", "revision", "cold_start", "search", "boundary_step", "relabel_check", "batch_norm_relu",
-           "thin_conv")
+           "thin_conv", "train_eval")
 
 
 def _bench_script(name):
