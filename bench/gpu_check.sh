@@ -90,6 +90,9 @@ if want cold; then
 step "bench: what the first fu.unlearn of a process pays (1 epoch, first call vs second, by phase and op)"
 run 90 python bench/bench_cold_start.py --width 1 --train-size 0 --train-epochs 3 --epochs 1 --model "$MODEL" --profile "$OUT/profile_cold"
 gzip -f "$OUT/profile_cold/first_use_trace.json" 2>/dev/null
+# The same in fp32: a cold bf16 search builds convolution plans twice (bf16 chunks, then the
+# fp32 recheck of the unsure samples), fp32 once; is "auto" worth bf16 for a one-off 6,000?
+run 60 python bench/bench_cold_start.py --width 1 --train-size 0 --train-epochs 3 --epochs 1 --model "$MODEL" --precision fp32
 fi
 if want revision; then
 step "bench: where a warm revision's time goes (64 samples and the whole class; auto, bf16, fp32)"
