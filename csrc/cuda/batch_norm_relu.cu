@@ -280,6 +280,17 @@ int elementwise_blocks(int64_t numel) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, static_cast<int64_t>(sms) * 8)));
 }
 
+// Calls f with a value of the index type the elementwise passes use: 32-bit indices (cheaper
+// division by C and H * W) below 2^31 elements, 64-bit above.
+template <typename F>
+void with_index_type(int64_t numel, F&& f) {
+  if (numel < (int64_t{1} << 31)) {
+    f(uint32_t{0});
+  } else {
+    f(int64_t{0});
+  }
+}
+
 // Channels_last reductions: one block per run of rows and per 32 channels.
 dim3 cl_grid(const BatchNormShape& s, int64_t blocks) {
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>((s.c + kChannelsPerTile - 1) / kChannelsPerTile));
@@ -304,15 +315,11 @@ cudaError_t forward(const T* x, const BatchNormShape& s, const float* weight, co
   finalize_moments<<<static_cast<unsigned>((s.c + 127) / 128), 128, 0, stream>>>(
       p_mean, p_m2, blocks, s.c, m, rows, s.channels_last, weight, bias, running_mean, running_var, momentum, eps,
       mean, invstd, scale, shift);
-  const int grid = elementwise_blocks(numel);
-  if (numel < (int64_t{1} << 31)) {
-    normalise<T, uint32_t><<<grid, kElementwiseThreads, 0, stream>>>(
-        x, y, static_cast<uint32_t>(numel), static_cast<uint32_t>(s.c), static_cast<uint32_t>(s.hw), s.channels_last,
-        scale, shift, relu);
-  } else {
-    normalise<T, int64_t><<<grid, kElementwiseThreads, 0, stream>>>(x, y, numel, s.c, s.hw, s.channels_last, scale,
-                                                                     shift, relu);
-  }
+  with_index_type(numel, [&](auto index) {
+    using I = decltype(index);
+    normalise<T, I><<<elementwise_blocks(numel), kElementwiseThreads, 0, stream>>>(
+        x, y, static_cast<I>(numel), static_cast<I>(s.c), static_cast<I>(s.hw), s.channels_last, scale, shift, relu);
+  });
   return cudaGetLastError();
 }
 
@@ -339,15 +346,12 @@ cudaError_t backward(const T* dy, const T* x, const BatchNormShape& s, const flo
         dy, x, s.c, s.hw, mean, scale, shift, relu, p_g, p_gx);
   }
   finalize_grad<<<cgrid, 128, 0, stream>>>(p_g, p_gx, blocks, s.c, m, weight, invstd, dweight, dbias, k1, k2, k3);
-  const int grid = elementwise_blocks(numel);
-  if (numel < (int64_t{1} << 31)) {
-    input_grad<T, uint32_t><<<grid, kElementwiseThreads, 0, stream>>>(
-        dy, x, dx, static_cast<uint32_t>(numel), static_cast<uint32_t>(s.c), static_cast<uint32_t>(s.hw),
-        s.channels_last, mean, scale, shift, relu, k1, k2, k3);
-  } else {
-    input_grad<T, int64_t><<<grid, kElementwiseThreads, 0, stream>>>(dy, x, dx, numel, s.c, s.hw, s.channels_last,
-                                                                     mean, scale, shift, relu, k1, k2, k3);
-  }
+  with_index_type(numel, [&](auto index) {
+    using I = decltype(index);
+    input_grad<T, I><<<elementwise_blocks(numel), kElementwiseThreads, 0, stream>>>(
+        dy, x, dx, static_cast<I>(numel), static_cast<I>(s.c), static_cast<I>(s.hw), s.channels_last, mean, scale,
+        shift, relu, k1, k2, k3);
+  });
   return cudaGetLastError();
 }
 
