@@ -192,8 +192,7 @@ def main(argv=None):
     t = res.timings
     print(f"\nours: search {t['search']:.3f}s, fine-tune {t['finetune']:.3f}s (compile {t['compile']:.3f}s), "
           f"set-up {t['setup']:.3f}s, other {t_ours - t['search'] - t['finetune'] - t['setup']:.3f}s")
-    tops = list(dict.fromkeys(k.split("/")[0] for k in cold))  # a phase's parts follow it
-    cold = {k: cold[k] for k in sorted(cold, key=lambda k: (tops.index(k.split("/")[0]), "/" in k, k))}
+    cold = {k: cold[k] for k in profiling.phase_order(cold)}
     print("ours by phase (s, cold): " + ", ".join(f"{k} {sec:.3f}" for k, (sec, _) in cold.items()))
     if t_pil is not None:
         print(f"ours vs the rewrite loading PIL images: {t_pil / t_ours:.2f}x (its model "

@@ -91,3 +91,10 @@ def test_first_use_of_an_unlearning_run_on_cpu(digits_model):
         assert {"search", "finetune"} <= set(run["phases"])
         assert run["ops"]["aten::convolution_backward"][2] > 0
     assert res["first"]["ops"]["aten::convolution_backward"][2] == res["second"]["ops"]["aten::convolution_backward"][2]
+
+
+def test_phase_order_puts_each_phase_before_its_parts():
+    from fastunlearn.profiling import phase_order
+
+    recorded = ["check", "search/chunk size", "search/recheck", "search", "finetune", "search/recheck"]
+    assert phase_order(recorded) == ["check", "search", "search/chunk size", "search/recheck", "finetune"]

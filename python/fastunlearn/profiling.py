@@ -204,17 +204,22 @@ def first_use(fn: Callable, device, trace_path: Optional[str] = None) -> dict:
     return out
 
 
+def phase_order(names) -> list:
+    """Phase names as ``phases`` recorded them, each phase followed by its parts. A part
+    ("search/recheck") closes before its phase and so is recorded first; phases keep the
+    order in which they (or their first part) appeared."""
+    names = list(dict.fromkeys(names))
+    tops = list(dict.fromkeys(k.split("/")[0] for k in names))
+    return sorted(names, key=lambda k: (tops.index(k.split("/")[0]), "/" in k))
+
+
 def format_first_use(result: dict, rows: int = 15) -> str:
     """The phases and the ops of ``first_use``'s result, ranked by what the first call paid
     more than the second (host self time for ops: a host stall there delays everything)."""
     first, second = result["first"], result["second"]
     lines = [f"first call {first['wall_s']:.3f} s, second {second['wall_s']:.3f} s: the first pays "
              f"{first['wall_s'] - second['wall_s']:+.3f} s (both under the profiler, so slower than plain runs)"]
-    names = list(dict.fromkeys(list(first["phases"]) + list(second["phases"])))
-    # A part ("search/recheck") closes before its phase and so is recorded first: list each
-    # phase, then its parts.
-    tops = list(dict.fromkeys(k.split("/")[0] for k in names))
-    names.sort(key=lambda k: (tops.index(k.split("/")[0]), "/" in k))
+    names = phase_order(list(first["phases"]) + list(second["phases"]))
     if names:
         lines.append(f"{'by phase (s)':<31s}{'first':>8s} {'second':>8s} {'excess':>8s}")
         for k in names:

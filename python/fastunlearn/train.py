@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import _backends
-from .config import AUGMENT_MODES, TRAIN_PRECISIONS
+from .config import AUGMENT_MODES, TRAIN_PRECISIONS, UnlearnConfig
 from .data import as_tensors
 from .metrics import prepare
 from .search import channels_last_input, resolve_precision
@@ -101,10 +100,10 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
     net = copy.deepcopy(model).to(dev)
     if epochs == 0:
         return net.eval()
-    from .finetune import default_channels_last, fuse_batch_norm_relu
+    from .finetune import default_channels_last, fuse_batch_norm_relu, fuses_batch_norm
 
     autocast = resolve_precision(precision, dev)
-    fuse = dev.type == "cpu" and _backends.has_cpu_op("batch_norm_relu")
+    fuse = fuses_batch_norm(dev, False, UnlearnConfig())  # the fine-tune's default rule
     channels_last = default_channels_last(net, dev, autocast, fused_batch_norm=fuse)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
