@@ -167,3 +167,90 @@ def test_replayed_epochs_never_wait_for_the_device(gen, remain):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert checked == list(range(1, total + 1))
+
+
+@pytest.fixture(scope="module")
+def resnet50_512():
+    """A ResNet-50 with the ImageNet stem (seeded initialisation, BatchNorm statistics set by a
+    few training-mode forwards so they are not the identity) and 12 random 3x512x512 images."""
+    from fastunlearn.models import create_model
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = create_model("resnet50", in_channels=3, num_classes=5, small_input=False).to(CUDA)
+    x = torch.randint(0, 256, (12, 3, 512, 512), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        model.train()
+        for i in range(0, 12, 4):
+            model((x[i:i + 4].to(CUDA).float() / 255 - 0.5) / 0.25)
+    model.eval()
+    with torch.no_grad():
+        y = model((x.to(CUDA).float() / 255 - 0.5) / 0.25).argmax(1).cpu()  # labels the model gives them
+    return model, x, y
+
+
+def _search(model, x, y, cfg):
+    return run_search(model, x, y, cfg, mean=[0.5] * 3, std=[0.25] * 3, device=CUDA)
+
+
+def test_resnet50_512_search_matches_the_reference_in_fp32(resnet50_512):
+    """The fp32 engine (IEEE, no_tf32) against reference.py run on the CPU, a few samples."""
+    from fastunlearn import reference
+
+    model, x, y = resnet50_512
+    cfg = UnlearnConfig(eps=0.1, steps=1, precision="fp32")
+    res = _search(model, x[:4], y[:4], cfg)
+    cpu_model = copy.deepcopy(model).cpu()
+    ref = reference.boundary_relabel(cpu_model, x[:4].float() / 255, y[:4], eps=0.1, alpha=0.1, steps=1,
+                                     mean=[0.5] * 3, std=[0.25] * 3)
+    assert int((res.relabels[0] == ref.relabel).sum()) >= 3, (res.relabels[0], ref.relabel)
+
+
+def test_resnet50_512_bf16_search_keeps_the_fp32_labels(resnet50_512):
+    """bf16 with the recheck (IEEE and TF32 redo) against the IEEE fp32 engine."""
+    from fastunlearn import search
+
+    model, x, y = resnet50_512
+    cfg = UnlearnConfig(eps=0.1, steps=1)
+    exact = _search(model, x, y, cfg.replace(precision="fp32")).relabels
+    for mode in ("ieee", "tf32"):
+        before = search.RECHECK_FP32
+        search.RECHECK_FP32 = mode
+        try:
+            low = _search(model, x, y, cfg.replace(precision="bf16"))
+        finally:
+            search.RECHECK_FP32 = before
+        assert low.rechecked is not None
+        assert int((low.relabels == exact).sum()) >= len(y) - 1, mode
+
+
+def test_search_out_of_memory_halves_the_chunk(resnet50_512):
+    """With the allocator capped at 1.5 GiB above what is held, a chunk of 12 samples at
+    512 px does not fit: the search halves it until it does, and returns the labels of a
+    search in chunks of 2."""
+    model, x, y = resnet50_512
+    cfg = UnlearnConfig(eps=0.1, steps=1, precision="bf16", recheck_margin=0.0)
+    want = _search(model, x, y, cfg.replace(search_batch_size=2))
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(CUDA).total_memory
+    cap = torch.cuda.memory_allocated(CUDA) + 1.5 * 2**30  # 1.5 GiB on top of what is held
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), CUDA)
+    try:
+        got = _search(model, x, y, cfg.replace(search_batch_size=12))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+    assert torch.equal(got.relabels, want.relabels)
+
+
+def test_searches_leave_the_precision_flags_as_found(resnet50_512):
+    """A bf16 search with its IEEE recheck, and a small auto search (strict fp32): the TF32
+    flags read the same through both APIs afterwards, and the legacy read does not raise."""
+    from test_search import _precision_flags
+
+    model, x, y = resnet50_512
+    torch.backends.cudnn.allow_tf32 = True  # restored by no_tf32
+    before = _precision_flags()
+    _search(model, x[:4], y[:4], UnlearnConfig(precision="bf16", recheck_margin=1e9))  # every sample redone
+    _search(model, x[:4], y[:4], UnlearnConfig(precision="auto"))
+    assert _precision_flags() == before
+    assert before[1] != "refused"

@@ -366,3 +366,99 @@ def test_a_one_channel_first_layer_does_not_hide_the_layout():
     model = create_model("allcnn", in_channels=1, num_classes=10, width=0.125)
     assert not _is_channels_last(model)
     assert _is_channels_last(model.to(memory_format=torch.channels_last))
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """A model that raises the allocator's out-of-memory error for batches above ``limit``."""
+
+    def __init__(self, inner, limit):
+        super().__init__()
+        self.inner, self.limit, self.calls = inner, limit, 0
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: {x.shape[0]} > {self.limit} samples")
+        return self.inner(x)
+
+
+def test_a_chunk_out_of_memory_is_halved_and_the_labels_stay(trained):
+    model, x, y = trained
+    cfg = UnlearnConfig(eps=0.15, steps=3, gamma=0.05, seed=2, precision="fp32")
+    small = run_search(model, x, y, cfg.replace(search_batch_size=5), mean=MEAN, std=STD, device="cpu", refreshes=2)
+    squeezed = run_search(_OutOfMemoryAbove(model, 5), x, y, cfg.replace(search_batch_size=64), mean=MEAN, std=STD,
+                          device="cpu", refreshes=2)
+    assert torch.equal(squeezed.relabels, small.relabels)
+    assert torch.equal(squeezed.steps, small.steps)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        run_search(_OutOfMemoryAbove(model, 0), x[:3], y[:3], cfg, mean=MEAN, std=STD, device="cpu")
+
+
+def test_bytes_per_sample_counts_what_autograd_keeps_per_sample():
+    """One conv -> ReLU -> Linear on 3x16x16 fp32: per sample the conv keeps its input
+    (3*256*4 B), the ReLU its output (8*256*4 B, which the Linear shares), the logits 5*4 B;
+    the backward adds two of the largest. The weights do not grow with the chunk."""
+    from fastunlearn.search import _Normalizer, bytes_per_sample
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 256, 5)).eval().requires_grad_(False)
+    cpu = torch.device("cpu")
+    sample = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    got = bytes_per_sample(net, _Normalizer([0.5] * 3, [0.2] * 3, 3, cpu), sample, cpu, None)
+    relu_out = 8 * 256 * 4
+    assert got == 3 * 256 * 4 + relu_out + 5 * 4 + 2 * relu_out
+
+
+def _precision_flags():
+    """The fp32 flags as both of torch's APIs read them (the legacy one may refuse)."""
+    get = torch._C._get_fp32_precision_getter
+    new = [get(*f) for f in (("cuda", "conv"), ("cuda", "rnn"), ("cuda", "matmul"))]
+    try:
+        legacy = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:
+        legacy = "refused"
+    return new, legacy
+
+
+def _user_flags_legacy():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _user_flags_new():
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    torch.backends.cudnn.rnn.fp32_precision = "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+@pytest.mark.parametrize("user", [None, _user_flags_legacy, _user_flags_new], ids=["defaults", "legacy", "new"])
+def test_strict_fp32_sets_ieee_inside_and_leaves_the_flags_as_found(user):
+    """Run in a fresh process (the flags are process-wide): a CPU build has them too, and
+    strict_fp32 only names the CUDA device."""
+    import subprocess
+    import sys
+    import textwrap
+
+    prog = textwrap.dedent(f"""
+        import torch
+        from fastunlearn.search import strict_fp32
+        import test_search as t
+        user = {None if user is None else 't.' + user.__name__}
+        if user is not None:
+            user()
+        before = t._precision_flags()
+        with strict_fp32(torch.device("cuda")):
+            inside = t._precision_flags()
+        after = t._precision_flags()
+        with strict_fp32(torch.device("cuda"), enabled=False):
+            untouched = t._precision_flags()
+        print(repr((before, inside, after, untouched)))
+    """)
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                         cwd=__import__("os").path.dirname(__file__), check=True).stdout
+    before, inside, after, untouched = eval(out.strip().splitlines()[-1])
+    assert after == before and untouched == before
+    conv, rnn, matmul = inside[0]
+    # IEEE inside, whichever API expressed it; readable through the legacy API if it was before.
+    assert matmul == "ieee" and conv in ("ieee", "none") and rnn in ("ieee", "none")
+    if before[1] != "refused":
+        assert inside[1] == (False, False)

@@ -271,7 +271,8 @@ def small_search_in_fp32(precision: str, device: torch.device, samples: int) -> 
     return precision == "auto" and device.type == "cuda" and samples < SMALL_SEARCH_FP32
 
 
-def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.device, requested: Optional[int]) -> int:
+def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.device, requested: Optional[int],
+                autocast: Optional[torch.dtype] = None) -> int:
     """Samples per search chunk. sample: a few rows of the forget set as they arrive (uint8
     or float pixels), converted only when the measuring pass runs."""
     if requested:
@@ -280,20 +281,48 @@ def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.dev
         # Past ~128 samples the activations fall out of cache: measured slower at 512.
         return 128
     free, _ = torch.cuda.mem_get_info(device)
-    # The bytes one sample's forward + input backward takes, measured on a few samples once
-    # per frozen copy and sample shape (kept with the copy: a warm session's revisions and
-    # a sweep's searches skip the measuring pass), scaled to half the free memory.
+    # Measured once per frozen copy, sample shape and precision (kept with the copy: a warm
+    # session's revisions and a sweep's searches skip the measuring pass), scaled to half
+    # the free memory; a chunk that still runs out of memory is halved (see _run_search).
     measured = frozen.__dict__.setdefault("_fastunlearn_bytes_per_sample", {})
-    key = tuple(sample.shape[1:])
+    key = (tuple(sample.shape[1:]), autocast)
     per_sample = measured.get(key)
     if per_sample is None:
-        probe = _as_pixels(sample[:8], device).requires_grad_(True)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        frozen(norm(probe)).float().sum().backward()
-        per_sample = measured[key] = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe.shape[0])
+        per_sample = measured[key] = bytes_per_sample(frozen, norm, sample, device, autocast)
     # No floor above 1: a large model at a large size may fit only a few samples.
     return int(max(1, min(65536, 0.5 * free // per_sample)))
+
+
+def bytes_per_sample(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.device,
+                     autocast: Optional[torch.dtype]) -> int:
+    """Device bytes one more sample adds to a search step at its peak.
+
+    The forward runs as the search runs it (its precision and layout) on 3 and on 7 samples,
+    counting the bytes autograd keeps for the input backward; the difference over the 4
+    extra samples leaves out what does not grow with the chunk (weights and their casts).
+    The backward's peak holds those tensors plus the gradients in flight, about two of the
+    largest activation. Nothing is read from the allocator's statistics, so the user's
+    peak-memory figures are left alone.
+    """
+    def saved_bytes(rows: int):
+        seen, biggest = {}, 0
+
+        def pack(t):
+            nonlocal biggest
+            if t.device == device and not isinstance(t, nn.Parameter):
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+                if t.dim() and t.shape[0] == rows:  # an activation (weights do not carry the batch)
+                    biggest = max(biggest, st.nbytes())
+            return t
+
+        u = _as_pixels(sample[:1].expand(rows, *sample.shape[1:]), device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, _ = _forward(frozen, norm, u, autocast, need_grad=True)
+        return sum(seen.values()) + logits.numel() * logits.element_size(), biggest
+
+    (small, _), (big, largest) = saved_bytes(3), saved_bytes(7)
+    return max(1, (big - small) // 4 + 2 * largest // 7)
 
 
 class _Normalizer:
@@ -347,9 +376,9 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     autocast = resolve_precision(config.precision, device)
     exact = contextlib.nullcontext()
     if small_search_in_fp32(config.precision, device, refreshes * (n_total or n)):
-        autocast, exact = None, _ieee_fp32(device)
+        autocast, exact = None, strict_fp32(device)
     with phase("search/chunk size"):
-        chunk = _chunk_size(frozen, norm, first_chunk, device, config.search_batch_size)
+        chunk = _chunk_size(frozen, norm, first_chunk, device, config.search_batch_size, autocast)
     alpha = config.step_size
     steps = config.steps
 
@@ -361,36 +390,67 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     recheck = autocast is not None and config.recheck_margin > 0
     out_rechecked = torch.zeros(refreshes, n, dtype=torch.bool) if recheck else None
 
-    total = refreshes * math.ceil(n / chunk)
-    bar = _progress(total, progress, "search")
+    bar = _progress(refreshes * math.ceil(n / chunk), progress, "search")
     with exact:
         for r in range(refreshes):
-            for start in range(0, n, chunk):
+            start = 0
+            while start < n:
                 stop = min(n, start + chunk)
                 xc, yc = src.rows(start, stop)
-                u0 = _as_pixels(xc, device)
-                yc = yc.to(device)
-                res = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
-                                    per_sample, autocast, track_doubt=recheck)
-                lab, ok, margin, targets, took, doubt = res
-                if recheck:
-                    with phase("search/recheck"):
-                        unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
-                        out_rechecked[r, start:stop] = unsure.cpu()
-                        _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen,
-                                      norm, u0, yc, config, alpha, steps, r, n_total or n, index_base + start,
-                                      per_sample)
+                try:
+                    lab, ok, margin, targets, took, unsure = _search_rows(
+                        frozen, norm, xc, yc, config, alpha, steps, r, n_total or n, index_base + start, per_sample,
+                        autocast, recheck, device)
+                except torch.OutOfMemoryError:
+                    if stop - start == 1:
+                        raise
+                    # The labels do not depend on the chunk size: halve it and go on.
+                    chunk = max(1, (stop - start) // 2)
+                    _remember_smaller_chunk(frozen, first_chunk, autocast, chunk, device)
+                    bar.total = bar.n + math.ceil((n - start) / chunk) + (refreshes - r - 1) * math.ceil(n / chunk)
+                    continue
                 out_lab[r, start:stop] = lab.cpu()
                 out_ok[r, start:stop] = ok.cpu()
                 out_margin[r, start:stop] = margin.cpu()
                 out_steps[r, start:stop] = took.cpu().to(torch.int16)
+                if unsure is not None:
+                    out_rechecked[r, start:stop] = unsure.cpu()
                 if targets is not None:
                     if out_targets is None:
                         out_targets = torch.empty(refreshes, n, targets.shape[1], dtype=torch.float32)
                     out_targets[r, start:stop] = targets.cpu()
                 bar.update(1)
+                start = stop
     bar.close()
     return SearchResult(out_lab, out_ok, out_margin, out_targets, out_steps, out_rechecked)
+
+
+def _search_rows(frozen, norm, xc, yc, config, alpha, steps, refresh, n_total, first, per_sample, autocast,
+                 recheck, device):
+    """One chunk: the search, then (low precision with recheck) its unsure rows redone in fp32.
+    Returns (relabels, success, margin, targets, steps taken, unsure rows or None)."""
+    u0 = _as_pixels(xc, device)
+    yc = yc.to(device)
+    lab, ok, margin, targets, took, doubt = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, refresh,
+                                                          n_total, first, per_sample, autocast, track_doubt=recheck)
+    unsure = None
+    if recheck:
+        with phase("search/recheck"):
+            unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
+            _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen, norm, u0, yc,
+                          config, alpha, steps, refresh, n_total, first, per_sample)
+    return lab, ok, margin, targets, took, unsure
+
+
+def _remember_smaller_chunk(frozen, sample, autocast, chunk, device):
+    """After an out-of-memory error: free the failed chunk's blocks and make later chunk
+    sizes for this copy, shape and precision no larger than ``chunk``."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        measured = frozen.__dict__.setdefault("_fastunlearn_bytes_per_sample", {})
+        key = (tuple(sample.shape[1:]), autocast)
+        measured[key] = max(measured.get(key, 1), int(0.5 * free // max(1, chunk)) + 1)
 
 
 def _is_channels_last(model: nn.Module) -> bool:
@@ -575,7 +635,7 @@ def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n
         breaks = torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1
         runs = torch.tensor_split(rows, breaks.cpu())
     lab, ok, margin, targets, took = outs
-    with _ieee_fp32(u0.device):
+    with strict_fp32(u0.device, enabled=RECHECK_FP32 == "ieee"):
         for run in runs:
             r_lab, r_ok, r_margin, r_targets, r_took, _ = _search_chunk(
                 frozen, norm, u0[run], y[run], cfg, alpha, steps, refresh, n_total, first + int(run[0]), per_sample,
@@ -585,19 +645,53 @@ def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n
                 targets[run] = r_targets
 
 
+# The process-wide fp32 modes a strict fp32 search sets, as (backend, op) of torch's
+# fp32_precision API. From torch 2.9 a read of the legacy allow_tf32 flags raises once the
+# legacy and the new API disagree (Inductor reads them), so strict_fp32 writes through the
+# API the process can still read, and puts back what both APIs read before.
+_FP32_PRECISION_FLAGS = (("cuda", "conv"), ("cuda", "rnn"), ("cuda", "matmul"))
+# The fp32 mode of the recheck of a bf16 / fp16 search's unsure samples: "ieee" (full fp32
+# convolutions and matmuls) or "tf32" (the process's own fp32 settings, which on GPUs
+# default to TF32 convolutions). bench/bench_search.py measures both.
+RECHECK_FP32 = "ieee"
+
+
+def _legacy_tf32():
+    """(cuDNN, cuBLAS) allow_tf32 as the legacy API reads them, or None where it refuses."""
+    try:
+        return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        return None
+
+
+def _set_legacy_tf32(flags):
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
 @contextlib.contextmanager
-def _ieee_fp32(device: torch.device):
-    """Full fp32 for the redo: on GPUs cuDNN convolutions default to TF32 (10-bit mantissa)."""
-    if device.type != "cuda" or not hasattr(torch.backends.cudnn, "conv"):
+def strict_fp32(device: torch.device, enabled: bool = True):
+    """IEEE fp32 convolutions and matmuls inside (cuDNN convolutions default to TF32, a
+    10-bit mantissa); after, the precision flags read as they did before, through both APIs."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if not enabled or device.type != "cuda" or getter is None:
         yield
         return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+    setter = torch._C._set_fp32_precision_setter
+    before = [(backend, op, getter(backend, op)) for backend, op in _FP32_PRECISION_FLAGS]
+    legacy = _legacy_tf32()
+    if legacy is not None:
+        _set_legacy_tf32((False, False))  # keeps the two APIs in agreement
+    else:
+        for backend, op, _ in before:
+            setter(backend, op, "ieee")
     try:
         yield
     finally:
-        conv.fp32_precision, matmul.fp32_precision = before
+        if legacy is not None:
+            _set_legacy_tf32(legacy)
+        for backend, op, value in before:
+            if getter(backend, op) != value:
+                setter(backend, op, value)
 
 
 def decision_gap(z, y, margin, mode, topk):
@@ -629,6 +723,8 @@ def _select(rc: reference.RelabelResult, rows) -> reference.RelabelResult:
 
 
 class _NoBar:
+    total = n = 0
+
     def update(self, k=1):
         pass
 
