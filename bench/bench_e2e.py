@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_csv, device_name, print_table, sync  # noqa: E402
+from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn import data, profiling  # noqa: E402
@@ -37,12 +37,19 @@ from fastunlearn.train import train_classifier  # noqa: E402
 
 def add_setup_args(p):
     """The data, the original model and the run-wide switches (shared with bench_revision.py)."""
-    p.add_argument("--data-dir", help="FashionMNIST directory (default: $FASTUNLEARN_DATA or Debian's path)")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DATASETS,
+                   help="fashion-mnist (falls back to sklearn digits) or retina (RetinaMNIST fundus photographs)")
+    p.add_argument("--data-dir", help="data folder (default: $FASTUNLEARN_DATA, or Debian's path for FashionMNIST)")
     p.add_argument("--train-size", type=int, default=6000, help="training subset (seeded); 0 = all")
+    p.add_argument("--size", type=int, default=0, help="resize every image to SIZE x SIZE (0 = native), e.g. 512")
+    p.add_argument("--channels", type=int, default=0, help="repeat grey images to this many channels (0 = native)")
     p.add_argument("--forget-class", type=int, default=0)
+    p.add_argument("--forget-size", type=int, default=0, help="forget only this many of the class (seeded; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=64, help="fine-tune batch (both runs; the authors' clinical: 16)")
     p.add_argument("--arch", default="allcnn")
     p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original")
+    p.add_argument("--train-precision", default="fp32", help="precision of that training: fp32 | bf16 | auto")
     p.add_argument("--model", help="a .safetensors original to load; trained and saved there if missing")
     p.add_argument("--search-batch-size", type=int, default=None,
                    help="our search's chunk (UnlearnConfig.search_batch_size; default: sized from free memory)")
@@ -60,6 +67,9 @@ def parse(argv=None):
     p.add_argument("--cuda-graph", default="auto", choices=("auto", "on", "off"),
                    help="replay our eager train step as a CUDA graph (auto: on for CUDA with compile off)")
     p.add_argument("--precision", default="auto", help="our precision: auto | fp32 | bf16 (the rewrite runs fp32)")
+    p.add_argument("--gamma", type=float, default=0.0, help="noise scale (both runs; > 0 redoes the search per batch)")
+    p.add_argument("--ours-reps", type=int, default=0,
+                   help="after the cold run, time fu.unlearn this many more times in the same process (warm)")
     p.add_argument("--fuse-batch-norm", default="auto", choices=("auto", "on", "off"),
                    help="our train step's BatchNorm + ReLU as the native op (auto: on CPU only)")
     p.add_argument("--warm-reps", type=int, default=7, help="warm revisions of 64 samples timed (0 = skip)")
@@ -73,13 +83,25 @@ def parse(argv=None):
 
 
 def load(args):
-    name, splits = data.load_default(args.data_dir)
+    """(name, train, forget, remain, test, mean, std): uint8 images at the asked size; the
+    statistics are taken at the native size, before any resize."""
+    name, splits = load_splits(args.dataset, args.data_dir)
     x, y = splits["train"]
     if args.train_size and args.train_size < len(y):
         idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.train_size]
         x, y = x[idx.sort().values], y[idx.sort().values]
+    mean, std = data.channel_stats(x, chunk=1024)
+    if args.channels and args.channels != x.shape[1]:
+        mean, std = mean * (args.channels // x.shape[1]), std * (args.channels // x.shape[1])
+    x = resized(x, args.size, args.channels)
+    tx, ty = splits["test"]
+    test = (resized(tx, args.size, args.channels), ty)
     f = y == args.forget_class
-    return name, (x, y), (x[f], y[f]), (x[~f], y[~f]), splits["test"]
+    forget = (x[f], y[f])
+    if args.forget_size and args.forget_size < len(forget[1]):
+        keep = torch.randperm(len(forget[1]), generator=torch.Generator().manual_seed(args.seed))[:args.forget_size]
+        forget = (forget[0][keep], forget[1][keep])
+    return name, (x, y), forget, (x[~f], y[~f]), test, mean, std
 
 
 def original_model(args, train, mean, std, dev):
@@ -91,10 +113,12 @@ def original_model(args, train, mean, std, dev):
     arch = {"name": args.arch, "in_channels": int(train[0].shape[1]), "num_classes": int(train[1].max()) + 1}
     if args.arch in ("allcnn", "smallcnn"):
         arch["width"] = args.width if args.arch == "allcnn" else int(args.width)
+    if args.arch.startswith("resnet"):
+        arch["small_input"] = int(train[0].shape[-1]) < 96  # the ImageNet stem from 96 px up
     torch.manual_seed(args.seed)  # the initialisation too: a run with the same seed trains the same original
     model = create_model(**arch)
     model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
-                             progress=False)
+                             progress=False, precision=args.train_precision)
     if args.model:
         save_model(model, args.model, arch, mean=mean, std=std)
     return model.to(dev).eval()
@@ -117,8 +141,7 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    name, train, forget, remain, test = load(args)
-    mean, std = data.channel_stats(train[0])
+    name, train, forget, remain, test, mean, std = load(args)
     return dev, name, train, forget, remain, test, mean, std, original_model(args, train, mean, std, dev)
 
 
@@ -128,7 +151,8 @@ def main(argv=None):
     flag = FLAG
     cfg = fu.UnlearnConfig(epochs=args.epochs, compile=flag[args.compile], cuda_graph=flag[args.cuda_graph],
                            precision=args.precision, seed=args.seed, search_batch_size=args.search_batch_size,
-                           fuse_batch_norm=flag[args.fuse_batch_norm])
+                           fuse_batch_norm=flag[args.fuse_batch_norm], batch_size=args.batch_size,
+                           gamma=args.gamma)
     auth_cfg = cfg.replace(precision="fp32", cuda_graph=False)
     kw = dict(mean=mean, std=std, device=dev)
 
@@ -138,6 +162,8 @@ def main(argv=None):
     # allocations); the phases add a device sync at each of their few edges.
     with profiling.phases(dev) as cold:
         t_ours, res = timed(lambda: fu.unlearn(model, forget, remain, config=cfg, progress=False, **kw), dev)
+    warm_runs = [timed(lambda: fu.unlearn(model, forget, remain, config=cfg, progress=False, **kw), dev)[0]
+                 for _ in range(args.ours_reps)]
     t_pil = None
     if args.authors_pil:
         t_pil, (pil_model, _) = timed(lambda: authors_unlearn(model, forget, remain, auth_cfg, loading="pil",
@@ -199,6 +225,14 @@ def main(argv=None):
               f"{'equals' if same else 'DIFFERS FROM'} the in-memory rewrite's)")
     if auth_search_share is not None:
         print(f"rewrite: its per-iteration search is about {100 * auth_search_share:.0f}% of its time")
+    visits = args.epochs * len(forget[1])
+    print(f"per forget-sample visit ({visits} visits): rewrite {1e3 * t_auth / visits:.3f} ms, ours cold "
+          f"{1e3 * t_ours / visits:.3f} ms ({t_auth / t_ours:.2f}x)")
+    if warm_runs:
+        warm_med = statistics.median(warm_runs)
+        print(f"ours in a warm process (fu.unlearn again, {len(warm_runs)} runs): "
+              f"{', '.join(f'{w:.3f}' for w in warm_runs)} s; median {warm_med:.3f} s = {t_auth / warm_med:.2f}x "
+              "the rewrite")
     if warm_p50 is not None:
         print(f"warm revision of 64 samples (fu.Unlearner.revise): p50 {warm_p50:.1f} ms over {args.warm_reps} runs")
     d_forget = 100 * (m_ours["forget_acc"] - m_auth["forget_acc"])
@@ -212,6 +246,9 @@ def main(argv=None):
                    ratio=t_auth / t_ours, seconds_authors_pil=t_pil,
                    ratio_pil=None if t_pil is None else t_pil / t_ours,
                    authors_workers=args.authors_workers if t_pil is not None else None,
+                   seconds_ours_warm=";".join(f"{w:.4f}" for w in warm_runs) or None,
+                   ms_per_visit_ours=1e3 * t_ours / visits, ms_per_visit_authors=1e3 * t_auth / visits,
+                   batch_size=cfg.batch_size, gamma=cfg.gamma, input="x".join(str(v) for v in forget[0].shape[1:]),
                    search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
                    compile=str(res.config.compile), step_mode=res.step_mode, precision=ours_precision,
                    fused_batch_norm=fused_bn,

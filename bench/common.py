@@ -15,6 +15,46 @@ import torch
 CSV_DEFAULT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
 
 
+DATASETS = ("fashion-mnist", "retina")
+
+
+def load_splits(dataset: str = "fashion-mnist", data_dir: str | None = None):
+    """(name, splits) of a bundled data set: fashion-mnist (the default; sklearn digits when
+    it cannot be found) or retina (RetinaMNIST's 28 px fundus photographs, 5 grades, RGB)."""
+    from fastunlearn import data
+
+    if dataset == "retina":
+        root = data_dir or os.environ.get("FASTUNLEARN_DATA") or ""
+        path = os.path.join(root, "retinamnist.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"retina: no retinamnist.npz in {root or 'the current folder'} "
+                                    "(give --data-dir or set FASTUNLEARN_DATA)")
+        return "retinamnist", data.load_medmnist(path)
+    if dataset != "fashion-mnist":
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    return data.load_default(data_dir)
+
+
+def resized(x: torch.Tensor, size: int = 0, channels: int = 0, chunk: int = 64) -> torch.Tensor:
+    """uint8 images resized to size x size (bilinear) and/or repeated to ``channels``, a chunk
+    at a time, so no float copy of the whole set is ever held (3 x 512 x 512 float32 is 3 MB
+    an image)."""
+    if not size and not channels:
+        return x
+    out = None
+    for i in range(0, x.shape[0], chunk):
+        t = x[i:i + chunk].float()
+        if size:
+            t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+        if channels and channels != t.shape[1]:
+            t = t.repeat(1, channels // t.shape[1], 1, 1)
+        t = t.round_().clamp_(0, 255).to(torch.uint8)
+        if out is None:
+            out = torch.empty((x.shape[0],) + tuple(t.shape[1:]), dtype=torch.uint8)
+        out[i:i + chunk] = t
+    return out
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
