@@ -16,7 +16,7 @@
 #   ops       the three fused ops: their GPU tests, compute-sanitizer on batch_norm_relu, and
 #             their benchmarks (boundary_step, relabel_check, batch_norm_relu, thin conv).
 # STEPS="..." runs the named steps instead (any of: build search-clinical e2e-clinical
-# tests-cuda e2e cold revision tests-ops memcheck ops e2e-fused e2e-variants search).
+# tests-cuda e2e-clinical-noisy e2e cold revision tests-ops memcheck ops e2e-fused e2e-variants search).
 #
 # .bench_data/ (git-ignored) holds what the presets read, so nothing is fetched or retrained:
 #   mkdir -p .bench_data && cp /usr/share/datasets/fashion-mnist/*.gz ../shared/data/retinamnist.npz .bench_data/
@@ -34,7 +34,7 @@ export PYTHONUNBUFFERED=1
 BUDGET_S=${BUDGET_S:-480}
 PRESET=${PRESET:-clinical}
 case "$PRESET" in
-  clinical) DEFAULT_STEPS="build search-clinical e2e-clinical tests-cuda" ;;
+  clinical) DEFAULT_STEPS="build search-clinical e2e-clinical tests-cuda e2e-clinical-noisy" ;;
   e2e) DEFAULT_STEPS="build e2e cold revision" ;;
   ops) DEFAULT_STEPS="build tests-ops memcheck ops" ;;
   *) echo "PRESET must be clinical, e2e or ops, got '$PRESET'" >&2; exit 2 ;;
@@ -91,15 +91,18 @@ run 150 python bench/bench_search.py "${CLINICAL[@]}" --n 512 --reps 3 \
   --variants fp32,fp32-ieee,bf16-norecheck,bf16,bf16-tf32recheck,bf16-autotuned --profile "$OUT/profile_search"
 fi
 if want e2e-clinical; then
-step "bench: end to end, ResNet-50 at 512, RetinaMNIST class 0 (486 images), batch 16, 10 epochs, bf16; then gamma 1e-4"
+step "bench: end to end, ResNet-50 at 512, RetinaMNIST class 0 (486 images), batch 16, 10 epochs, bf16"
 run 150 python bench/bench_e2e.py "${CLINICAL[@]}" --train-size 0 --batch-size 16 --precision bf16 \
   --warm-reps 0 --ours-reps 2 --no-authors-split
-run 90 python bench/bench_e2e.py "${CLINICAL[@]}" --train-size 0 --batch-size 16 --precision bf16 \
-  --warm-reps 0 --ours-reps 1 --no-authors-split --gamma 1e-4 --epochs 3
 fi
 if want tests-cuda; then
 step "GPU tests: the engine on CUDA (search at 512 px, recheck, out of memory, precision flags, fine-tune, graphs)"
 pytest_files 150 tests/test_cuda.py
+fi
+if want e2e-clinical-noisy; then
+step "bench: the same end to end with gamma 1e-4 (a search per batch), 3 epochs"
+run 90 python bench/bench_e2e.py "${CLINICAL[@]}" --train-size 0 --batch-size 16 --precision bf16 \
+  --warm-reps 0 --ours-reps 1 --no-authors-split --gamma 1e-4 --epochs 3
 fi
 
 # ----------------------------------------------------------------------- e2e
