@@ -75,6 +75,10 @@ def versions() -> str:
 
 
 def commit() -> str:
+    """The code's commit: $FASTUNLEARN_COMMIT when set (a copy of the tree whose git HEAD is
+    stale, as on a lent GPU machine), else git's HEAD."""
+    if os.environ.get("FASTUNLEARN_COMMIT"):
+        return os.environ["FASTUNLEARN_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()

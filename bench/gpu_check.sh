@@ -2,7 +2,10 @@
 # One call on a CUDA machine: build the CUDA extension, run one preset of GPU tests and
 # benchmarks, and leave a table (summary.txt) and a CSV (results.csv) under $OUT.
 #
-#   device run (from the repo root):  PRESET=clinical bash bench/gpu_check.sh    carry: [".bench_data"]
+#   device run (from the repo root):  PRESET=clinical FASTUNLEARN_COMMIT=<sha> bash bench/gpu_check.sh
+#                                     carry: [".bench_data"]
+#   (the device's copy of the tree may keep an older git HEAD: FASTUNLEARN_COMMIT names the
+#   commit sent, for the CSV rows and the summary)
 #
 # Each preset fits one call of about 8 minutes (BUDGET_S, default 480 s; a step gets at most
 # its own limit and what is left; steps the budget does not reach are listed as skipped):
@@ -59,7 +62,7 @@ run() {
   return 0
 }
 
-step "preset $PRESET: $STEPS; device and versions; commit $(git rev-parse --short HEAD 2>/dev/null)"
+step "preset $PRESET: $STEPS; device and versions; commit ${FASTUNLEARN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
 run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 run 60 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)"
 

@@ -234,11 +234,11 @@ def test_search_out_of_memory_halves_the_chunk(resnet50_512):
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(CUDA).total_memory
     cap = torch.cuda.memory_allocated(CUDA) + 1.5 * 2**30  # 1.5 GiB on top of what is held
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), CUDA)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.cuda.current_device())
     try:
         got = _search(model, x, y, cfg.replace(search_batch_size=12))
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, CUDA)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
     assert torch.equal(got.relabels, want.relabels)
 
 
