@@ -8,7 +8,6 @@ import torch.nn as nn
 
 import fastunlearn as fu
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -89,7 +88,7 @@ def test_remain_reg_zero_never_reads_the_remain_set(gen):
 
 
 def test_revise_writes_safetensors_and_probe_history(gen, tmp_path):
-    from fastunlearn.checkpoint import read_header
+    from fastunlearn.data.checkpoint import read_header
 
     f, r = data(gen, 16), data(gen, 24)
     session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05), mean=MEAN, std=STD)
@@ -148,7 +147,7 @@ def test_history_is_the_same_with_and_without_the_progress_bar(gen):
 
 
 def test_phases_split_a_revision(gen):
-    from fastunlearn import profiling
+    from fastunlearn.runtime import profiling
 
     session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05), mean=MEAN, std=STD)
     f = data(gen, 20)

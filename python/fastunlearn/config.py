@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from .reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
+from fastunlearn.reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
 
 REFRESH_MODES = ("auto", "iteration", "epoch", "once")
 REMAIN_TARGETS = ("labels", "distill")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backends
+from fastunlearn.runtime import backends as _backends
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 # Preference for CUDA tensors when backend="auto". The CUDA ops come compiled; a Triton
