@@ -30,7 +30,7 @@ from fastunlearn.data import io as data
 from fastunlearn.engine.train import train_classifier  # noqa: E402
 from fastunlearn.eval.authors import authors_search, authors_unlearn  # noqa: E402
 from fastunlearn.eval.metrics import evaluate  # noqa: E402
-from fastunlearn.nn.fuse import fuses_batch_norm  # noqa: E402
+from fastunlearn.nn.fuse import batch_norm_fusion_on  # noqa: E402
 from fastunlearn.nn.models import create_model  # noqa: E402
 from fastunlearn.runtime import profiling  # noqa: E402
 from fastunlearn.runtime.precision import resolve_precision  # noqa: E402
@@ -202,7 +202,7 @@ def main(argv=None):
         warm_p50 = 1e3 * statistics.median(times)
 
     dname = device_name(dev)
-    fused_bn = fuses_batch_norm(dev, res.step_mode == "compiled", cfg)
+    fused_bn = batch_norm_fusion_on(dev, res.step_mode == "compiled", cfg)
     precision_names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     ours_precision = precision_names[resolve_precision(cfg.precision, dev)]
     rows = [dict(provider="original", **m_orig),

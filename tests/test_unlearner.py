@@ -125,7 +125,7 @@ def test_bf16_unlearn_on_cpu_keeps_fp32_labels(digits_model):
     fp32 = fu.unlearn(model, forget, remain, config=cfg.replace(precision="fp32"), **kw)
     session = fu.Unlearner(model, cfg.replace(precision="bf16"), mean=DIGITS_MEAN, std=DIGITS_STD)
     bf16 = session.revise(forget, remain, progress=False)
-    assert session.engine.channels_last and session.engine.fuse_batch_norm
+    assert session.engine.channels_last and session.engine.batch_norm_fused
     assert session.frozen[0].weight.is_contiguous(memory_format=torch.channels_last)
     agree = float((bf16.relabels == fp32.relabels).float().mean())
     assert agree >= 0.99, f"{agree:.2%} of {len(forget[1])} relabels agree"

@@ -43,8 +43,7 @@ def contiguous_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are contiguous (NCHW) clones.
 
     One pass: the clones go into deepcopy's memo, so deepcopy reuses them instead of copying
-    each tensor in its own layout and then converting it (a warm revision's result copy on a
-    GPU went from 4-8 ms that way to the cost of the clones and the module walk)."""
+    each tensor in its own layout and then converting it a second time."""
     memo: dict = {}
     for module in model.modules():
         for p in module._parameters.values():

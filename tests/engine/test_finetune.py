@@ -345,7 +345,7 @@ def test_layout_follows_device_and_precision():
     for precision, backend, cl in (("bf16", "auto", True), ("bf16", "torch", False), ("fp32", "auto", True)):
         engine = FinetuneEngine(model_with_dropout(), fu.UnlearnConfig(precision=precision, backend=backend),
                                 device="cpu")
-        assert engine.fuse_batch_norm == (backend == "auto") and engine.channels_last == cl
+        assert engine.batch_norm_fused == (backend == "auto") and engine.channels_last == cl
         assert engine.model[0].weight.is_contiguous(memory_format=torch.channels_last if cl else
                                                     torch.contiguous_format)
 

@@ -365,9 +365,9 @@ def test_engine_fuses_where_the_config_and_the_build_allow():
         return FinetuneEngine(_net(), fu.UnlearnConfig(**kw), device="cpu")
 
     native = _backends.has_cpu_op("batch_norm_relu")
-    assert engine().fuse_batch_norm == native and engine(fuse_batch_norm=True).fuse_batch_norm == native
-    assert not engine(fuse_batch_norm=False).fuse_batch_norm
-    assert not engine(backend="torch").fuse_batch_norm
+    assert engine().batch_norm_fused == native and engine(fuse_batch_norm=True).batch_norm_fused == native
+    assert not engine(fuse_batch_norm=False).batch_norm_fused
+    assert not engine(backend="torch").batch_norm_fused
     # Unfused under bf16, the model's BatchNorm keeps the step NCHW.
     assert not engine(fuse_batch_norm=False, precision="bf16").channels_last
 
@@ -397,7 +397,7 @@ def _fused_and_plain_runs(x, y, cuda_graph, states):
     for fuse in (False, True):
         cfg = fu.UnlearnConfig(precision="fp32", lr=0.05, cuda_graph=cuda_graph, fuse_batch_norm=fuse)
         eng = FinetuneEngine(_net(), cfg, mean=[0.5, 0.5], std=[0.25, 0.25], device="cuda")
-        assert eng.fuse_batch_norm == fuse
+        assert eng.batch_norm_fused == fuse
         eng.model.train()
         undo = fuse_batch_norm_relu(eng.model) if fuse else None
         for i in range(6):

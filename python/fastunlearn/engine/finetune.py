@@ -2,7 +2,7 @@
 
 loss = CE(f_w(u_f), y_b) + rho * R, with R the cross-entropy of a remain batch to its true
 labels or to the original model's outputs (distillation); soft / top-k targets use the
-soft cross-entropy. The losses are reference.forget_loss and reference.remain_loss.
+soft cross-entropy. The losses are losses.forget_loss and losses.remain_loss.
 
 Where the time goes, and what this module does about it:
 
@@ -53,12 +53,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from fastunlearn import reference
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data.augment import augment_mode, crop_at, flip_where
 from fastunlearn.data.io import as_tensors
 from fastunlearn.data.validate import resolve_device
-from fastunlearn.engine import distributed
+from fastunlearn.engine import distributed, losses
 from fastunlearn.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     RESUME_FREE,
@@ -71,7 +70,7 @@ from fastunlearn.engine.checkpoint import (
 from fastunlearn.engine.distributed import shard_bounds
 from fastunlearn.engine.search import SearchResult
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
-from fastunlearn.nn.fuse import fuse_batch_norm_relu, fuses_batch_norm
+from fastunlearn.nn.fuse import batch_norm_fusion_on, fuse_batch_norm_relu
 from fastunlearn.nn.layout import channels_last_input, default_channels_last
 from fastunlearn.runtime.heap import reuse_freed_memory
 from fastunlearn.runtime.phases import phase
@@ -83,9 +82,9 @@ class StopRun(Exception):
 
 
 def resolve_compile(setting) -> bool:
-    """config.compile resolved: "auto" does not compile. Compiling costs tens of seconds
-    (on 2 CPU cores and on an H200 alike), more than a whole default run takes; on CUDA
-    the eager step under a CUDA graph already removes the launch overhead."""
+    """config.compile resolved: "auto" does not compile. Compiling costs tens of seconds on
+    CPUs and GPUs alike, more than a whole default run takes; on CUDA the eager step under a
+    CUDA graph already removes the launch overhead."""
     if setting == "auto":
         return False
     return bool(setting)
@@ -187,8 +186,8 @@ class FinetuneEngine:
                 warnings.warn("compile=True is ignored under torch.distributed: the data-parallel train step "
                               "runs eagerly", stacklevel=2)
             self.compiled = False
-        self.fuse_batch_norm = fuses_batch_norm(self.device, self.compiled, config)
-        self.channels_last = (default_channels_last(model, self.device, self.autocast, self.fuse_batch_norm)
+        self.batch_norm_fused = batch_norm_fusion_on(self.device, self.compiled, config)
+        self.channels_last = (default_channels_last(model, self.device, self.autocast, self.batch_norm_fused)
                               if channels_last is None else channels_last)
         self.model = model.to(self.device)
         if self.channels_last:
@@ -303,11 +302,11 @@ class FinetuneEngine:
             nf = self._input(xf)
             with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None, cache_enabled=cache):
                 if not use_remain:
-                    loss_f = reference.forget_loss(net(nf), tf)
+                    loss_f = losses.forget_loss(net(nf), tf)
                     return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
                 lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
-                loss_r = reference.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target)
-                loss_f = reference.forget_loss(lf_logits, tf)
+                loss_r = losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target)
+                loss_f = losses.forget_loss(lf_logits, tf)
                 return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
 
         def share(mean_loss, logits, weight):
@@ -322,12 +321,12 @@ class FinetuneEngine:
             with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None):
                 if not use_remain:
                     logits = net(nf)
-                    loss_f = share(lambda: reference.forget_loss(logits, tf), logits, wf)
+                    loss_f = share(lambda: losses.forget_loss(logits, tf), logits, wf)
                     return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
                 lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
-                loss_r = share(lambda: reference.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target),
+                loss_r = share(lambda: losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target),
                                lr_logits, wr)
-                loss_f = share(lambda: reference.forget_loss(lf_logits, tf), lf_logits, wf)
+                loss_f = share(lambda: losses.forget_loss(lf_logits, tf), lf_logits, wf)
                 return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
 
         if self.world > 1:
@@ -441,7 +440,7 @@ class FinetuneEngine:
         # On CPU every step frees and reallocates its activations: keep them in the heap.
         # The BatchNorm layers run fused only for the run: the model the caller gets back
         # (and any copy of it) has its own forward methods.
-        undo = fuse_batch_norm_relu(self.model) if self.fuse_batch_norm else (lambda: None)
+        undo = fuse_batch_norm_relu(self.model) if self.batch_norm_fused else (lambda: None)
         try:
             with reuse_freed_memory(self.device.type == "cpu"):
                 return self._run(forget_x, search, remain, progress=progress, probe=probe,

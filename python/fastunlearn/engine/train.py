@@ -15,7 +15,7 @@ from fastunlearn.data.augment import augment_mode, random_crop, random_flip
 from fastunlearn.data.io import as_tensors
 from fastunlearn.data.validate import resolve_device
 from fastunlearn.eval.metrics import prepare
-from fastunlearn.nn.fuse import fuse_batch_norm_relu, fuses_batch_norm
+from fastunlearn.nn.fuse import batch_norm_fusion_on, fuse_batch_norm_relu
 from fastunlearn.nn.layout import channels_last_input, default_channels_last
 from fastunlearn.runtime.precision import resolve_precision
 
@@ -39,8 +39,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
 
     The step runs as the fine-tune's does (finetune.FinetuneEngine): convolutional models in
     channels_last, and on CPU each BatchNorm2d (+ the ReLU after it) through the native
-    batch_norm_relu op: on 2 cores an epoch of an AllCNN of width 0.125-0.5 at batch 128 ran
-    1.4-1.5x faster than plain PyTorch in fp32, 2.8-3.9x with bf16 (bench/bench_train_eval.py).
+    batch_norm_relu op, faster than plain PyTorch (bench/bench_train_eval.py measures it).
     The model comes back in the default (contiguous) layout.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -65,7 +64,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
         return net.eval()
 
     autocast = resolve_precision(precision, dev)
-    fuse = fuses_batch_norm(dev, False, UnlearnConfig())  # the fine-tune's default rule
+    fuse = batch_norm_fusion_on(dev, False, UnlearnConfig())  # the fine-tune's default rule
     channels_last = default_channels_last(net, dev, autocast, fused_batch_norm=fuse)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -42,9 +42,8 @@ def inference_copy(model, device=None) -> torch.nn.Module:
     """The copy of ``model`` that predict_logits runs: on ``device`` (default: where the
     model is), in eval mode, without weight gradients, each eval-mode BatchNorm that follows
     a convolution folded into it, and channels_last for convolutional models (see
-    search.frozen_copy). The same function up to float rounding, faster: on 2 CPU cores an
-    AllCNN of width 0.125-0.5 predicted 1.6-2.1x faster in float32 than the model as given
-    (bench/bench_train_eval.py). The model itself is not touched (not even its train/eval
+    nn.frozen.frozen_copy). The same function up to float rounding, faster than the model
+    as given (bench/bench_train_eval.py measures it). The model itself is not touched (not even its train/eval
     mode).
 
     predict_logits makes one per call; pass it this copy to predict several sets with one.

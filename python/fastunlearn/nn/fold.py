@@ -103,8 +103,8 @@ def fold_batchnorm(model: nn.Module) -> int:
     For a frozen model (eval mode, running statistics) BN(conv(x)) = conv'(x) with
     W' = W * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps) per output channel,
     computed in float64. The search then skips a read and a write of every such activation
-    in the forward and again in the input backward: on 2 CPU cores the search of a narrow
-    AllCNN ran 1.5x (fp32) and 1.7x (bf16) faster (bench/RESULTS.md). Only pairs where
+    in the forward and again in the input backward (bench/RESULTS.md measures the gain).
+    Only pairs where
     nothing else reads the convolution's output are folded; modules reachable twice, shared
     weights, hooks and parametrizations are left alone.
     """

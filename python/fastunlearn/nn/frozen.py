@@ -15,8 +15,8 @@ def frozen_copy(model: nn.Module, device: torch.device, channels_last: Optional[
                 fold: bool = True) -> nn.Module:
     """A copy of the model for the search: eval mode, no weight gradients. The input is untouched.
 
-    channels_last (default: on) measured 1.2-1.4x faster for the search's convolutions on
-    CPU at chunks of 64-128; on GPUs it is the layout the bf16 convolution kernels want.
+    channels_last (default: on) is the faster layout for the search's convolutions on CPU
+    (bench/RESULTS.md); on GPUs it is the layout the bf16 convolution kernels want.
     fold: BatchNorm layers that follow a convolution are folded into it (see
     fold_batchnorm); the copy computes the same function with fewer passes over memory.
     """

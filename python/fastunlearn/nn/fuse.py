@@ -86,7 +86,7 @@ def fuse_batch_norm_relu(model: nn.Module) -> Callable[[], None]:
     return undo
 
 
-def fuses_batch_norm(device: torch.device, compiled: bool, config: UnlearnConfig) -> bool:
+def batch_norm_fusion_on(device: torch.device, compiled: bool, config: UnlearnConfig) -> bool:
     """Whether a train step routes BatchNorm (+ ReLU) through the native op: by default on
     CPU only; never under torch.compile (which fuses on its own) nor with backend="torch"
     (plain PyTorch asked for) or "triton" (the op has no Triton kernel)."""

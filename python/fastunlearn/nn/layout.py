@@ -24,9 +24,9 @@ def channels_last_input(u: torch.Tensor) -> torch.Tensor:
     With one channel both layouts hold the same bytes and u.contiguous(channels_last) keeps
     the NCHW strides, so PyTorch takes u for NCHW (suggest_memory_format). A convolution's
     backward then converts its output gradient to NCHW to match its input (cuDNN backward:
-    grad_output.to(input.suggest_memory_format())): in every batch-64 step of a 1-channel
-    AllCNN on an H200, a 32 us copy and cuDNN's own layout conversions around the first
-    layer's weight gradient, and in the search a copy of the first activation's gradient.
+    grad_output.to(input.suggest_memory_format())): in every step of a 1-channel model, a
+    copy and cuDNN's own layout conversions around the first layer's weight gradient, and in
+    the search a copy of the first activation's gradient.
     """
     if u.dim() != 4:
         return u
@@ -53,9 +53,8 @@ def default_channels_last(model: nn.Module, device: torch.device, autocast: Opti
     GPUs: the layout the bf16 convolution kernels want. CPU: oneDNN's convolutions are
     faster in channels_last, and PyTorch's CPU BatchNorm is slow in it at few channels; with
     BatchNorm (+ ReLU) fused (fuse_batch_norm_relu, the CPU default) the channels_last step
-    is the fastest at every width measured (AllCNN, batch 64, 2 cores, bf16: 13.0 ms against
-    17.1 ms NCHW unfused at width 0.125, 43.4 against 62.1 ms at width 0.5; bench/RESULTS.md).
-    Unfused under bf16, NCHW is faster (17.1 against 32.9 ms channels_last at width 0.125).
+    is the fastest at every width measured; unfused under bf16, NCHW is faster
+    (bench/RESULTS.md).
     """
     if not has_conv(model):
         return False

@@ -1,4 +1,4 @@
-"""boundary_step: one fused perturbed sign-gradient step (DESIGN.md section 2).
+"""boundary_step: one fused perturbed sign-gradient step of the boundary search (reference.boundary_step).
 
 Backends: "cpu" (csrc/boundary_step.cpp), "cuda" (csrc/cuda/boundary_step.cu),
 "triton" (kernels/boundary_step.py), "torch" (reference.boundary_step).

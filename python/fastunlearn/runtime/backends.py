@@ -12,6 +12,9 @@ import os
 
 import torch
 
+# The backends a fused op can run on; "auto" picks the fastest available for the device.
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+
 _STATUS: dict[str, str] = {}
 
 

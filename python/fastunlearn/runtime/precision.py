@@ -10,10 +10,10 @@ import torch
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16 units: oneDNN then runs bf16 convolutions natively (a batch-64
-    AllCNN train step 1.7x faster than fp32 on 2 Xeon cores with AMX). Without them CPU
-    bf16 is emulated, 7-15x slower than fp32. FASTUNLEARN_CPU_BF16=0 or 1 overrides the
-    detection (for precision="auto" only)."""
+    """AMX or AVX512-BF16 units: oneDNN then runs bf16 convolutions natively, faster than
+    fp32. Without them CPU bf16 is emulated, several times slower than fp32 (bench/RESULTS.md
+    has the figures). FASTUNLEARN_CPU_BF16=0 or 1 overrides the detection (for
+    precision="auto" only)."""
     forced = os.environ.get("FASTUNLEARN_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"

@@ -138,7 +138,7 @@ def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=No
                             teacher=frozen)
     xb, yb = x[:bs], y[:bs]
     engine.model.train()
-    undo = fuse_batch_norm_relu(engine.model) if engine.fuse_batch_norm else None  # as a run does
+    undo = fuse_batch_norm_relu(engine.model) if engine.batch_norm_fused else None  # as a run does
     if engine.compiled:
         engine.step(xb, yb)  # compile outside the measurement
     rows.append(measure_region(f"train step (batch {bs})", lambda: engine.step(xb, yb), device, peaks, reps))
