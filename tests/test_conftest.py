@@ -1,7 +1,6 @@
 """The suite's random inputs are replayable: FASTUNLEARN_TEST_SEED fixes every draw a test makes."""
 
 import torch
-
 from conftest import fresh_seed
 
 

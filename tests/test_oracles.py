@@ -1,10 +1,11 @@
-"""The functions the engine shares with reference.py, against oracles that do not call them.
+"""The engine's losses and the functions it shares with reference.py, against oracles that
+do not call them.
 
-The engine (search, fine-tune) calls these functions itself, so comparing the engine with
-reference.py cannot find a bug in them: both sides would carry it. Each one is checked here
-against torch's own ops, hand-computed values from the definitions in DESIGN.md, or a
-property that holds whatever the implementation (disjoint noise counters, uniform start
-points). tests/test_shared_with_reference.py makes sure every shared function has such a test.
+Comparing the engine with reference.py cannot find a bug in a function both call, nor in a
+loss both define the same way. Each one is checked here against torch's own ops, values
+worked out by hand from the definitions in DESIGN.md, or a property that holds whatever the
+implementation (disjoint noise counters, uniform start points).
+tests/test_shared_with_reference.py makes sure every shared function has such a test.
 """
 
 import pytest
@@ -13,11 +14,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
 
+from fastunlearn.config import UnlearnConfig
+
 # The functions under test, by the names the production code calls them: one place to change
 # if they move.
-from fastunlearn import search as engine_search
-from fastunlearn.config import UnlearnConfig
-from fastunlearn.reference import forget_loss, lamda_at, noise_offset, random_start_point, remain_loss
+from fastunlearn.engine import search as engine_search
+from fastunlearn.engine.losses import forget_loss, remain_loss
+from fastunlearn.reference import lamda_at, noise_offset, random_start_point
 
 # A p-value this small is what a correct implementation fails once in a million seeds; the
 # seeds are fixed anyway, so a run is replayable.
