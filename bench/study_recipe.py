@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import os
 import statistics
 import sys
@@ -120,10 +121,10 @@ def forget_mask(name: str, what: str, y: torch.Tensor, classes: int, args) -> to
         raise ValueError(f"what is forgotten must be class, part or subgroup, got {what!r}")
     if name == "retina":
         rows = data.make_retina_metadata((torch.zeros(len(y), 1, 1, 1), y), seed=args.seed)
-        return torch.tensor([r["device"] == "Zeiss Visucam 500" for r in rows])
+        return torch.tensor([i for i, r in enumerate(rows) if r["device"] == "Zeiss Visucam 500"])
     rng = np.random.default_rng(args.seed)
     p = np.where(y.numpy() < classes // 2, 0.45, 0.15)
-    return torch.from_numpy(rng.random(len(y)) < p)
+    return torch.from_numpy(np.flatnonzero(rng.random(len(y)) < p))
 
 
 def model_for(arch: str, channels: int, classes: int, width: float) -> nn.Module:
@@ -225,11 +226,19 @@ def main(argv=None):
     p.add_argument("--head-ft-samples", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", help="comma-separated earlier --out folders: summarise their cases with these")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows, infos = [], []
-    for spec in args.cases.split(","):
+    for folder in (args.merge.split(",") if args.merge else []):
+        with open(os.path.join(folder, "points.csv")) as fh:
+            rows += [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+        with open(os.path.join(folder, "cases.json")) as fh:
+            infos += json.load(fh)
+    if not args.cases:
+        write(rows, infos, args)
+    for spec in [c for c in args.cases.split(",") if c]:
         t0 = time.perf_counter()
         r, info = run_case(spec, args, GRIDS[args.grid])
         rows += r
@@ -241,12 +250,26 @@ def main(argv=None):
     print(open(os.path.join(args.out, "summary.md")).read())
 
 
+def parse(v: str):
+    """A points.csv cell as the sweep wrote it: None, a number or a string."""
+    if v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def write(rows, infos, args):
     path = os.path.join(args.out, "points.csv")
     with open(path + ".tmp", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    os.replace(path + ".tmp", path)
+    path = os.path.join(args.out, "cases.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(infos, fh, indent=1)
     os.replace(path + ".tmp", path)
     head = (f"device: {device_name(torch.device('cpu'))}, {args.threads} thread(s); date "
             f"{datetime.date.today()}; commit {os.environ.get('FASTUNLEARN_COMMIT', '?')}; torch {torch.__version__}; "

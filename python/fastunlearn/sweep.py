@@ -28,7 +28,6 @@ diverged fine-tune) is never chosen while another point exists.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import math
@@ -42,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from . import validate
-from .compose import _finetune_on_remain, compose, frozen_batchnorm, strip_frozen_batchnorm
+from .compose import _finetune_on_remain, compose, strip_frozen_batchnorm
 from .config import UnlearnConfig
 from .eval.halving import Budget, successive_halving
 from .metrics import accuracy, inference_copy, predict_logits
@@ -374,7 +373,8 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     s = chosen.settings
     cfg = base.replace(gamma=float(s["gamma"]), relabel=s["relabel"] if s["relabel"] in
                        ("argmax", "nearest_incorrect", "soft") else "soft", remain_reg=float(s["remain_reg"]),
-                       remain_target=s["remain_target"], lr=float(s["lr"]), epochs=int(s["epochs"]))
+                       remain_target=s["remain_target"], lr=float(s["lr"]), epochs=int(s["epochs"]),
+                       batchnorm=s["batchnorm"])
     spent["seconds"] = time.perf_counter() - t_start
     return SweepResult(best_state.to(dev).eval(), chosen, cfg, points, pareto_front(points), search_seconds,
                        spent["seconds"], len(searches),
@@ -401,7 +401,8 @@ class _StagedRuns:
 
     def config(self, o: dict) -> UnlearnConfig:
         return self.base.replace(gamma=float(o["gamma"]), relabel="soft", remain_reg=float(o["remain_reg"]),
-                                 remain_target=o["remain_target"], lr=float(o["lr"]), epochs=self.max_epochs)
+                                 remain_target=o["remain_target"], lr=float(o["lr"]), epochs=self.max_epochs,
+                                 batchnorm=o["batchnorm"])
 
     def search(self, cfg: UnlearnConfig) -> SearchResult:
         refreshes = 1 if cfg.refresh_mode == "once" else self.max_epochs
@@ -432,11 +433,9 @@ class _StagedRuns:
         engine, folder, reached, seconds = self.state[i]
         per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
         t0 = time.perf_counter()
-        frozen = o["batchnorm"] == "frozen"
-        with frozen_batchnorm(engine.model) if frozen else contextlib.nullcontext():
-            engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
-                       checkpoint_every=per_epoch * self.every, max_steps=epochs * per_epoch,
-                       resume=os.path.join(folder, "checkpoint.pt") if reached else None)
+        engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
+                   checkpoint_every=per_epoch * self.every, max_steps=epochs * per_epoch,
+                   resume=os.path.join(folder, "checkpoint.pt") if reached else None)
         seconds += time.perf_counter() - t0
         self.state[i][2:] = [epochs, seconds]
         return strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(), seconds
