@@ -83,7 +83,7 @@ def run_case(spec: str, args) -> dict:
                       **kw)
         rows["sweep"] = dict(scores(sw.model, sets, mean, std), seconds=[time.perf_counter() - t0],
                              chosen=sw.chosen.settings, spent=sw.spent)
-    for k, row in rows.items():
+    for row in rows.values():
         row["x_retrain"] = statistics.median(row["seconds"]) / t_rt
         row["gap"] = statistics.fmean(abs(row[m] - rows["retrain"][m]) for m in ("forget", "remain", "test")) * 100
     return dict(case=spec, n_train=len(train[1]), n_forget=len(f[1]), forget_share=len(f[1]) / len(train[1]),
