@@ -38,8 +38,8 @@ import fastunlearn as fu  # noqa: E402
 from fastunlearn import data, forget  # noqa: E402
 from fastunlearn.cli import subset  # noqa: E402
 
-DEFAULT_CASES = ("digits:usercnn:class,digits:allcnn:class,mnist:usercnn:class,fashion:allcnn:class,"
-                 "digits:usercnn:subgroup,retina:allcnn:subgroup")
+DEFAULT_CASES = ("digits28:usernet:class,digits:allcnn:class,mnist:usernet:class,fashion:allcnn:class,"
+                 "digits28:usernet:subgroup,retina:allcnn:subgroup")
 
 
 def holdout(train, fraction: float, seed: int):

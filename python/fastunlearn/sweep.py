@@ -55,14 +55,18 @@ GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", 
 SEARCH_KEYS = ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule", "quantize", "early_exit",
                "random_start", "seed", "precision", "backend", "recheck_margin", "search_compile")
 
+# The neighbourhood of UnlearnConfig.recommended() that bench/study_recipe.py found worth
+# searching: frozen BatchNorm and a strong remain term won everywhere; the relabel mode, the
+# remain target and the learning rate changed places between models, and lr 1e-3 is the faster
+# one that some models do not survive (the validation split catches that).
 DEFAULT_GRID = {
-    "relabel": ["nearest_incorrect", "soft_incorrect", "argmax"],
+    "relabel": ["nearest_incorrect", "soft_incorrect"],
     "gamma": [0.0],
-    "remain_reg": [1.0, 3.0],
+    "remain_reg": [10.0],
     "remain_target": ["labels", "distill"],
-    "lr": [1e-3],
-    "epochs": [2, 5],
-    "batchnorm": ["frozen", "train"],
+    "lr": [3e-4, 1e-3],
+    "epochs": [1, 2, 4],
+    "batchnorm": ["frozen"],
     "compose": [None, "head_ft"],
 }
 
