@@ -242,6 +242,12 @@ class UnlearnConfig:
                             RECIPE_EPOCHS (a small forget set gets more epochs, a large one
                             fewer); without it, RECIPE_EPOCHS[0] + 2.
 
+        Known limit: on an under-trained model (low training accuracy, BatchNorm statistics
+        that barely settled) the remain term at this weight and step size made the fine-tune
+        collapse in the study; fu.sweep, given a validation split, also tries remain_reg 3.
+        Part of a class is not this recipe's job: a retrained model still recognises most of
+        those images, and the recipe drives their accuracy to zero; use fu.sweep with heldout=.
+
         remain_size is accepted for symmetry and checked; the recipe does not depend on it
         (the remain term reads one remain batch per forget batch, whatever its size).
         overrides: any field, applied last (so epochs=... wins over the rule).
