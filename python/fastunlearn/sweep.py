@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 import tempfile
 import time
@@ -391,7 +390,7 @@ class _StagedRuns:
     """The grid's fine-tunes, each stoppable and resumable at an epoch boundary.
 
     A run is one FinetuneEngine made for the grid's largest epoch count; advance(i, k) runs it
-    on to epoch k (max_steps) and leaves a checkpoint there, so a run continued from epoch j
+    on to epoch k (max_steps) and leaves a checkpoint there (only there), so a run continued from epoch j
     to k is the run one call would have made for k epochs (the learning rate is constant).
     The searches are shared (one per distinct search setting).
     """
@@ -401,7 +400,7 @@ class _StagedRuns:
         self.runs, self.base, self.model, self.frozen = runs, base, model, frozen
         self.fx, self.fy, self.remain, self.mean, self.std, self.dev = fx, fy, remain, mean, std, dev
         self.max_epochs, self.tmp, self.progress, self.searches = max_epochs, tmp, progress, searches
-        self.every = math.gcd(*rungs)
+        self.last = max(rungs)
         self.state = {}  # run index -> [engine, folder, epochs reached, fine-tune seconds]
         self.search_seconds = 0.0
 
@@ -440,7 +439,10 @@ class _StagedRuns:
         per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
         t0 = time.perf_counter()
         engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
-                   checkpoint_every=per_epoch * self.every, max_steps=epochs * per_epoch,
+                   # One checkpoint, where this call stops (the first multiple of its step count
+                   # past the resumed step); none after the last rung.
+                   checkpoint_every=0 if epochs == self.last else per_epoch * epochs,
+                   max_steps=epochs * per_epoch,
                    resume=os.path.join(folder, "checkpoint.pt") if reached else None)
         seconds += time.perf_counter() - t0
         self.state[i][2:] = [epochs, seconds]
