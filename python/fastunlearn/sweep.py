@@ -10,9 +10,10 @@ is read off that one result:
     soft               the softmax itself
     soft_incorrect     the softmax with the true class removed, renormalised
 
-Epochs cost nothing extra either: one fine-tune runs to the largest epoch count and the
-model is scored after each epoch the grid names (the learning rate is constant, so epoch k
-of a long run is the k-epoch run).
+Epochs cost nothing extra either: each fine-tune is one run, stopped at each epoch count the
+grid names, scored, and resumed from its checkpoint (the learning rate is constant, so epoch
+k of a long run is the k-epoch run). Successive halving (eval.halving) decides which runs go
+on: all of them reach the smallest epoch count, the best ``keep`` fraction the next, and so on.
 
 Selection (``select``): with ``target_forget_acc`` (partial-class forgetting, where a
 retrained model still recognises most of the class), the point maximising
