@@ -359,7 +359,8 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
             p = SweepPoint(dict(runs[i], epochs=ep, compose=None), fa, ra, secs, len(points), ha, diverged)
             if None in g["compose"]:
                 consider(p, m)
-                held[(i, ep)] = (p, m)
+                if composes:
+                    held[(i, ep)] = (p, m)
             else:  # only the composed points are candidates: compose every snapshot
                 composed(runs[i], ep, m, secs)
             return _key(p, max_forget_acc, target_forget_acc)
@@ -390,9 +391,10 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
 class _StagedRuns:
     """The grid's fine-tunes, each stoppable and resumable at an epoch boundary.
 
-    A run is one FinetuneEngine made for the grid's largest epoch count; advance(i, k) runs it
-    on to epoch k (max_steps) and leaves a checkpoint there (only there), so a run continued from epoch j
-    to k is the run one call would have made for k epochs (the learning rate is constant).
+    A run is made for the grid's largest epoch count; advance(i, k) resumes it from its
+    checkpoint, runs it on to epoch k (max_steps) and leaves a checkpoint there, so a run
+    continued from epoch j to k is the run one call would have made for k epochs (the
+    learning rate is constant).
     The searches are shared (one per distinct search setting).
     """
 
@@ -402,7 +404,7 @@ class _StagedRuns:
         self.fx, self.fy, self.remain, self.mean, self.std, self.dev = fx, fy, remain, mean, std, dev
         self.max_epochs, self.tmp, self.progress, self.searches = max_epochs, tmp, progress, searches
         self.last = max(rungs)
-        self.state = {}  # run index -> [engine, folder, epochs reached, fine-tune seconds]
+        self.state = {}  # run index -> (checkpoint folder, epochs reached, fine-tune seconds)
         self.search_seconds = 0.0
 
     def config(self, o: dict) -> UnlearnConfig:
@@ -426,19 +428,17 @@ class _StagedRuns:
         o = self.runs[i]
         cfg = self.config(o)
         search = derive_targets(self.search(cfg), self.fy, o["relabel"])
-        if i not in self.state:
-            from .finetune import FinetuneEngine
+        from .finetune import FinetuneEngine
 
-            trainable = copy.deepcopy(self.model).to(self.dev)
-            trainable.requires_grad_(True)
-            folder = os.path.join(self.tmp, str(i))
-            os.makedirs(folder)
-            engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev,
-                                    teacher=self.frozen)
-            self.state[i] = [engine, folder, 0, 0.0]
-        engine, folder, reached, seconds = self.state[i]
-        per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
+        folder, reached, seconds = self.state.get(i, (os.path.join(self.tmp, str(i)), 0, 0.0))
+        os.makedirs(folder, exist_ok=True)
         t0 = time.perf_counter()
+        # A fresh engine each time: only the checkpoint stays between calls, so the runs
+        # waiting for the next rung hold no model or optimiser in memory.
+        trainable = copy.deepcopy(self.model).to(self.dev)
+        trainable.requires_grad_(True)
+        engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev, teacher=self.frozen)
+        per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
         engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
                    # One checkpoint, where this call stops (the first multiple of its step count
                    # past the resumed step); none after the last rung.
@@ -446,7 +446,7 @@ class _StagedRuns:
                    max_steps=epochs * per_epoch,
                    resume=os.path.join(folder, "checkpoint.pt") if reached else None)
         seconds += time.perf_counter() - t0
-        self.state[i][2:] = [epochs, seconds]
+        self.state[i] = (folder, epochs, seconds)
         return strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(), seconds
 
 
