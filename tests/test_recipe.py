@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 
 import fastunlearn as fu
-from fastunlearn import data, forget
-from fastunlearn.metrics import accuracy, predict_logits
-from fastunlearn.train import train_classifier
+from fastunlearn.data import forget
+from fastunlearn.data import io as data
+from fastunlearn.engine.train import train_classifier
+from fastunlearn.eval.metrics import accuracy, predict_logits
 
 
 class DigitNet(nn.Module):
@@ -51,7 +52,8 @@ def test_recommended_settings_and_the_epoch_rule():
 
 
 def test_frozen_batchnorm_keeps_the_running_statistics(digits_model):
-    from conftest import DIGITS_MEAN as mean, DIGITS_STD as std
+    from conftest import DIGITS_MEAN as mean
+    from conftest import DIGITS_STD as std
 
     model, x, y = digits_model
     f = y == 3
