@@ -60,7 +60,7 @@ def _prepare(model, config, mean, std, device, **data):
         config = UnlearnConfig()
     if not isinstance(config, UnlearnConfig):
         raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
-    pairs = _check_data(**data)
+    pairs = _check_data(config.loader_workers, validate.resolve_device(model, device), **data)
     fx = pairs["forget"][0]
     dev = validate.check_devices(model, device, **{f"{k} images": p[0] for k, p in pairs.items() if p is not None})
     mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])
@@ -76,9 +76,11 @@ def _prepare(model, config, mean, std, device, **data):
     return config, pairs, dev, mean_t, std_t
 
 
-def _check_data(**data):
-    """(x, y) tensors for each named set (None stays None; forget is required)."""
-    return {k: validate.pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}
+def _check_data(workers=None, device=None, **data):
+    """(x, y) for each named set (None stays None; forget is required): tensors, or for a
+    Dataset its images as streaming.DatasetRows (read in batches) and its labels."""
+    return {k: validate.stream(v, k, workers=workers, device=device) if validate.is_stream(v)
+            else validate.pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}
 
 
 def unlearn(model: nn.Module, forget, remain=None, config: Optional[UnlearnConfig] = None, mean=None, std=None,

@@ -60,6 +60,7 @@ from ._phases import phase
 from .heap import reuse_freed_memory
 from .ops.batch_norm_relu import batch_norm_relu
 from .search import SearchResult, _has_hooks, channels_last_input, resolve_precision
+from .streaming import DatasetRows
 from .train import augment_mode, crop_at, flip_where
 from .validate import resolve_device
 
@@ -69,7 +70,7 @@ CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # may be resumed with different values of these.
 # recheck_margin only shapes the search, which the checkpoint carries.
 _RESUME_FREE = ("compile", "cuda_graph", "fuse_batch_norm", "search_compile", "backend", "search_batch_size",
-                "recheck_margin")
+                "recheck_margin", "loader_workers")
 
 
 class StopRun(Exception):
@@ -134,8 +135,9 @@ class _GraphedStep:
 def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Put a data tensor where the train step gathers from: on the device when it fits in a
     quarter of the free memory, else pinned host memory (batches are copied asynchronously).
-    device carries its index (validate.canonical_device), as tensors' devices do."""
-    if x.device == device:
+    device carries its index (validate.canonical_device), as tensors' devices do. A
+    DatasetRows (a Dataset read in batches) stays where it is."""
+    if isinstance(x, DatasetRows) or x.device == device:
         return x
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -713,10 +715,13 @@ class FinetuneEngine:
                     # The epoch's indices go to the device once: a per-batch copy from
                     # host memory would make every step wait for the device.
                     perm_dev = perm.to(dev, non_blocking=True)
+                    remain_host = remain_at = None
                     if use_remain:
                         remain_host = torch.cat(remain_idx)
                         remain_dev = remain_host.to(dev, non_blocking=True)
                         remain_at = [0, *itertools.accumulate(r.shape[0] for r in remain_idx)]
+                    _plan_epoch(fx, rx if use_remain else None, perm, remain_host, remain_at, batch, per_epoch, bs,
+                                self.rank, self.world)
                     aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
                     tgt = targets[epoch % len(targets)]
                     clock.start()
@@ -857,6 +862,28 @@ def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:
     if per_rank is not None and per_rank.shape[0] == world:
         return per_rank[rank].clone()
     return state[key]
+
+
+def _plan_epoch(fx, rx, perm, remain_host, remain_at, batch, per_epoch, bs, rank, world):
+    """Announce the epoch's batches, from ``batch`` on, to the sets read from a Dataset, so
+    that their workers decode ahead: the rows the loop of _run takes, in its order."""
+    if not isinstance(fx, DatasetRows) and not isinstance(rx, DatasetRows):
+        return
+    n, forget, remain = perm.shape[0], [], []
+    for b in range(batch, per_epoch):
+        rows = slice(b * bs, min(n, (b + 1) * bs))
+        if world > 1:
+            rows, _ = _rank_rows(rows, rank, world)
+        forget.append(perm[rows])
+        if remain_at is not None:
+            rrows = slice(remain_at[b], remain_at[b + 1])
+            if world > 1:
+                rrows, _ = _rank_rows(rrows, rank, world)
+            remain.append(remain_host[rrows])
+    if isinstance(fx, DatasetRows):
+        fx.plan(forget)
+    if isinstance(rx, DatasetRows):
+        rx.plan(remain)
 
 
 # ---------------------------------------------------------------- checkpoints

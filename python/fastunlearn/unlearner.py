@@ -113,7 +113,7 @@ class Unlearner:
     def _check(self, forget, remain):
         from .api import _check_data
 
-        pairs = _check_data(forget=forget, remain=remain)
+        pairs = _check_data(self.config.loader_workers, self.device, forget=forget, remain=remain)
         fx = pairs["forget"][0]
         if self._channels is None:
             self._channels = fx.shape[1]
