@@ -187,7 +187,7 @@ def mia_efficacy_from_confidence(remain_conf, test_conf, forget_conf, seed: int 
     return float(1.0 - clf.predict(fc.reshape(-1, 1)).mean())
 
 
-def _eval_set(data, name: str):
+def evaluation_set(data, name: str):
     """(x, y) of an evaluation set: a Dataset is read in batches as it is predicted
     (streaming.DatasetRows), never held whole."""
     return stream(data, name) if is_stream(data) else as_tensors(data, name)
@@ -201,7 +201,7 @@ def mia_efficacy(model, remain, test, forget, mean=None, std=None, device=None, 
     conf = {}
     net = inference_copy(model, device)
     for name, data in (("remain", remain), ("test", test), ("forget", forget)):
-        x, y = _eval_set(data, name)
+        x, y = evaluation_set(data, name)
         conf[name] = true_class_confidence(predict_logits(net, x, mean, std, batch_size, device), y)
     return mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"], seed=seed,
                                         max_shadow=max_shadow)
@@ -222,7 +222,7 @@ def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, de
     logits, labels = {}, {}
     net = inference_copy(model, device)
     for name, data in sets.items():
-        x, y = _eval_set(data, name)
+        x, y = evaluation_set(data, name)
         logits[name] = predict_logits(net, x, mean, std, batch_size, device)
         labels[name] = y.cpu()
     out = {f"{k}_acc": accuracy(logits[k], labels[k]) for k in sets}

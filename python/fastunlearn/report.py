@@ -30,9 +30,8 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_write_text
-from .data import as_tensors
-from .metrics import (accuracy, gap, inference_copy, mia_efficacy_from_confidence, mia_lr, per_class_accuracy,
-                      per_sample_loss, predict_logits, true_class_confidence)
+from .metrics import (accuracy, evaluation_set, gap, inference_copy, mia_efficacy_from_confidence, mia_lr,
+                      per_class_accuracy, per_sample_loss, predict_logits, true_class_confidence)
 
 TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds")
 
@@ -111,7 +110,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     if retrain is not None and retrain not in models:
         raise ValueError(f"report: retrain={retrain!r} is not among the models {list(models)}; pass retrain=None "
                          "to leave the gap out")
-    sets = {k: as_tensors(v, k) for k, v in (("forget", forget), ("remain", remain), ("test", test))}
+    sets = {k: evaluation_set(v, k) for k, v in (("forget", forget), ("remain", remain), ("test", test))}
     os.makedirs(out_dir, exist_ok=True)
     k_classes = None
     rows, losses, panels = {}, {}, {}

@@ -256,3 +256,22 @@ def test_named_manifest_must_exist(tmp_path):
         load_image_folder(tmp_path, manifest="meta.csv")
     with pytest.raises(FileNotFoundError, match="image folder not found"):
         load_image_folder(tmp_path / "nowhere")
+
+
+def test_evaluate_and_report_from_a_folder_equal_tensors(gen, tmp_path):
+    from fastunlearn.report import report
+
+    x, y = images(gen, n=70)
+    write_folder(tmp_path / "data", x, y)
+    ds = load_image_folder(tmp_path / "data")
+    model = small_model().eval()
+    idx = forget.by_metadata(ds, "device == Zeiss")
+    (fx, fy), (rx, ry) = forget.split(x, y, idx)
+    keep = [i for i in range(len(ds)) if i not in set(idx.tolist())]
+    sets_t = dict(forget=(fx, fy), remain=(rx, ry), test=(x, y))
+    sets_d = dict(forget=torch.utils.data.Subset(ds, idx.tolist()), remain=torch.utils.data.Subset(ds, keep), test=ds)
+    kw = dict(mean=MEAN, std=STD, per_class=True)
+    assert fu.evaluate(model, **sets_t, **kw) == fu.evaluate(model, **sets_d, **kw)
+    a = report({"m": model}, **sets_t, out_dir=str(tmp_path / "a"), retrain=None, mean=MEAN, std=STD, tsne=False)
+    b = report({"m": model}, **sets_d, out_dir=str(tmp_path / "b"), retrain=None, mean=MEAN, std=STD, tsne=False)
+    assert a.rows == b.rows
