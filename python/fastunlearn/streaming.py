@@ -77,6 +77,8 @@ class DatasetRows:
         self._planned: list = []
         self._batches = None
         self._seq = None  # (next row, iterator, leftover rows) of an in-order read
+        self._passes = _Passes()
+        self._loader = None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -104,38 +106,51 @@ class DatasetRows:
     def plan(self, batches: list) -> None:
         """The index batches that will be asked for next, in order: workers start on them."""
         self._planned = [torch.as_tensor(b, dtype=torch.int64).reshape(-1).cpu() for b in batches]
-        self._batches = iter(self._loader(self.dataset, batch_sampler=[b.tolist() for b in self._planned]))
-        if not self._planned:
-            self._batches = None
+        self._seq = None  # one pass at a time: an in-order read starts again when asked
+        self._batches = self._start([b.tolist() for b in self._planned]) if self._planned else None
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop), prefetched in order: consecutive reads continue one stream."""
         if stop <= start:
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         if self._seq is None or not self._seq[0] <= start:
-            self._seq = [start, self._sequential(start), None]
+            self._planned, self._batches = [], None  # one pass at a time: planned batches are read directly
+            n, b = len(self), SEQUENTIAL_BLOCK
+            self._seq = [start, self._start(list(range(s, min(s + b, n))) for s in range(start, n, b)), None]
         pos, it, left = self._seq
         parts, have = [], pos
         if left is not None:
             parts.append(left)
             have += left.shape[0]
         while have < stop:
-            block = next(it)
-            parts.append(block)
-            have += block.shape[0]
+            parts.append(next(it))
+            have += parts[-1].shape[0]
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
         out = rows[start - pos:stop - pos]
         # Rows from ``start`` on stay until the next read: a retried chunk reads them again.
         self._seq = [start, it, rows[start - pos:]]
         return out
 
-    def _sequential(self, start: int):
-        rows = torch.utils.data.Subset(self.dataset, range(start, len(self)))
-        return iter(self._loader(rows, batch_size=SEQUENTIAL_BLOCK))
+    def _start(self, batches):
+        """A pass over ``batches`` (lists of row indices), decoded by the workers. One
+        DataLoader serves every pass, so its workers start once (they stay until this object
+        is dropped); a new pass ends the previous one."""
+        self._passes.batches = batches
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._passes, num_workers=self.workers, pin_memory=self.pin,
+                collate_fn=stack_images, persistent_workers=self.workers > 0)
+        return iter(self._loader)
 
-    def _loader(self, dataset, **kw):
-        return torch.utils.data.DataLoader(dataset, num_workers=self.workers, pin_memory=self.pin,
-                                           collate_fn=stack_images, **kw)
+
+class _Passes:
+    """A DataLoader's batch sampler whose batches are set before each pass."""
+
+    def __init__(self):
+        self.batches = ()
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 def dataset_labels(dataset, name: str) -> torch.Tensor:
