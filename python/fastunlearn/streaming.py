@@ -153,12 +153,27 @@ class _Passes:
         return iter(self.batches)
 
 
-def dataset_labels(dataset, name: str) -> torch.Tensor:
-    """All labels of a Dataset as int64: its ``targets`` when it has them (no image decoded),
-    else read item by item."""
+def known_labels(dataset) -> Optional[torch.Tensor]:
+    """The labels of a Dataset when they are known without reading its items: its
+    ``targets`` (image_folder's, torchvision's), a TensorDataset's second tensor, or those of
+    a Subset's dataset at its indices. None otherwise."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = known_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.int64)]
     targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return torch.as_tensor(targets).to(torch.int64).reshape(-1)
+    if targets is None and isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) >= 2:
+        targets = dataset.tensors[1]
+    if targets is None or len(targets) != len(dataset):
+        return None
+    return torch.as_tensor(targets).to(torch.int64).reshape(-1)
+
+
+def dataset_labels(dataset, name: str) -> torch.Tensor:
+    """All labels of a Dataset as int64: known_labels when it has them (no image decoded),
+    else read item by item."""
+    known = known_labels(dataset)
+    if known is not None:
+        return known
     labels = []
     for i in range(len(dataset)):
         item = dataset[i]

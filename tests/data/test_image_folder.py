@@ -275,3 +275,17 @@ def test_evaluate_and_report_from_a_folder_equal_tensors(gen, tmp_path):
     a = report({"m": model}, **sets_t, out_dir=str(tmp_path / "a"), retrain=None, mean=MEAN, std=STD, tsne=False)
     b = report({"m": model}, **sets_d, out_dir=str(tmp_path / "b"), retrain=None, mean=MEAN, std=STD, tsne=False)
     assert a.rows == b.rows
+
+
+def test_labels_of_a_subset_are_read_without_decoding(gen, tmp_path, monkeypatch):
+    from fastunlearn import image_folder
+    from fastunlearn.streaming import dataset_labels
+
+    x, y = images(gen, n=12)
+    write_folder(tmp_path, x, y)
+    ds = load_image_folder(tmp_path)
+    monkeypatch.setattr(image_folder, "decode", lambda *a, **k: pytest.fail("an image was decoded"))
+    sub = torch.utils.data.Subset(torch.utils.data.Subset(ds, [9, 3, 5, 7]), [3, 0, 1])
+    assert dataset_labels(sub, "forget").tolist() == [int(y[7]), int(y[9]), int(y[3])]
+    tds = torch.utils.data.TensorDataset(x, y)
+    assert torch.equal(dataset_labels(torch.utils.data.Subset(tds, [2, 1]), "forget"), y[[2, 1]])
