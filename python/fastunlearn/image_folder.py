@@ -7,7 +7,9 @@ set larger than memory can be streamed (fu.unlearn reads a Dataset in chunks).
 
 Pixel convention (the package's): each item is (uint8 (C, H, W), int64 label).
 
-* PNG / JPEG / BMP / TIFF are decoded with Pillow.
+* PNG / JPEG / BMP / TIFF are decoded with Pillow (a dependency already; torchvision.io
+  would add torchvision, whose PyPI wheels for this torch link CUDA libraries and do not
+  load with the CPU build).
 * 16-bit images (PNG "I;16", TIFF) are scaled to uint8 as round(v * 255 / 65535): the full
   16-bit range maps onto [0, 255], as the engine's uint8 -> [0, 1] conversion expects.
 * DICOM (``.dcm``/``.dicom``) is read with pydicom (an optional dependency). The stored
