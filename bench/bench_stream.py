@@ -167,7 +167,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         ds = load_image_folder(root)
         print(f"header check of {len(ds)} files: {time.perf_counter() - t0:.2f} s")
-        rows = [one_rep(args, ds, device, r) for r in range(args.reps)]
+        rows = []
+        for r in range(args.reps):
+            rows.append(one_rep(args, ds, device, r))
+            print(f"rep {r}: {rows[-1]}", flush=True)
     finally:
         if tmp is not None:
             tmp.cleanup()
