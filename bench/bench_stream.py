@@ -2,7 +2,7 @@
 
 Writes N JPEG images (3 x SIZE x SIZE, 512 distinct pictures under N names) and a
 labels.csv into --root (a temporary folder by default; reused when it already holds the
-same N and SIZE), loads them with fastunlearn.image_folder.load_image_folder and runs
+same N and SIZE), loads them with fastunlearn.data.image_folder.load_image_folder and runs
 fu.unlearn with the whole folder as the forget set. Reports, per repetition:
 
 * decode: images/s of a DataLoader pass over the folder with --workers workers;
@@ -33,11 +33,12 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fastunlearn as fu  # noqa: E402
 from common import append_csv, commit, device_name, print_table, sync, versions  # noqa: E402
-from fastunlearn.image_folder import load_image_folder  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.streaming import stack_images  # noqa: E402
+
+import fastunlearn as fu  # noqa: E402
+from fastunlearn.data.image_folder import load_image_folder  # noqa: E402
+from fastunlearn.data.streaming import stack_images  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
 
 CLASSES = 5
 
@@ -144,7 +145,7 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--search-batch-size", type=int, default=None)
-    ap.add_argument("--arch", default="tiny", help="tiny (default), or a fastunlearn.models name: allcnn, resnet18")
+    ap.add_argument("--arch", default="tiny", help="tiny (default), or a fastunlearn.nn.models name: allcnn, resnet18")
     ap.add_argument("--width", type=float, default=0.25, help="AllCNN width")
     ap.add_argument("--tensors", action="store_true", help="compare with the whole set as tensors (needs the RAM)")
     ap.add_argument("--tensor-subset", type=int, default=2048, help="images of the tensor run without --tensors")

@@ -4,14 +4,15 @@ every bad input is reported before work starts and writes nothing."""
 import csv
 import os
 
-import fastunlearn as fu
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from fastunlearn import forget
-from fastunlearn.image_folder import decode, load_image_folder
 from PIL import Image
+
+import fastunlearn as fu
+from fastunlearn.data import forget
+from fastunlearn.data.image_folder import decode, load_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -259,7 +260,7 @@ def test_named_manifest_must_exist(tmp_path):
 
 
 def test_evaluate_and_report_from_a_folder_equal_tensors(gen, tmp_path):
-    from fastunlearn.report import report
+    from fastunlearn.eval.report import report
 
     x, y = images(gen, n=70)
     write_folder(tmp_path / "data", x, y)
@@ -278,8 +279,8 @@ def test_evaluate_and_report_from_a_folder_equal_tensors(gen, tmp_path):
 
 
 def test_labels_of_a_subset_are_read_without_decoding(gen, tmp_path, monkeypatch):
-    from fastunlearn import image_folder
-    from fastunlearn.streaming import dataset_labels
+    from fastunlearn.data import image_folder
+    from fastunlearn.data.streaming import dataset_labels
 
     x, y = images(gen, n=12)
     write_folder(tmp_path, x, y)

@@ -18,8 +18,8 @@ JOB = textwrap.dedent("""
     import torch, torch.nn as nn
     from PIL import Image
     import fastunlearn as fu
-    from fastunlearn import forget
-    from fastunlearn.image_folder import load_image_folder
+    from fastunlearn.data import forget
+    from fastunlearn.data.image_folder import load_image_folder
 
     root, n = sys.argv[1], int(sys.argv[2])
     torch.set_num_threads(1)
