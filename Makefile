@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q triton numpy scikit-learn tqdm safetensors matplotlib ninja pytest pytest-xdist ruff
+	$(BIN)/pip install -q triton numpy scikit-learn tqdm safetensors matplotlib pillow pydicom ninja pytest pytest-xdist ruff
 	FASTUNLEARN_REQUIRE_NATIVE=1 $(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 

@@ -23,7 +23,7 @@ def _prepare(model, config, mean, std, device, **data):
         config = UnlearnConfig()
     if not isinstance(config, UnlearnConfig):
         raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
-    pairs = validate.pairs(**data)
+    pairs = validate.pairs(config.loader_workers, validate.resolve_device(model, device), **data)
     fx = pairs["forget"][0]
     dev = validate.check_devices(model, device, **{f"{k} images": p[0] for k, p in pairs.items() if p is not None})
     mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])

@@ -92,6 +92,10 @@ class UnlearnConfig:
                    are the fp32 search's. 0 turns the recheck off; ignored in fp32. 6 was the
                    smallest value that kept >= 99.9 % of an fp32 search's labels on every
                    model measured (bench/bench_search.py --precision bf16).
+    loader_workers forget / remain sets given as a Dataset: DataLoader worker processes that
+                   decode the search's chunks and the fine-tune's batches ahead of use (0:
+                   decode in the calling process; None: up to 4, one core left to the step).
+                   Does not change any result.
     """
 
     eps: float = 0.1
@@ -126,6 +130,7 @@ class UnlearnConfig:
     backend: str = "auto"
     compat: Optional[str] = None
     recheck_margin: float = 6.0
+    loader_workers: Optional[int] = None
 
     def __post_init__(self):
         def bad(name, expected):
@@ -200,6 +205,9 @@ class UnlearnConfig:
             bad("compat", "None or 'authors'")
         if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
             bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
+        if self.loader_workers is not None and (isinstance(self.loader_workers, bool)
+                                                or not isinstance(self.loader_workers, int) or self.loader_workers < 0):
+            bad("loader_workers", "None or an integer >= 0")
 
     @property
     def step_size(self) -> float:

@@ -114,7 +114,7 @@ class Unlearner:
         return self.engine
 
     def _check(self, forget, remain):
-        pairs = validate.pairs(forget=forget, remain=remain)
+        pairs = validate.pairs(self.config.loader_workers, self.device, forget=forget, remain=remain)
         fx = pairs["forget"][0]
         # Before anything runs the model on the data: a mismatch is the user's to fix, named as such.
         validate.check_devices(self._trainable, self.device if self._device_given else None,

@@ -140,7 +140,10 @@ def _compare(a, op: str, b) -> bool:
 
 
 def read_table(source) -> list[dict]:
-    """Rows of a csv given as a path, an open text/binary file, or already as a list of dicts."""
+    """Rows of a csv given as a path, an open text/binary file, already as a list of dicts,
+    or a dataset with a ``metadata`` list (image_folder's: one row per item, in item order)."""
+    if not isinstance(source, (list, tuple, str, os.PathLike)) and isinstance(getattr(source, "metadata", None), list):
+        source = source.metadata
     if isinstance(source, (list, tuple)):
         if not all(isinstance(r, dict) for r in source):
             raise TypeError("a metadata table given as a list must hold dicts (one per row)")

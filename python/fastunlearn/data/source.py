@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from fastunlearn.data.streaming import DatasetRows
+
 
 class ImageSource:
     """Rows of (N, C, H, W) images (uint8 or float in [0, 1]) with int64 labels."""
@@ -24,6 +26,10 @@ class ImageSource:
         else:
             self.x, self.dataset = None, x
             self.y = None if y is None else y.to(torch.int64)
+        # DatasetRows (a checked Dataset) read in order, prefetched by its workers.
+        self.reader = x if isinstance(x, DatasetRows) else None
+        if self.reader is not None:
+            self.dataset = x.dataset
         self._shape = None
 
     def __len__(self) -> int:
@@ -42,6 +48,10 @@ class ImageSource:
         """(images, labels) for rows [start, stop)."""
         if self.x is not None:
             return self.x[start:stop], self.y[start:stop]
+        if self.reader is not None and self.y is not None:
+            x = self.reader.read(start, stop)
+            _check_chunk(x, self.name)
+            return x, self.y[start:stop]
         return self.take(range(start, stop))
 
     def take(self, index):
@@ -66,6 +76,8 @@ class ImageSource:
         if self.x is not None:
             return ImageSource(self.x[start:stop], self.y[start:stop], self.name)
         ds = torch.utils.data.Subset(self.dataset, range(start, stop))
+        if self.reader is not None:
+            ds = DatasetRows(ds, self.name, workers=self.reader.workers, pin=self.reader.pin)
         return ImageSource(ds, None if self.y is None else self.y[start:stop], self.name)
 
     def labels(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastunlearn.data.io import as_tensors
+from fastunlearn.data.streaming import DatasetRows, dataset_labels
 
 
 def canonical_device(device) -> torch.device:
@@ -74,12 +75,43 @@ def pair(data, name: str, *, allow_none: bool = False):
     return x, y.to(torch.int64)
 
 
+def stream(data, name: str, *, workers=None, device=None):
+    """(images, labels) for a Dataset without reading it whole: the images as DatasetRows
+    (item 0 gives the shape; batches are decoded when the search and the fine-tune ask for
+    them), the labels from the Dataset's ``targets`` or read item by item."""
+    try:
+        n = len(data)
+    except TypeError:
+        raise TypeError(f"{name}: a Dataset must have a length") from None
+    if n == 0:
+        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    y = dataset_labels(data, name)
+    if y.shape[0] != n:
+        raise ValueError(f"{name}: {n} items but {y.shape[0]} labels")
+    pin = device is not None and torch.device(device).type == "cuda"
+    x = DatasetRows(data, name, workers=workers, pin=pin)
+    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} images must be float in [0, 1] or uint8, got {x.dtype}")
+    if bool((y < 0).any()):
+        raise ValueError(f"{name}: labels must be >= 0, got {int(y.min())}")
+    return x, y
+
+
+def is_stream(data) -> bool:
+    """A Dataset (not an (x, y) pair): read in batches rather than as whole tensors."""
+    return isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (tuple, list))
+
+
 def check_distinct(forget, remain):
     if forget is not None and remain is not None and forget is remain:
         raise ValueError("forget and remain are the same object; the remain set must exclude the forget samples")
 
 
 def check_same_data(fx, rx):
+    if isinstance(fx, DatasetRows) or isinstance(rx, DatasetRows):
+        if getattr(fx, "dataset", fx) is getattr(rx, "dataset", rx):
+            raise ValueError("forget and remain are the same Dataset; the remain set must exclude the forget samples")
+        return
     if fx is rx or (fx.data_ptr() == rx.data_ptr() and fx.shape == rx.shape and fx.numel()):
         raise ValueError("forget and remain hold the same images; the remain set must exclude the forget samples")
 
@@ -150,6 +182,9 @@ def check_labels(y: torch.Tensor, classes: int, name: str):
                          f"got range [{lo}, {hi}]")
 
 
-def pairs(**data):
-    """(x, y) tensors for each named set (None stays None; forget is required)."""
-    return {k: pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}
+def pairs(workers=None, device=None, **data):
+    """(x, y) for each named set (None stays None; forget is required): tensors, or for a
+    Dataset its images as streaming.DatasetRows (read in batches) and its labels. workers
+    and device: the DataLoader workers of a Dataset and the device its batches go to."""
+    return {k: stream(v, k, workers=workers, device=device) if is_stream(v)
+            else pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}

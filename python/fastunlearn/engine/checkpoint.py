@@ -19,7 +19,7 @@ CHECKPOINT_FORMAT = "fastunlearn-finetune-1"
 # may be resumed with different values of these.
 # recheck_margin only shapes the search, which the checkpoint carries.
 RESUME_FREE = ("compile", "cuda_graph", "fuse_batch_norm", "search_compile", "backend", "search_batch_size",
-                "recheck_margin")
+                "recheck_margin", "loader_workers")
 
 
 def to_cpu(obj):

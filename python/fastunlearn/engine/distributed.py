@@ -41,6 +41,14 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     return n * rank // size, n * (rank + 1) // size
 
 
+def rank_rows(rows: slice, rank: int, world: int) -> tuple[slice, float]:
+    """This rank's contiguous part of a global batch's rows (a slice of the epoch's index
+    list), and its fraction of the batch."""
+    count = rows.stop - rows.start
+    start, stop = shard_bounds(count, rank, world)
+    return slice(rows.start + start, rows.start + stop), (stop - start) / count
+
+
 def _comm_device(device: torch.device) -> torch.device:
     # NCCL only moves CUDA tensors; gloo moves CPU tensors.
     backend = dist.get_backend()

@@ -58,6 +58,7 @@ from fastunlearn.compose import frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data.augment import augment_mode, crop_at, flip_where
 from fastunlearn.data.io import as_tensors
+from fastunlearn.data.streaming import DatasetRows
 from fastunlearn.data.validate import resolve_device
 from fastunlearn.engine import distributed, losses
 from fastunlearn.engine.checkpoint import (
@@ -69,7 +70,7 @@ from fastunlearn.engine.checkpoint import (
     search_to_dict,
     to_cpu,
 )
-from fastunlearn.engine.distributed import shard_bounds
+from fastunlearn.engine.prefetch import plan_epoch
 from fastunlearn.engine.search import SearchResult
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
 from fastunlearn.nn.fuse import batch_norm_fusion_on, fuse_batch_norm_relu
@@ -118,8 +119,9 @@ class _GraphedStep:
 def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Put a data tensor where the train step gathers from: on the device when it fits in a
     quarter of the free memory, else pinned host memory (batches are copied asynchronously).
-    device carries its index (validate.canonical_device), as tensors' devices do."""
-    if x.device == device:
+    device carries its index (validate.canonical_device), as tensors' devices do. A
+    DatasetRows (a Dataset read in batches) stays where it is."""
+    if isinstance(x, DatasetRows) or x.device == device:
         return x
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -616,10 +618,13 @@ class FinetuneEngine:
                     # The epoch's indices go to the device once: a per-batch copy from
                     # host memory would make every step wait for the device.
                     perm_dev = perm.to(dev, non_blocking=True)
+                    remain_host = remain_at = None
                     if use_remain:
                         remain_host = torch.cat(remain_idx)
                         remain_dev = remain_host.to(dev, non_blocking=True)
                         remain_at = [0, *itertools.accumulate(r.shape[0] for r in remain_idx)]
+                    plan_epoch(fx, rx if use_remain else None, perm, remain_host, remain_at, batch, per_epoch, bs,
+                               self.rank, self.world)
                     aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
                     tgt = targets[epoch % len(targets)]
                     clock.start()
@@ -629,7 +634,7 @@ class FinetuneEngine:
                         rows = slice(batch * bs, min(n, (batch + 1) * bs))
                         shares = None
                         if sharded:
-                            rows, share_f = _rank_rows(rows, self.rank, self.world)
+                            rows, share_f = distributed.rank_rows(rows, self.rank, self.world)
                             shares = (share_f, 1.0)
                         idx, host_idx = perm_dev[rows], perm[rows]
                         xf, tf = _gather(fx, idx, host_idx, dev), _gather(tgt, idx, host_idx, dev)
@@ -638,7 +643,7 @@ class FinetuneEngine:
                         if use_remain:
                             rrows = slice(remain_at[batch], remain_at[batch + 1])
                             if sharded:
-                                rrows, share_r = _rank_rows(rrows, self.rank, self.world)
+                                rrows, share_r = distributed.rank_rows(rrows, self.rank, self.world)
                                 shares = (share_f, share_r)
                             ridx, host_ridx = remain_dev[rrows], remain_host[rrows]
                             xr, yr = _gather(rx, ridx, host_ridx, dev), _gather(ry, ridx, host_ridx, dev)
@@ -743,14 +748,6 @@ def _apply_augment(x: torch.Tensor, params: dict, idx: torch.Tensor, pad: int) -
     if "flip" in params:
         x = flip_where(x, params["flip"][idx])
     return x
-
-
-def _rank_rows(rows: slice, rank: int, world: int) -> tuple[slice, float]:
-    """This rank's contiguous part of a global batch's rows (a slice of the epoch's index
-    list), and its fraction of the batch."""
-    count = rows.stop - rows.start
-    start, stop = shard_bounds(count, rank, world)
-    return slice(rows.start + start, rows.start + stop), (stop - start) / count
 
 
 def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastunlearn.data.io import as_tensors, to_float
-from fastunlearn.data.validate import resolve_device
+from fastunlearn.data.validate import is_stream, resolve_device, stream
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.layout import channels_last_input, model_is_channels_last
 
@@ -184,6 +184,12 @@ def mia_efficacy_from_confidence(remain_conf, test_conf, forget_conf, seed: int 
     return float(1.0 - clf.predict(fc.reshape(-1, 1)).mean())
 
 
+def evaluation_set(data, name: str):
+    """(x, y) of an evaluation set: a Dataset is read in batches as it is predicted
+    (streaming.DatasetRows), never held whole."""
+    return stream(data, name) if is_stream(data) else as_tensors(data, name)
+
+
 def mia_efficacy(model, remain, test, forget, mean=None, std=None, device=None, batch_size: int = 512,
                  seed: int = 0, max_shadow: Optional[int] = None) -> float:
     """SalUn's MIA-efficacy of ``model``: the fraction of forget samples a confidence-based
@@ -192,7 +198,7 @@ def mia_efficacy(model, remain, test, forget, mean=None, std=None, device=None, 
     conf = {}
     net = inference_copy(model, device)
     for name, data in (("remain", remain), ("test", test), ("forget", forget)):
-        x, y = as_tensors(data, name)
+        x, y = evaluation_set(data, name)
         conf[name] = true_class_confidence(predict_logits(net, x, mean, std, batch_size, device), y)
     return mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"], seed=seed,
                                         max_shadow=max_shadow)
@@ -213,7 +219,7 @@ def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, de
     logits, labels = {}, {}
     net = inference_copy(model, device)
     for name, data in sets.items():
-        x, y = as_tensors(data, name)
+        x, y = evaluation_set(data, name)
         logits[name] = predict_logits(net, x, mean, std, batch_size, device)
         labels[name] = y.cpu()
     out = {f"{k}_acc": accuracy(logits[k], labels[k]) for k in sets}

@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 
 from fastunlearn.data.checkpoint import atomic_write_text
-from fastunlearn.data.io import as_tensors
 from fastunlearn.eval import plots
 from fastunlearn.eval.metrics import (
     accuracy,
+    evaluation_set,
     gap,
     inference_copy,
     mia_efficacy_from_confidence,
@@ -122,7 +122,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     if retrain is not None and retrain not in models:
         raise ValueError(f"report: retrain={retrain!r} is not among the models {list(models)}; pass retrain=None "
                          "to leave the gap out")
-    sets = {k: as_tensors(v, k) for k, v in (("forget", forget), ("remain", remain), ("test", test))}
+    sets = {k: evaluation_set(v, k) for k, v in (("forget", forget), ("remain", remain), ("test", test))}
     os.makedirs(out_dir, exist_ok=True)
     k_classes = None
     rows, losses, panels = {}, {}, {}
