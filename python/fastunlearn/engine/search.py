@@ -163,7 +163,8 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     norm = Normalizer(mean, std, channels, device)
     autocast = resolve_precision(config.precision, device)
     exact = contextlib.nullcontext()
-    if small_search_in_fp32(config.precision, device, refreshes * (n_total or n)):
+    if small_search_in_fp32(config.precision, device, refreshes * (n_total or n), per_sample,
+                            sum(p.numel() for p in frozen.parameters())):
         autocast, exact = None, strict_fp32(device)
     with phase("search/chunk size"):
         chunk = _chunk_size(frozen, norm, first_chunk, device, config.search_batch_size, autocast)
