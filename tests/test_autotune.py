@@ -92,10 +92,26 @@ def test_an_explicit_setting_is_never_overridden(tuning_on, gen, one_thread):
 
 
 def test_apply_fills_only_what_was_left_open():
-    cfg = fu.UnlearnConfig(precision="fp16", search_batch_size=3, fuse_batch_norm=True)
+    cfg = fu.UnlearnConfig(precision="fp16", search_batch_size=3, fuse_batch_norm=True, cuda_graph=True)
+    graphs = Settings(cuda_graph=False, compile=True)
     assert autotune.apply(cfg, False, ODD) == (cfg, cfg, False)
+    assert autotune.apply(cfg, False, graphs)[1].cuda_graph is True
     s, t, cl = autotune.apply(fu.UnlearnConfig(), None, ODD)
     assert (s.precision, s.search_batch_size, t.precision, t.fuse_batch_norm, cl) == ("fp32", 5, "fp32", False, False)
+    assert (t.cuda_graph, t.compile) == ("auto", "auto")  # not measured: left as they were
+    t = autotune.apply(fu.UnlearnConfig(), None, graphs)[1]
+    assert (t.cuda_graph, t.compile) == (False, True)
+
+
+def test_tuning_off_does_not_read_the_cache(tuning_on, gen, one_thread, monkeypatch):
+    model, (x, y) = small_net(), data(gen)
+    cfg = fu.UnlearnConfig(**CONFIG)
+    seed_cache(model, x, cfg)
+    monkeypatch.setenv(tuning.TUNE_ENV, "0")
+    session = fu.Unlearner(model, cfg, MEAN, STD)
+    res = session.revise((x, y), progress=False)
+    assert res.timings["tuned"]["source"].startswith("off") and session.plan.settings is None
+    assert session.plan.search_config is cfg and session.plan.train_config is cfg
 
 
 def test_a_small_job_does_not_tune_and_writes_nothing(tuning_on, gen, one_thread):

@@ -82,6 +82,9 @@ def apply(config: UnlearnConfig, channels_last: Optional[bool], settings: Option
         search = search.replace(search_batch_size=settings.search_chunk)
     if config.fuse_batch_norm == "auto":
         train = train.replace(fuse_batch_norm=settings.fuse_batch_norm)
+    for name in ("cuda_graph", "compile"):
+        if getattr(config, name) == "auto" and getattr(settings, name) is not None:
+            train = train.replace(**{name: getattr(settings, name)})
     return search, train, settings.channels_last if channels_last is None else channels_last
 
 
@@ -268,6 +271,10 @@ def plan(model: nn.Module, frozen: nn.Module, config: UnlearnConfig, channels_la
     cached = tuning.lookup(key)
     if cached is not None:
         return Plan(*apply(config, channels_last, cached), "cache", 0.0, cached)
+    if device.type != "cpu":
+        # The train step is timed eagerly, without the CUDA graph a GPU run replays, so on a
+        # GPU only a choice made on purpose (fu.tune) is used.
+        return Plan(config, config, channels_last, "default (measured on CPU only; fu.tune for a GPU)")
     job = Job(len(x), refreshes, config)
     if not tuning.worth_tuning(job.units, tuning_units(job, n_search, n_train)):
         return Plan(config, config, channels_last, "default (job too small to tune)")
@@ -286,6 +293,8 @@ def tune(model: nn.Module, example, config: Optional[UnlearnConfig] = None, mean
     example: (x, y) or x alone, (N, C, H, W) uint8 or float in [0, 1] images like the forget
     set's (a few hundred rows are enough; labels default to the model's predictions).
     budget_s: the most the measuring may take. Returns the Plan (``trials`` holds the table).
+    On a GPU the train step is timed eagerly (no CUDA graph); CUDA graph and compile are
+    not among the candidates, and runs keep their own settings of both.
     """
     validate.check_model(model)
     config = UnlearnConfig() if config is None else config

@@ -153,3 +153,6 @@ def test_settings_from_dict_checks_fields():
         Settings.from_dict(dict(Settings().to_dict(), search_chunk=-1))
     with pytest.raises(ValueError, match="channels_last"):
         Settings.from_dict(dict(Settings().to_dict(), channels_last="yes"))
+    with pytest.raises(ValueError, match="channels_last"):
+        Settings.from_dict(dict(Settings().to_dict(), channels_last=None))
+    assert Settings.from_dict(dict(Settings().to_dict(), cuda_graph=True)).cuda_graph is True

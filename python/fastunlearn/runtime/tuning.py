@@ -51,7 +51,8 @@ class Settings:
     """One candidate: the speed settings of a run, as UnlearnConfig / Unlearner spell them.
 
     search_chunk 0 leaves the chunk size to the search engine (sized from free memory on a
-    GPU). None of these changes the method; bf16 search keeps its fp32 recheck.
+    GPU). cuda_graph / compile None: not measured, the config's own setting stays. None of
+    these changes the method; bf16 search keeps its fp32 recheck.
     """
 
     search_precision: str = "fp32"
@@ -59,8 +60,8 @@ class Settings:
     channels_last: bool = True
     fuse_batch_norm: bool = True
     search_chunk: int = 0
-    cuda_graph: bool = False
-    compile: bool = False
+    cuda_graph: Optional[bool] = None
+    compile: Optional[bool] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,7 +75,7 @@ class Settings:
             if d[name] not in PRECISIONS:
                 raise ValueError(f"{name} must be one of {PRECISIONS}, got {d[name]!r}")
         for name in ("channels_last", "fuse_batch_norm", "cuda_graph", "compile"):
-            if not isinstance(d[name], bool):
+            if not isinstance(d[name], bool) and not (d[name] is None and name in ("cuda_graph", "compile")):
                 raise ValueError(f"{name} must be a bool, got {d[name]!r}")
         if isinstance(d["search_chunk"], bool) or not isinstance(d["search_chunk"], int) or d["search_chunk"] < 0:
             raise ValueError(f"search_chunk must be an integer >= 0, got {d['search_chunk']!r}")
