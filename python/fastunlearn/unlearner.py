@@ -1,6 +1,7 @@
 """fu.Unlearner: a warm session for repeated revisions of one model.
 
-Building the frozen copy, laying the model out channels_last, creating the optimizer and
+Building the frozen copy, laying the model out channels_last, choosing the speed settings
+(fastunlearn.autotune: given, cached, measured or default), creating the optimizer and
 compiling the train step are paid once; each ``revise`` then costs only the search and
 the fine-tune steps. Every revision starts from the original weights (captured when the
 session is built), and the user's model is never modified. fu.unlearn is one revision of
