@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ import torch.nn as nn
 
 import fastunlearn as fu
 from fastunlearn import autotune
+from fastunlearn.nn.fuse import batch_norm_fusion_on
+from fastunlearn.nn.layout import default_channels_last
 from fastunlearn.runtime import tuning
+from fastunlearn.runtime.precision import resolve_precision
 from fastunlearn.runtime.tuning import Settings
 
 MEAN, STD = [0.5], [0.25]
@@ -141,18 +145,38 @@ def test_a_job_worth_tuning_measures_and_caches(tuning_on, gen, one_thread, monk
     assert again.timings["tuned"]["source"] == "cache" and again.timings["tune"] == 0.0
 
 
-def test_measure_stays_within_a_small_budget(gen, one_thread, monkeypatch):
-    """With a cap below one candidate's time, only the first candidate of each part runs."""
+def test_measure_stays_within_a_small_budget(gen, one_thread):
+    """With a cap below one candidate's time, only the plain default of each part runs, and
+    that is the choice."""
     model, (x, y) = small_net(), data(gen)
-    frozen = fu.Unlearner(model, fu.UnlearnConfig(**CONFIG), MEAN, STD).frozen
-    trainable = small_net().train().requires_grad_(True)
     cfg = fu.UnlearnConfig(**CONFIG)
-    _, trials, spent = autotune.measure(trainable, frozen, x, y, cfg, None, torch.tensor(MEAN), torch.tensor(STD),
-                                        torch.device("cpu"), None, cap_s=1e-9)
-    for part in ("search", "train"):
-        ran = [t for t in trials if t.part == part and t.seconds is not None]
-        assert len(ran) == 1 and ran[0] is next(t for t in trials if t.part == part)
+    frozen = fu.Unlearner(model, cfg, MEAN, STD).frozen
+    trainable = small_net().train().requires_grad_(True)
+    cpu = torch.device("cpu")
+    chosen, trials, spent = autotune.measure(trainable, frozen, x, y, cfg, None, torch.tensor(MEAN),
+                                             torch.tensor(STD), cpu, None, cap_s=1e-9)
+    search0 = autotune.search_candidates(cfg, cpu)[0]
+    train0 = autotune.train_candidates(trainable, cfg, None, cpu)[0]
+    assert [(t.part, t.settings) for t in trials if t.seconds is not None] == [("search", search0), ("train", train0)]
     assert len(trials) > 2  # there were candidates left out
+    assert chosen == replace(train0, search_precision=search0.search_precision, search_chunk=search0.search_chunk)
+
+
+def test_the_plain_default_comes_first(monkeypatch):
+    """The first candidates are what an untuned run does, so a budget that runs out keeps it."""
+    cpu = torch.device("cpu")
+    model = small_net()
+    for native in (False, True):
+        monkeypatch.setenv("FASTUNLEARN_CPU_BF16", "1" if native else "0")
+        cfg = fu.UnlearnConfig()
+        auto = "bf16" if native else "fp32"
+        s = autotune.search_candidates(cfg, cpu)
+        assert (s[0].search_precision, s[0].search_chunk) == (auto, autotune.CPU_CHUNKS[0])
+        t = autotune.train_candidates(model, cfg, None, cpu)
+        fused = batch_norm_fusion_on(cpu, False, cfg)
+        assert (t[0].train_precision, t[0].fuse_batch_norm) == (auto, fused)
+        assert t[0].channels_last == default_channels_last(model, cpu, resolve_precision(auto, cpu), fused)
+        assert len(set(s)) == len(s) and len(set(t)) == len(t)
 
 
 def test_bf16_search_that_changes_labels_is_not_chosen(gen, one_thread, monkeypatch):
@@ -160,14 +184,15 @@ def test_bf16_search_that_changes_labels_is_not_chosen(gen, one_thread, monkeypa
     monkeypatch.setattr(autotune, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(autotune, "MIN_LABEL_AGREEMENT", 1.01)  # no search can keep more than all labels
     monkeypatch.setattr(autotune, "CPU_CHUNKS", (16,))
-    frozen = fu.Unlearner(model, fu.UnlearnConfig(**CONFIG), MEAN, STD).frozen
-    measure = autotune._search_measure(frozen, x, y, fu.UnlearnConfig(**CONFIG), torch.tensor(MEAN),
-                                       torch.tensor(STD), torch.device("cpu"))
-    chosen, trials, _ = tuning.choose("search", autotune.search_candidates(fu.UnlearnConfig(), torch.device("cpu")),
-                                      measure, lambda first: 1e9)
-    assert [t.settings.search_precision for t in trials] == ["fp32", "bf16"]
-    assert [t.ok for t in trials] == [True, False] and "agree" in trials[1].note
-    assert chosen.search_precision == "fp32"
+    cfg = fu.UnlearnConfig(**CONFIG, precision="auto")
+    frozen = fu.Unlearner(model, cfg, MEAN, STD).frozen
+    measure = autotune._search_measure(frozen, x, y, cfg, torch.tensor(MEAN), torch.tensor(STD), torch.device("cpu"))
+    queue = [("search", s) for s in autotune.search_candidates(cfg, torch.device("cpu"))]
+    trials = tuning.run_trials(queue, lambda p, s: measure(s), 1e9)
+    assert sorted(t.settings.search_precision for t in trials) == ["bf16", "fp32"]
+    bf16 = next(t for t in trials if t.settings.search_precision == "bf16")
+    assert not bf16.ok and "agree" in bf16.note
+    assert tuning.fastest(trials, "search").settings.search_precision == "fp32"
 
 
 SCRIPT = textwrap.dedent("""

@@ -98,35 +98,52 @@ def _name(dtype: Optional[torch.dtype]) -> str:
 
 
 def _precisions(config: UnlearnConfig, device: torch.device) -> list:
-    """fp32, and bf16 where it may be faster: GPUs, and CPUs with AMX or AVX512-BF16 (an
-    emulated bf16 is several times slower, not worth a measurement). An explicit precision
-    is the only candidate."""
+    """The precision "auto" resolves to first, then the other where it may be faster: bf16
+    on GPUs and on CPUs with AMX or AVX512-BF16 (an emulated bf16 is several times slower,
+    not worth a measurement). An explicit precision is the only candidate."""
+    default = _name(resolve_precision(config.precision, device))
     if config.precision != "auto":
-        return [_name(resolve_precision(config.precision, device))]
+        return [default]
     if device.type == "cuda" or cpu_has_native_bf16() or torch.cpu._is_avx512_bf16_supported():
-        return ["fp32", "bf16"]
+        return [default] + [p for p in ("fp32", "bf16") if p != default]
     return ["fp32"]
 
 
+def _by_distance(candidates: list, default: tuple, fields: tuple) -> list:
+    """Candidates ordered by how many of ``fields`` differ from ``default`` (the plain
+    default first; a precision change before the others at equal distance)."""
+    def key(c):
+        diff = [getattr(c, f) != d for f, d in zip(fields, default)]
+        return sum(diff), not diff[0]
+    return sorted(candidates, key=key)
+
+
 def search_candidates(config: UnlearnConfig, device: torch.device) -> list:
+    """The plain default first (the precision "auto" gives, the engine's own chunk size)."""
+    precisions = _precisions(config, device)
     chunks = CPU_CHUNKS if device.type == "cpu" and config.search_batch_size is None else (0,)
-    return [tuning.Settings(search_precision=p, search_chunk=c) for p in _precisions(config, device) for c in chunks]
+    out = [tuning.Settings(search_precision=p, search_chunk=c) for p in precisions for c in chunks]
+    return _by_distance(out, (precisions[0], chunks[0]), ("search_precision", "search_chunk"))
 
 
 def train_candidates(model: nn.Module, config: UnlearnConfig, channels_last: Optional[bool],
                      device: torch.device) -> list:
+    """The plain default first (the engine's own precision, fusion and layout)."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     fusable = batch_norm_fusion_on(device, False, config.replace(fuse_batch_norm=True))
-    fusions = [True, False] if config.fuse_batch_norm == "auto" and has_bn and fusable else [
-        batch_norm_fusion_on(device, False, config)]
-    out = []
-    for p in _precisions(config, device):
+    default_fused = batch_norm_fusion_on(device, False, config)
+    fusions = [default_fused, not default_fused] if config.fuse_batch_norm == "auto" and has_bn and fusable else [
+        default_fused]
+    precisions = _precisions(config, device)
+    out, default = [], None
+    for p in precisions:
         for fused in fusions:
             default_cl = default_channels_last(model, device, resolve_precision(p, device), fused)
             layouts = [default_cl, not default_cl] if channels_last is None and has_conv(model) else [
                 default_cl if channels_last is None else bool(channels_last)]
             out += [tuning.Settings(train_precision=p, channels_last=cl, fuse_batch_norm=fused) for cl in layouts]
-    return out
+            default = default or (p, fused, layouts[0])
+    return _by_distance(out, default, ("train_precision", "fuse_batch_norm", "channels_last"))
 
 
 def _sync(device):
@@ -233,26 +250,30 @@ def tuning_units(job: Job, n_search: int, n_train: int) -> float:
 
 def measure(model, frozen, x, y, config, channels_last, mean, std, device, job: Optional[Job],
             cap_s: float = tuning.BUDGET_CAP_S):
-    """Time every candidate (within the budget: BUDGET_FRACTION of ``job`` as estimated from
-    the first candidates, at most cap_s; no job: cap_s). Returns (Settings, trials, seconds)."""
+    """Time the candidates: first the plain defaults of the search and of the train step,
+    which estimate the job's time and so the budget (BUDGET_FRACTION of ``job``, at most
+    cap_s; no job: cap_s), then the others, nearest to the defaults first, while the budget
+    lasts. Returns (Settings, trials, seconds spent)."""
     xs, ys = x[:SEARCH_PROBE], y[:SEARCH_PROBE]
-
-    def search_budget(seconds):
-        est = seconds * job.search_units / (len(xs) * (config.steps + 1)) if job else math.inf
-        return min(tuning.budget_seconds(est) if job else cap_s, cap_s)
-
-    s_best, s_trials, spent = tuning.choose("search", search_candidates(config, device),
-                                            _search_measure(frozen, xs, ys, config, mean, std, device), search_budget)
-
-    def train_budget(seconds):
-        est = seconds * job.train_steps if job else math.inf
-        return min(spent + (tuning.budget_seconds(est) if job else cap_s), cap_s)
-
-    t_best, t_trials, spent = tuning.choose("train", train_candidates(model, config, channels_last, device),
-                                            _train_measure(model, frozen, x, config, mean, std, device),
-                                            train_budget, spent=spent)
-    chosen = replace(t_best, search_precision=s_best.search_precision, search_chunk=s_best.search_chunk)
-    return chosen, s_trials + t_trials, spent
+    measures = {"search": _search_measure(frozen, xs, ys, config, mean, std, device),
+                "train": _train_measure(model, frozen, x, config, mean, std, device)}
+    queues = {"search": search_candidates(config, device),
+              "train": train_candidates(model, config, channels_last, device)}
+    spent = tuning.Spent()
+    first = tuning.run_trials([(part, q[0]) for part, q in queues.items()], lambda p, c: measures[p](c), math.inf,
+                              spent)
+    budget = cap_s
+    if job is not None:
+        search_s, train_s = (t.seconds for t in first)
+        estimate = search_s * job.search_units / (len(xs) * (config.steps + 1)) + train_s * job.train_steps
+        budget = min(tuning.budget_seconds(estimate), cap_s)
+    rest = [(part, c, i) for part, q in queues.items() for i, c in enumerate(q[1:])]
+    rest.sort(key=lambda r: r[2])  # alternate the parts, nearest to the defaults first
+    trials = first + tuning.run_trials([(p, c) for p, c, _ in rest], lambda p, c: measures[p](c), budget, spent)
+    best = {part: (tuning.fastest(trials, part) or first[i]).settings for i, part in enumerate(queues)}
+    chosen = replace(best["train"], search_precision=best["search"].search_precision,
+                     search_chunk=best["search"].search_chunk)
+    return chosen, trials, spent.seconds
 
 
 def plan(model: nn.Module, frozen: nn.Module, config: UnlearnConfig, channels_last: Optional[bool],
@@ -320,18 +341,6 @@ def tune(model: nn.Module, example, config: Optional[UnlearnConfig] = None, mean
     if verbose:
         print(f"tuned in {result.seconds:.2f}s (cache: {tuning.cache_dir()})")
         for part in ("search", "train"):
-            print(tuning.format_trials([t for t in trials if t.part == part], _part_of(settings, trials, part)))
+            print(tuning.format_trials([t for t in trials if t.part == part]))
     return result
 
-
-def _part_of(chosen: tuning.Settings, trials, part: str) -> tuning.Settings:
-    """The trial settings of ``part`` that ``chosen`` came from (for marking the table)."""
-    for t in trials:
-        s = t.settings
-        if t.part == part and t.seconds is not None and (
-                (part == "search" and (s.search_precision, s.search_chunk) == (chosen.search_precision,
-                                                                               chosen.search_chunk))
-                or (part == "train" and (s.train_precision, s.channels_last, s.fuse_batch_norm)
-                    == (chosen.train_precision, chosen.channels_last, chosen.fuse_batch_norm))):
-            return s
-    return chosen

@@ -92,53 +92,52 @@ class FakeClock:
         return self.now
 
 
-def test_choose_respects_the_budget():
-    """Each candidate takes 0.1 s on a fake clock; a budget of 0.35 s runs 3 of 6, never more
-    than the budget, and the first one always (it sizes the budget)."""
+def test_run_trials_respects_the_budget():
+    """Each candidate takes 0.1 s on a fake clock; a budget of 0.35 s runs 3 of 6 and never
+    goes over it; the fastest of those run is chosen, not an unrun faster one."""
     clock = FakeClock()
     seconds = [0.5, 0.4, 0.3, 0.01, 0.02, 0.03]
-    cands = [Settings(search_chunk=i + 1) for i in range(len(seconds))]
+    queue = [("search", Settings(search_chunk=i + 1)) for i in range(len(seconds))]
     seen = []
 
-    def measure(s):
+    def measure(part, s):
         seen.append(s)
         clock.now += 0.1
         return seconds[s.search_chunk - 1], True, ""
 
-    budgets = []
-
-    def budget(first):
-        budgets.append(first)
-        return 0.35
-
-    chosen, trials, spent = tuning.choose("search", cands, measure, budget, clock=clock)
-    assert budgets == [0.5]
-    assert seen == cands[:3]
-    assert spent <= 0.35 + 1e-12
+    spent = tuning.Spent()
+    trials = tuning.run_trials(queue, measure, 0.35, spent, clock=clock)
+    assert seen == [s for _, s in queue[:3]]
+    assert spent.seconds <= 0.35 + 1e-12 and spent.slowest == pytest.approx(0.1)
     assert [t.seconds for t in trials] == [0.5, 0.4, 0.3, None, None, None]
-    assert chosen == cands[2]  # the fastest of those run, not the unrun faster ones
+    assert all(not t.ok and "budget" in t.note for t in trials[3:])
+    assert tuning.fastest(trials, "search").settings == queue[2][1]
 
 
-def test_choose_spent_counts_earlier_parts():
+def test_run_trials_spent_carries_over():
     clock = FakeClock()
 
-    def measure(s):
+    def measure(part, s):
         clock.now += 0.1
         return 1.0, True, ""
 
-    _, trials, spent = tuning.choose("train", [Settings(search_chunk=i) for i in range(4)], measure,
-                                     lambda first: 1.0, spent=0.85, clock=clock)
+    spent = tuning.Spent(seconds=0.85)
+    trials = tuning.run_trials([("train", Settings(search_chunk=i)) for i in range(4)], measure, 1.0, spent,
+                               clock=clock)
     assert [t.seconds is not None for t in trials] == [True, False, False, False]
-    assert spent == pytest.approx(0.95)
+    assert spent.seconds == pytest.approx(0.95)
+    assert tuning.run_trials([("train", Settings())], measure, 1.0, spent, clock=clock)[0].seconds is None
 
 
-def test_choose_keeps_the_fastest_that_meets_the_contract():
-    results = {1: (0.3, True), 2: (0.1, False), 3: (0.2, True)}
-    cands = [Settings(search_chunk=i) for i in (1, 2, 3)]
-    chosen, trials, _ = tuning.choose("search", cands, lambda s: (*results[s.search_chunk], ""), lambda f: 1e9)
-    assert chosen == cands[2]
-    table = tuning.format_trials(trials, chosen)
-    assert len(table.splitlines()) == 4 and "0.2000 *" in table
+def test_fastest_keeps_the_contract_and_the_part():
+    results = {1: (0.3, True), 2: (0.1, False), 3: (0.2, True), 4: (0.05, True)}
+    queue = [("search", Settings(search_chunk=i)) for i in (1, 2, 3)] + [("train", Settings(search_chunk=4))]
+    trials = tuning.run_trials(queue, lambda p, s: (*results[s.search_chunk], ""), 1e9)
+    assert tuning.fastest(trials, "search").settings.search_chunk == 3
+    assert tuning.fastest(trials, "train").settings.search_chunk == 4
+    assert tuning.fastest(trials, "other") is None
+    table = tuning.format_trials(trials)
+    assert len(table.splitlines()) == 5 and "0.2000 *" in table and "0.0500 *" in table and "0.1000 *" not in table
 
 
 def test_worth_tuning_and_budget():

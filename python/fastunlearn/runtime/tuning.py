@@ -13,7 +13,8 @@ What this module owns:
 - ``lookup`` / ``store``: the cache (in memory, then one JSON file per key under
   ``cache_dir()``; a file that cannot be read is ignored with a warning);
 - ``worth_tuning`` / ``budget_seconds``: whether a job may tune and how long it may take;
-- ``choose``: time candidates in order within a budget and keep the fastest that passes.
+- ``run_trials`` / ``fastest``: time candidates in order within a budget, and pick the
+  fastest that passes.
 
 Environment: FASTUNLEARN_TUNE=0 turns tuning off (cached choices are then not read either);
 FASTUNLEARN_TUNE_CACHE moves the cache directory.
@@ -219,45 +220,54 @@ def budget_seconds(job_seconds: float) -> float:
     return min(BUDGET_FRACTION * max(0.0, job_seconds), BUDGET_CAP_S)
 
 
-def choose(part: str, candidates: Sequence[Settings], measure: Callable[[Settings], tuple],
-           budget_s: Callable[[float], float], spent: float = 0.0,
-           clock: Callable[[], float] = time.perf_counter) -> tuple[Settings, list[Trial], float]:
-    """Time ``candidates`` in order and keep the fastest that meets the contract.
+@dataclass
+class Spent:
+    """What measuring has used so far: seconds in all, and the longest single measurement
+    (the guess for the next one)."""
 
-    measure(settings) -> (seconds, ok, note). The first candidate is the safe default: it
-    is always measured, and budget_s(its seconds) gives the budget (the job's cost is
-    estimated from it); ``spent`` is what earlier parts already used of it. A later
-    candidate runs only while the time spent plus the slowest measurement so far stays
-    within the budget. Returns (chosen, trials, seconds spent in total).
+    seconds: float = 0.0
+    slowest: float = 0.0
+
+
+def run_trials(queue: Sequence[tuple], measure: Callable[[str, Settings], tuple], budget_s: float,
+               spent: Optional[Spent] = None, clock: Callable[[], float] = time.perf_counter) -> list[Trial]:
+    """Measure the (part, settings) of ``queue`` in order while the time spent plus the
+    longest measurement so far stays within ``budget_s``; the rest are recorded as not run.
+
+    measure(part, settings) -> (seconds, ok, note): ``seconds`` is the candidate's own time
+    (what the choice compares); the wall time of the whole measurement (warm-up, checks) is
+    what counts against the budget. ``spent`` carries over between calls and is updated.
     """
-    if not candidates:
-        raise ValueError("choose needs at least one candidate")
-    trials: list[Trial] = []
-    budget, slowest = None, 0.0
-    for settings in candidates:
-        if budget is not None and spent + slowest > budget:
+    spent = Spent() if spent is None else spent
+    trials = []
+    for part, settings in queue:
+        if spent.seconds + spent.slowest > budget_s:
             trials.append(Trial(settings, part, None, False, "not run: over the budget"))
             continue
         t0 = clock()
-        seconds, ok, note = measure(settings)
+        seconds, ok, note = measure(part, settings)
         took = clock() - t0
-        spent += took
-        slowest = max(slowest, took)
-        if budget is None:
-            budget = budget_s(seconds)
+        spent.seconds += took
+        spent.slowest = max(spent.slowest, took)
         trials.append(Trial(settings, part, seconds, ok, note))
-    passed = [t for t in trials if t.seconds is not None and t.ok]
-    best = min(passed, key=lambda t: t.seconds) if passed else trials[0]
-    return best.settings, trials, spent
+    return trials
 
 
-def format_trials(trials: Sequence[Trial], chosen: Settings) -> str:
-    """The candidates as a table, one row each, the chosen one marked."""
+def fastest(trials: Sequence[Trial], part: str) -> Optional[Trial]:
+    """The fastest measured trial of ``part`` that met the contract, or None."""
+    passed = [t for t in trials if t.part == part and t.seconds is not None and t.ok]
+    return min(passed, key=lambda t: t.seconds) if passed else None
+
+
+def format_trials(trials: Sequence[Trial]) -> str:
+    """The candidates as a table, one row each, the fastest of each part that met the
+    contract (the one chosen) marked with *."""
+    chosen = {id(fastest(trials, t.part)) for t in trials}
     fields = [f.name for f in dataclasses.fields(Settings)]
     header = ["part"] + fields + ["seconds", "ok", "note"]
     rows = [header]
     for t in trials:
-        mark = " *" if t.settings == chosen and t.ok and t.seconds is not None else ""
+        mark = " *" if id(t) in chosen else ""
         rows.append([t.part] + [str(getattr(t.settings, f)) for f in fields]
                     + ["-" if t.seconds is None else f"{t.seconds:.4f}{mark}", str(t.ok), t.note])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
