@@ -8,9 +8,10 @@ measures ahead of time (``fu.tune``, ``fastunlearn tune``) and fills the same ca
 
 Candidates: search precision (fp32, or bf16 with its fp32 recheck, kept only when its
 labels agree with fp32's on at least MIN_LABEL_AGREEMENT of the probe), search chunk size
-(CPU), train-step precision, layout (channels_last or NCHW) and BatchNorm fusion. None of
-them changes the method, only rounding; fp32 candidates come first, so the first one timed
-(the safe default, which also sizes the budget) is fp32.
+(CPU), train-step precision, the train step's layout (channels_last or NCHW; the search's
+frozen copy keeps its own) and BatchNorm fusion. None of them changes the method, only
+rounding. The plain defaults (what an untuned run does) are timed first: they size the
+budget, and they stay the choice when the budget runs out before anything faster is found.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
 from fastunlearn.engine.distributed import world
 from fastunlearn.engine.finetune import FinetuneEngine
-from fastunlearn.engine.search import run_search
+from fastunlearn.engine.search import CPU_SEARCH_CHUNK, run_search
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.fuse import batch_norm_fusion_on, fuse_batch_norm_relu
 from fastunlearn.nn.layout import default_channels_last, has_conv
@@ -40,7 +41,7 @@ MIN_LABEL_AGREEMENT = 0.999
 # Forget samples the search is timed on, and the CPU chunk sizes tried (the first is the
 # engine's own CPU default).
 SEARCH_PROBE = 256
-CPU_CHUNKS = (128, 64, 256)
+CPU_CHUNKS = (CPU_SEARCH_CHUNK, CPU_SEARCH_CHUNK // 2, CPU_SEARCH_CHUNK * 2)
 # Timed searches of the probe per candidate (the fastest counts).
 SEARCH_REPEATS = 2
 # Train steps per candidate: untimed warm-up steps (first-use costs), then timed ones (the
