@@ -16,6 +16,7 @@ import hashlib
 import os
 
 os.environ["FASTUNLEARN_CPU_BF16"] = "0"
+os.environ["FASTUNLEARN_TUNE"] = "0"  # a cached tuning choice would change the path
 
 import torch  # noqa: E402
 

@@ -10,7 +10,7 @@ import fastunlearn as fu
 from fastunlearn.cli.main import build_parser
 
 PUBLIC = ["UnlearnConfig", "UnlearnResult", "Unlearner", "__version__", "backends", "boundary_relabel", "compose",
-          "evaluate", "interpolate", "report", "sweep", "unlearn"]
+          "evaluate", "interpolate", "report", "sweep", "tune", "unlearn"]
 
 
 def test_public_names():

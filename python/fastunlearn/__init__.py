@@ -9,6 +9,7 @@ fused native and Triton kernels, a batched search engine and a compiled fine-tun
 """
 
 from fastunlearn.api import UnlearnResult, boundary_relabel, compose, interpolate, unlearn
+from fastunlearn.autotune import tune
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.eval.metrics import evaluate
 from fastunlearn.eval.report import report
@@ -19,4 +20,4 @@ from fastunlearn.unlearner import Unlearner
 __version__ = "0.1.0"
 
 __all__ = ["UnlearnConfig", "UnlearnResult", "Unlearner", "backends", "boundary_relabel", "compose", "evaluate",
-           "interpolate", "report", "sweep", "unlearn", "__version__"]
+           "interpolate", "report", "sweep", "tune", "unlearn", "__version__"]

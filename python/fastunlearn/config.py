@@ -56,11 +56,12 @@ class UnlearnConfig:
                    relies on.
     search_batch_size   samples per search chunk; None sizes it from free memory.
     seed           seeds the noise and the batch order.
-    precision      auto | fp32 | bf16 | fp16. auto is bf16 on GPUs and on CPUs with native bf16
-                   (AMX or AVX512-BF16), else fp32. bf16 is autocast: weights, gradients and
-                   the optimizer stay fp32; the search's unsure samples are redone in fp32.
-                   Under auto, a search of fewer than 1,024 samples (times refreshes) on a
-                   GPU runs in fp32 outright (search.SMALL_SEARCH_FP32): it is bound by
+    precision      auto | fp32 | bf16 | fp16. auto is bf16 on GPUs and on CPUs with AMX, else
+                   fp32 (AVX512-BF16 alone runs bf16 convolutions slower than fp32). bf16 is
+                   autocast: weights, gradients and the optimizer stay fp32; the search's
+                   unsure samples are redone in fp32. Under auto, a small search on a GPU
+                   (samples x refreshes x input values x parameters below
+                   precision.SMALL_SEARCH_FP32_WORK) runs in fp32 outright: it is bound by
                    launches, and one fp32 search beats a bf16 one plus its recheck.
     compile        torch.compile the train step: auto (= False) | True | False. On a GPU the
                    compiled step runs under CUDA graphs; its compile costs tens of seconds

@@ -20,7 +20,10 @@ class UnlearnResult:
 
     relabels, success   (N,) labels and crossing flags of the first search refresh.
     search              every refresh (SearchResult), with margins and steps taken.
-    seconds             wall time of the whole call; ``timings`` splits it.
+    seconds             wall time of the whole call; ``timings`` splits it (seconds of search,
+                        finetune, compile, setup, tune, total) and says in ``timings["tuned"]``
+                        how the speed settings were chosen: {"source": explicit | cache | measured |
+                        default (job too small to tune) | off (...), "seconds", "settings"}.
     history             one dict per fine-tune epoch (loss, and probe metrics if given).
     backend             which backend ran the fused ops.
     step_mode           how the train step ran: "eager", "cuda graph" or "compiled".

@@ -1,6 +1,7 @@
 """fu.Unlearner: a warm session for repeated revisions of one model.
 
-Building the frozen copy, laying the model out channels_last, creating the optimizer and
+Building the frozen copy, laying the model out channels_last, choosing the speed settings
+(fastunlearn.autotune: given, cached, measured or default), creating the optimizer and
 compiling the train step are paid once; each ``revise`` then costs only the search and
 the fine-tune steps. Every revision starts from the original weights (captured when the
 session is built), and the user's model is never modified. fu.unlearn is one revision of
@@ -17,6 +18,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
+from fastunlearn import autotune
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
 from fastunlearn.data.source import ImageSource
@@ -94,6 +96,9 @@ class Unlearner:
         self._original = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
         self._trainable, self._cl, self._compile_mode = trainable, channels_last, compile_mode
         self.engine: Optional[FinetuneEngine] = None  # built once the data has passed its checks
+        # The settings the revisions run with (explicit, cached, measured or default), chosen
+        # at the first revision from its data (see fastunlearn.autotune).
+        self.plan: Optional[autotune.Plan] = None
         self.setup_seconds = time.perf_counter() - t0
         self.revisions = 0
 
@@ -107,8 +112,8 @@ class Unlearner:
             if not any(True for _ in self._trainable.parameters()):
                 raise ValueError("the model has no parameters to fine-tune")
             t0 = time.perf_counter()
-            self.engine = FinetuneEngine(self._trainable, self.config, mean=self.mean, std=self.std,
-                                         device=self.device, teacher=self.frozen, channels_last=self._cl,
+            self.engine = FinetuneEngine(self._trainable, self.plan.train_config, mean=self.mean, std=self.std,
+                                         device=self.device, teacher=self.frozen, channels_last=self.plan.channels_last,
                                          compile_mode=self._compile_mode)
             self.setup_seconds += time.perf_counter() - t0
         return self.engine
@@ -171,9 +176,9 @@ class Unlearner:
                     raise ValueError(f"resume: the checkpoint's search covers {search.relabels.shape[1]} samples, "
                                      f"the forget set has {fx.shape[0]}")
             else:
-                search = sharded_search(self.frozen, ImageSource(fx, fy), cfg, mean=self.mean, std=self.std,
-                                        device=self.device, refreshes=refreshes_for(cfg), progress=progress,
-                                        frozen=self.frozen)
+                search = sharded_search(self.frozen, ImageSource(fx, fy), self.plan.search_config, mean=self.mean,
+                                        std=self.std, device=self.device, refreshes=refreshes_for(cfg),
+                                        progress=progress, frozen=self.frozen)
         t_search = time.perf_counter() - t0
         with phase("reset"):
             engine.reset(self._original)
@@ -192,7 +197,8 @@ class Unlearner:
         self.revisions += 1
         seconds = time.perf_counter() - t_start
         timings = {"search": t_search, "finetune": t_tune, "compile": t_compile, "total": seconds,
-                   "setup": self.setup_seconds if self.revisions == 1 else 0.0}
+                   "setup": self.setup_seconds if self.revisions == 1 else 0.0,
+                   "tune": self.plan.seconds if self.revisions == 1 else 0.0, "tuned": self.plan.report}
         res = UnlearnResult(model, search.relabels[0], search.success[0], seconds, history, search, cfg,
                             resolve_backend("boundary_step", self.device, cfg.backend), timings, engine.step_mode)
         paths = list(filter(None, [output, checkpoint_dir and os.path.join(checkpoint_dir, "model.safetensors")]))
@@ -218,4 +224,8 @@ class Unlearner:
         pairs = self._check(forget, remain)
         if pairs["remain"] is not None:
             validate.check_same_data(pairs["forget"][0], pairs["remain"][0])
+        if self.plan is None:
+            with phase("tune"):
+                self.plan = autotune.plan(self._trainable, self.frozen, cfg, self._cl, *pairs["forget"], self.mean,
+                                          self.std, self.device, refreshes_for(cfg))
         return pairs, self._ensure_engine()

@@ -107,3 +107,22 @@ def test_refusals_name_the_problem(capsys, tmp_path, original):
     err = capsys.readouterr().err
     assert rc == 2 and "12" in err, err
     assert not (tmp_path / "x.safetensors").exists()  # nothing written by a refused run
+
+
+def test_tune_prints_the_candidates_and_caches_the_choice(capsys, tmp_path, original, monkeypatch):
+    import os
+
+    from fastunlearn.runtime import tuning
+
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(tuning.TUNE_ENV, "1")
+    out = run(capsys, "tune", "--model", original, "--data", "digits", "--examples", "64", "--batch-size", "16",
+              "--budget", "60", "--device", "cpu")
+    lines = out.splitlines()
+    assert lines[0].startswith("tuned in") and str(tmp_path) in lines[0]
+    headers = [i for i, line in enumerate(lines) if line.startswith("part")]
+    assert len(headers) == 2  # the search's table and the train step's
+    assert any(line.startswith("search") and "*" in line for line in lines)
+    assert any(line.startswith("train") and "*" in line for line in lines)
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    tuning.forget_memory()

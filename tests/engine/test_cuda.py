@@ -59,12 +59,13 @@ def test_bf16_search_on_cuda_keeps_the_fp32_labels(digits_model):
 
 
 def test_small_auto_search_on_cuda_runs_in_fp32(digits_model):
-    """precision="auto" below SMALL_SEARCH_FP32 samples: one fp32 search (IEEE, no TF32 even
+    """precision="auto" below SMALL_SEARCH_FP32_WORK: one fp32 search (IEEE, no TF32 even
     where the process allows it), so no recheck and the reference's labels."""
-    from fastunlearn.runtime.precision import SMALL_SEARCH_FP32
+    from fastunlearn.runtime.precision import SMALL_SEARCH_FP32_WORK, search_work
 
     model, x, y = digits_model
-    n = min(len(y), SMALL_SEARCH_FP32 - 1, 500)
+    n = min(len(y), 500)
+    assert search_work(n, x[0].numel(), sum(p.numel() for p in model.parameters())) < SMALL_SEARCH_FP32_WORK
     x, y = x[:n], y[:n]
     cfg = UnlearnConfig(eps=0.1, steps=3, precision="auto")
     torch.backends.cudnn.allow_tf32 = True  # restored by no_tf32

@@ -134,6 +134,21 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
     assert resolve_precision("fp32", torch.device("cuda")) is None
 
 
+def test_native_bf16_needs_amx(monkeypatch):
+    """AVX512-BF16 without AMX is not native bf16 (bf16 convolutions run slower than fp32
+    there); AMX is, with or without AVX512-BF16."""
+    from fastunlearn.runtime import precision
+
+    monkeypatch.delenv("FASTUNLEARN_CPU_BF16", raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    for amx, avx512_bf16 in ((False, True), (True, False), (True, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b, raising=False)
+        assert precision.cpu_has_native_bf16() is amx, (amx, avx512_bf16)
+        want = torch.bfloat16 if amx else None
+        assert precision.resolve_precision("auto", torch.device("cpu")) is want
+
+
 # ------------------------------------------------------------------ resume
 def run_case(gen):
     fx, fy = data(gen, 37)

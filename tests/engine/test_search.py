@@ -219,14 +219,20 @@ def test_search_compile_is_validated():
 
 def test_small_auto_search_rule():
     """Which searches precision="auto" runs in fp32: small ones on CUDA only (the CUDA side of
-    it is tested in test_cuda.py)."""
-    from fastunlearn.runtime.precision import SMALL_SEARCH_FP32, small_search_in_fp32
+    it is tested in test_cuda.py), small in work, not in samples."""
+    from fastunlearn.runtime.precision import SMALL_SEARCH_FP32_WORK, small_search_in_fp32
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert small_search_in_fp32("auto", cuda, SMALL_SEARCH_FP32 - 1)
-    assert not small_search_in_fp32("auto", cuda, SMALL_SEARCH_FP32)
-    assert not small_search_in_fp32("bf16", cuda, 1)
-    assert not small_search_in_fp32("auto", cpu, 1)
+    params = 1_618_282  # AllCNN width 1, the model the limit was measured on
+    assert small_search_in_fp32("auto", cuda, 1023, 784, params)
+    assert not small_search_in_fp32("auto", cuda, 1024, 784, params)
+    # The same sample count is large work for a bigger input or model, small for a smaller one.
+    assert not small_search_in_fp32("auto", cuda, 512, 3 * 224 * 224, params)
+    assert not small_search_in_fp32("auto", cuda, 512, 784, 25_000_000)
+    assert small_search_in_fp32("auto", cuda, 20_000, 784, 50_000)
+    assert 20_000 * 784 * 50_000 < SMALL_SEARCH_FP32_WORK
+    assert not small_search_in_fp32("bf16", cuda, 1, 1, 1)
+    assert not small_search_in_fp32("auto", cpu, 1, 1, 1)
 
 
 def _random_bn_stats(model, gen):

@@ -1,11 +1,11 @@
-"""The `fastunlearn` command: demo, train, unlearn, eval, compose, backends, bench."""
+"""The `fastunlearn` command: demo, train, unlearn, eval, compose, backends, bench, tune."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from fastunlearn.cli import backends, bench, compose, demo, evaluate, report, train, unlearn
+from fastunlearn.cli import backends, bench, compose, demo, evaluate, report, train, tune, unlearn
 
 DESCRIPTION = """\
 Targeted unlearning of image classifiers: make a trained model forget a class, part of
@@ -28,10 +28,11 @@ examples:
   fastunlearn unlearn --model retina.safetensors --data retina --data-dir DIR \\
       --forget-rule "device == Topcon NW400" --metadata retina_meta.csv --out r2.safetensors
   fastunlearn compose --backbone a.safetensors --head b.safetensors --out c.safetensors
+  fastunlearn tune --model orig.safetensors --data digits    # time the speed settings once, cache the choice
 """
 
 
-COMMANDS = (demo, train, unlearn, evaluate, compose, report, backends, bench)
+COMMANDS = (demo, train, unlearn, evaluate, compose, report, backends, bench, tune)
 
 
 def build_parser():

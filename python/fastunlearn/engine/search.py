@@ -80,6 +80,11 @@ class SearchResult:
         return self.targets[refresh] if self.targets is not None else self.relabels[refresh]
 
 
+# Samples per CPU search chunk: past ~128 the activations fall out of cache (measured slower
+# at 512); fastunlearn.autotune also times half and twice this on the user's model.
+CPU_SEARCH_CHUNK = 128
+
+
 def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.device, requested: Optional[int],
                 autocast: Optional[torch.dtype] = None) -> int:
     """Samples per search chunk. sample: a few rows of the forget set as they arrive (uint8
@@ -87,8 +92,7 @@ def _chunk_size(frozen: nn.Module, norm, sample: torch.Tensor, device: torch.dev
     if requested:
         return requested
     if device.type != "cuda":
-        # Past ~128 samples the activations fall out of cache: measured slower at 512.
-        return 128
+        return CPU_SEARCH_CHUNK
     free, _ = torch.cuda.mem_get_info(device)
     # Measured once per frozen copy, sample shape and precision (kept with the copy: a warm
     # session's revisions and a sweep's searches skip the measuring pass), scaled to half
@@ -163,7 +167,8 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     norm = Normalizer(mean, std, channels, device)
     autocast = resolve_precision(config.precision, device)
     exact = contextlib.nullcontext()
-    if small_search_in_fp32(config.precision, device, refreshes * (n_total or n)):
+    if small_search_in_fp32(config.precision, device, refreshes * (n_total or n), per_sample,
+                            sum(p.numel() for p in frozen.parameters())):
         autocast, exact = None, strict_fp32(device)
     with phase("search/chunk size"):
         chunk = _chunk_size(frozen, norm, first_chunk, device, config.search_batch_size, autocast)

@@ -10,17 +10,17 @@ import torch
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16 units: oneDNN then runs bf16 convolutions natively, faster than
-    fp32. Without them CPU bf16 is emulated, several times slower than fp32 (bench/RESULTS.md
-    has the figures). FASTUNLEARN_CPU_BF16=0 or 1 overrides the detection (for
-    precision="auto" only)."""
+    """AMX tiles: oneDNN then runs bf16 convolutions on the matrix units, faster than fp32.
+    AVX512-BF16 alone does not count: it only adds bf16 dot products to the vector units,
+    and there bf16 convolutions measured slower than fp32 (bench/RESULTS.md has the
+    figures). FASTUNLEARN_CPU_BF16=0 or 1 overrides the detection (for precision="auto"
+    only)."""
     forced = os.environ.get("FASTUNLEARN_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
     if not torch.backends.mkldnn.is_available():
         return False
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported",
-                                                                      "_is_avx512_bf16_supported"))
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -32,16 +32,27 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-# Under precision="auto" on a GPU, a search over fewer samples (times refreshes) than this
-# runs in full fp32. It is bound by kernel launches, not arithmetic, so bf16 saves nothing
-# there, while its fp32 recheck would launch a second search for the unsure samples.
-SMALL_SEARCH_FP32 = 1024
+# Under precision="auto" on a GPU, a search with less work than this runs in full fp32. It is
+# bound by kernel launches, not arithmetic, so bf16 saves nothing there, while its fp32
+# recheck would launch a second search for the unsure samples. Work is counted as samples
+# (times refreshes) x input values per sample x model parameters, a proxy for the search's
+# FLOPs; the limit is the point measured in bench/RESULTS.md: 1,024 samples of 1x28x28
+# on AllCNN width 1 (1,618,282 parameters).
+SMALL_SEARCH_FP32_WORK = 1024 * (28 * 28) * 1_618_282
 
 
-def small_search_in_fp32(precision: str, device: torch.device, samples: int) -> bool:
-    """Whether a search of ``samples`` (all refreshes together) runs in fp32 although
-    precision resolves to bf16 / fp16: "auto" on CUDA below SMALL_SEARCH_FP32."""
-    return precision == "auto" and device.type == "cuda" and samples < SMALL_SEARCH_FP32
+def search_work(samples: int, values_per_sample: int, parameters: int) -> int:
+    """The work proxy SMALL_SEARCH_FP32_WORK is compared with."""
+    return int(samples) * int(values_per_sample) * int(parameters)
+
+
+def small_search_in_fp32(precision: str, device: torch.device, samples: int, values_per_sample: int,
+                         parameters: int) -> bool:
+    """Whether a search of ``samples`` (all refreshes together), each of ``values_per_sample``
+    input values, on a model of ``parameters`` parameters runs in fp32 although precision
+    resolves to bf16 / fp16: "auto" on CUDA below SMALL_SEARCH_FP32_WORK."""
+    return (precision == "auto" and device.type == "cuda"
+            and search_work(samples, values_per_sample, parameters) < SMALL_SEARCH_FP32_WORK)
 
 
 # The process-wide fp32 modes a strict fp32 search sets, as (backend, op) of torch's
