@@ -6,9 +6,10 @@
 // biased batch variance for normalising, unbiased for the running variance, the ReLU's
 // gradient taken where the normalised output is > 0.
 //
-// Why it exists: in a batch-64 train step on 2 cores, PyTorch's CPU BatchNorm (and the ReLU
-// and its backward as separate passes) cost more than the convolutions at few channels,
-// most of all in channels_last, the layout oneDNN's convolutions want.
+// Why it exists: in a CPU train step, PyTorch's BatchNorm (and the ReLU and its backward as
+// separate passes) can cost more than the convolutions at few channels, most of all in
+// channels_last, the layout oneDNN's convolutions want (bench/bench_batch_norm_relu.py
+// measures it; see bench/RESULTS.md).
 //
 // Determinism: the rows are cut into fixed blocks whose partial sums are combined in block
 // order in double, so the results do not depend on the number of threads.

@@ -83,7 +83,8 @@ inline __m256 uniform8(__m256i x) {
 
 // Philox words 0 (and 1 when u2 is given) of counters (c0[k], c1[k]) as uniforms. The
 // compiler's vectorisation of philox_2of4 widens every lane to 64 bits; hand-written
-// AVX2 keeps 8 lanes per register and is about 3x faster. Same bits either way.
+// AVX2 keeps 8 lanes per register, the faster path (bench/bench_boundary_step.py measures
+// the op, bench/RESULTS.md keeps the figures). Same bits either way.
 void philox_uniforms(const uint32_t* c0, const uint32_t* c1, int64_t n, uint32_t k0, uint32_t k1, float* u1,
                      float* u2) {
   using namespace philox;
