@@ -6,9 +6,10 @@
 // biased batch variance for normalising, unbiased for the running variance, the ReLU's
 // gradient taken where the normalised output is > 0.
 //
-// Why it exists: in a batch-64 train step on 2 cores, PyTorch's CPU BatchNorm (and the ReLU
-// and its backward as separate passes) cost more than the convolutions at few channels,
-// most of all in channels_last, the layout oneDNN's convolutions want.
+// Why it exists: in a CPU train step, PyTorch's BatchNorm (and the ReLU and its backward as
+// separate passes) can cost more than the convolutions at few channels, most of all in
+// channels_last, the layout oneDNN's convolutions want (bench/bench_batch_norm_relu.py
+// measures it; see bench/RESULTS.md).
 //
 // Determinism: the rows are cut into fixed blocks whose partial sums are combined in block
 // order in double, so the results do not depend on the number of threads.
@@ -294,7 +295,7 @@ void check_input(const at::Tensor& x, const char* name) {
               "batch_norm_relu (cpu): ", name, " must be float32 or bfloat16, got ", x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
     double eps, bool relu) {
@@ -314,6 +315,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);  // keeps x's layout
   at::Tensor mean_t = at::empty({C}, f32), invstd_t = at::empty({C}, f32);
+  // The updated running statistics go to copies: the op does not write its inputs.
+  at::Tensor rm_t = running_mean.has_value() ? running_mean->clone() : at::empty({0}, f32);
+  at::Tensor rv_t = running_var.has_value() ? running_var->clone() : at::empty({0}, f32);
   const int64_t nb = L.blocks();
   std::vector<float> pm(nb * C), pq(nb * C);
   std::vector<float> scale(C), shift(C);
@@ -330,8 +334,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
     // Blocks merged in order, in double.
     const float* w = weight.data_ptr<float>();
     const float* bias_p = bias.data_ptr<float>();
-    float* rm = running_mean.has_value() ? running_mean->data_ptr<float>() : nullptr;
-    float* rv = running_var.has_value() ? running_var->data_ptr<float>() : nullptr;
+    float* rm = running_mean.has_value() ? rm_t.data_ptr<float>() : nullptr;
+    float* rv = running_var.has_value() ? rv_t.data_ptr<float>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       double n = 0.0, mu = 0.0, m2 = 0.0;
       for (int64_t b = 0; b < nb; ++b)
@@ -345,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
         block_normalise<scalar_t>(xp, yp, L, b, scale_w.data(), shift_w.data(), relu);
     });
   });
-  return {y, mean_t, invstd_t};
+  return {y, mean_t, invstd_t, rm_t, rv_t};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "boundary_step_args.h"
 #include "philox.h"
 
 namespace fastunlearn {
@@ -63,15 +64,7 @@ inline void store_block(const float* __restrict__ src, c10::Half* dst, int64_t n
   for (; k < n; ++k) dst[k] = c10::Half(src[k]);
 }
 
-struct Params {
-  float eps, alpha, lamda, gamma, q;
-  int noise;
-  bool quantize, has_noise;
-  uint64_t seed, offset;
-  int64_t C, HW;            // channels and positions per channel (product of dims 2..)
-  bool channels_last;
-  const float* inv_std;     // (C,) or nullptr
-};
+using Params = BoundaryStepParams;
 
 #if defined(__AVX2__)
 // 8 lanes of the 32x32 -> 64-bit products of a and m: high and low words.
@@ -90,7 +83,8 @@ inline __m256 uniform8(__m256i x) {
 
 // Philox words 0 (and 1 when u2 is given) of counters (c0[k], c1[k]) as uniforms. The
 // compiler's vectorisation of philox_2of4 widens every lane to 64 bits; hand-written
-// AVX2 keeps 8 lanes per register and is about 3x faster. Same bits either way.
+// AVX2 keeps 8 lanes per register, the faster path (bench/bench_boundary_step.py measures
+// the op, bench/RESULTS.md keeps the figures). Same bits either way.
 void philox_uniforms(const uint32_t* c0, const uint32_t* c1, int64_t n, uint32_t k0, uint32_t k1, float* u1,
                      float* u2) {
   using namespace philox;
@@ -283,69 +277,18 @@ void run(const Params& p, const T* u, const T* u0, const T* g, T* out, int64_t n
   });
 }
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 at::Tensor boundary_step_cpu(const at::Tensor& u, const at::Tensor& u0, const at::Tensor& grad, double eps,
                              double alpha, double lamda, double gamma, int64_t noise, int64_t quantize,
                              int64_t seed, int64_t offset, const std::optional<at::Tensor>& mean,
                              const std::optional<at::Tensor>& std) {
-  (void)mean;  // the chain rule through (u - mean) / std only involves std
-  TORCH_CHECK(u.device().is_cpu(), "boundary_step (cpu): u must be a CPU tensor, got ", u.device());
-  TORCH_CHECK(u.dim() >= 2, "boundary_step: u must be (N, C, ...) with at least 2 dims, got ", u.sizes());
-  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kBFloat16 || u.scalar_type() == at::kHalf,
-              "boundary_step: u must be float32, bfloat16 or float16, got ", u.scalar_type());
-  for (const auto* t : {&u0, &grad}) {
-    const char* name = t == &u0 ? "u0" : "grad";
-    TORCH_CHECK(t->device().is_cpu(), "boundary_step (cpu): ", name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK(t->sizes() == u.sizes(), "boundary_step: ", name, " must have u's shape ", u.sizes(), ", got ",
-                t->sizes());
-    TORCH_CHECK(t->scalar_type() == u.scalar_type(), "boundary_step: ", name, " must have u's dtype ",
-                u.scalar_type(), ", got ", t->scalar_type());
-  }
-  TORCH_CHECK(noise >= 0 && noise <= 3, "boundary_step: noise code must be 0..3, got ", noise);
-  TORCH_CHECK(quantize >= 0, "boundary_step: quantize must be >= 0, got ", quantize);
-  const int64_t C = u.size(1);
-  at::Tensor inv_std;
-  if (std.has_value()) {
-    const auto& s = *std;
-    TORCH_CHECK(s.dim() == 1 && s.numel() == C, "boundary_step: std must be a (", C, ",) tensor, got ", s.sizes());
-    TORCH_CHECK(s.scalar_type() == at::kFloat, "boundary_step: std must be float32, got ", s.scalar_type());
-    TORCH_CHECK(s.device().is_cpu(), "boundary_step (cpu): std must be a CPU tensor, got ", s.device());
-    inv_std = s.reciprocal().contiguous();
-  }
-  if (mean.has_value()) {
-    TORCH_CHECK(mean->dim() == 1 && mean->numel() == C, "boundary_step: mean must be a (", C, ",) tensor, got ",
-                mean->sizes());
-  }
-  // All three tensors are walked with one memory index, in u's layout (contiguous or
-  // channels_last); anything else is copied into that layout first.
-  const bool cl = is_channels_last(u);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor uc = u.contiguous(fmt), u0c = u0.contiguous(fmt), gc = grad.contiguous(fmt);
-  at::Tensor out = at::empty_like(uc, uc.options(), fmt);
-  const int64_t numel = u.numel();
+  const BoundaryStepCall call =
+      prepare_boundary_step(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std, at::kCPU);
+  const Params& p = call.p;
+  const at::Tensor &uc = call.u, &u0c = call.u0, &gc = call.grad, &out = call.out;
+  const int64_t numel = p.numel;
   if (numel == 0) return out;
-  const int64_t HW = numel / (u.size(0) * C);
 
-  Params p;
-  p.eps = static_cast<float>(eps);
-  p.alpha = static_cast<float>(alpha);
-  p.lamda = static_cast<float>(lamda);
-  p.gamma = static_cast<float>(gamma);
-  p.q = static_cast<float>(quantize);
-  p.noise = static_cast<int>(noise);
-  p.quantize = quantize > 0;
-  p.has_noise = gamma != 0.0;
-  p.seed = static_cast<uint64_t>(seed);
-  p.offset = static_cast<uint64_t>(offset);
-  p.C = C;
-  p.HW = HW;
-  p.channels_last = cl;
-  p.inv_std = inv_std.defined() ? inv_std.data_ptr<float>() : nullptr;
-
-  switch (u.scalar_type()) {
+  switch (uc.scalar_type()) {
     case at::kFloat:
       run<float>(p, uc.data_ptr<float>(), u0c.data_ptr<float>(), gc.data_ptr<float>(), out.data_ptr<float>(), numel);
       break;

@@ -18,11 +18,14 @@ TORCH_LIBRARY(fastunlearn, m) {
       "relabel_check(Tensor logits, Tensor y, int mode, int topk, bool want_grad) "
       "-> (Tensor relabel, Tensor success, Tensor margin, Tensor targets, Tensor dlogits)");
   // Training-mode BatchNorm2d over (N, C, H, W), then max(., 0) when relu. weight, bias and
-  // the running statistics are float32 (C,); the running ones are updated in place with
-  // momentum (the unbiased variance), as torch.nn.functional.batch_norm does.
+  // the running statistics are float32 (C,). The op is functional (so it can carry an autograd
+  // formula): it leaves running_mean / running_var as they are and returns their updated values
+  // (momentum, the unbiased variance, as torch.nn.functional.batch_norm computes them), or
+  // (0,)-shaped tensors when they are not given; ops.batch_norm_relu copies them back.
   m.def(
-      "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float eps, bool relu) -> (Tensor y, Tensor mean, Tensor invstd)");
+      "batch_norm_relu(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
+      "float momentum, float eps, bool relu) -> (Tensor y, Tensor mean, Tensor invstd, Tensor new_running_mean, "
+      "Tensor new_running_var)");
   m.def(
       "batch_norm_relu_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, "
       "bool relu) -> (Tensor dx, Tensor dweight, Tensor dbias)");

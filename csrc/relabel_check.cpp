@@ -163,7 +163,7 @@ void relabel_rows(const scalar_t* logits, const int64_t* y, int64_t begin, int64
     // e_j = exp(x_j - max) goes straight into an output row; scaling happens in place.
     float* e = want_grad ? dlogits + r * k : targets + r * k;
     // Short float partial sums folded into a double keep the error of the sum flat in K
-    // (one float accumulator over 32000 terms loses about 3 digits).
+    // (the error of one float accumulator grows with the number of terms).
     double s = 0.0;
     for (int64_t lo = 0; lo < k; lo += kSumChunk) {
       const int64_t hi = std::min(k, lo + kSumChunk);

@@ -16,17 +16,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastunlearn.ops.boundary_step_meta import NOISE_CODES
+
 PHILOX_M0: tl.constexpr = tl.constexpr(0xD2511F53)
 PHILOX_M1: tl.constexpr = tl.constexpr(0xCD9E8D57)
 PHILOX_W0: tl.constexpr = tl.constexpr(0x9E3779B9)
 PHILOX_W1: tl.constexpr = tl.constexpr(0xBB67AE85)
 PHILOX_ROUNDS: tl.constexpr = tl.constexpr(10)
 
-# Noise codes, as in the op schema.
-NORMAL: tl.constexpr = tl.constexpr(0)
-LAPLACE: tl.constexpr = tl.constexpr(1)
-CAUCHY: tl.constexpr = tl.constexpr(2)
-UNIFORM: tl.constexpr = tl.constexpr(3)
+# Noise codes: the op schema's, from their one definition (ops.boundary_step_meta.NOISE_CODES).
+NORMAL: tl.constexpr = tl.constexpr(NOISE_CODES["normal"])
+LAPLACE: tl.constexpr = tl.constexpr(NOISE_CODES["laplace"])
+CAUCHY: tl.constexpr = tl.constexpr(NOISE_CODES["cauchy"])
+UNIFORM: tl.constexpr = tl.constexpr(NOISE_CODES["uniform"])
 
 _PI: tl.constexpr = tl.constexpr(3.14159265358979323846)
 

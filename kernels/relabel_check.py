@@ -22,7 +22,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastunlearn.ops.relabel_check_meta import empty_outputs
+from fastunlearn.ops.relabel_check_meta import MODE_CODES, empty_outputs
+
+# Relabel modes: the op schema's codes, from their one definition (ops.relabel_check_meta.MODE_CODES).
+NEAREST_INCORRECT: tl.constexpr = tl.constexpr(MODE_CODES["nearest_incorrect"])
+SOFT: tl.constexpr = tl.constexpr(MODE_CODES["soft"])
+TOPK: tl.constexpr = tl.constexpr(MODE_CODES["topk"])
 
 # A column index no real element has; sorts after every real one on ties.
 _NO_INDEX = tl.constexpr(2**31 - 1)
@@ -43,7 +48,7 @@ def _relabel_check_kernel(logits_ptr, y_ptr, relabel_ptr, success_ptr, margin_pt
     base = rows * k
     yv = tl.load(y_ptr + rows, mask=row_ok, other=0)
     cols0 = tl.arange(0, BLOCK_K)
-    want_probs: tl.constexpr = MODE >= 2 or WANT_GRAD
+    want_probs: tl.constexpr = MODE == SOFT or MODE == TOPK or WANT_GRAD
 
     best_v = tl.full([ROWS], float("-inf"), tl.float32)
     best_i = tl.zeros([ROWS], tl.int32)  # torch.argmax of an all -inf row is 0
@@ -69,7 +74,7 @@ def _relabel_check_kernel(logits_ptr, y_ptr, relabel_ptr, success_ptr, margin_pt
         oth_i = tl.where(upd_o, oi + start, oth_i)
         oth_v = tl.where(upd_o, ov, oth_v)
 
-    if MODE == 1:
+    if MODE == NEAREST_INCORRECT:
         tl.store(relabel_ptr + rows, oth_i.to(tl.int64), mask=row_ok)
     else:
         tl.store(relabel_ptr + rows, best_i.to(tl.int64), mask=row_ok)
@@ -86,7 +91,7 @@ def _relabel_check_kernel(logits_ptr, y_ptr, relabel_ptr, success_ptr, margin_pt
         last_v = tl.where(topk_all != 0, float("-inf"), best_v)
         last_i = tl.where(topk_all != 0, _NO_INDEX, best_i)
         inv_sel = inv_s
-        if MODE == 3:
+        if MODE == TOPK:
             sel = tl.full([ROWS], 1.0, tl.float32)  # exp(max - max) of the first pick
             for _ in range(0, topk_passes):
                 cand_v = tl.full([ROWS], float("-inf"), tl.float32)
@@ -116,9 +121,9 @@ def _relabel_check_kernel(logits_ptr, y_ptr, relabel_ptr, success_ptr, margin_pt
             x = tl.load(logits_ptr + offs, mask=msk, other=float("-inf")).to(tl.float32)
             e = tl.exp(x - m_safe[:, None])
             p = e * inv_s[:, None]
-            if MODE == 2:
+            if MODE == SOFT:
                 tl.store(targets_ptr + offs, p, mask=msk)
-            if MODE == 3:
+            if MODE == TOPK:
                 member = (x > last_v[:, None]) | ((x == last_v[:, None]) & (cols[None, :] <= last_i[:, None]))
                 tl.store(targets_ptr + offs, tl.where(member, e * inv_sel[:, None], 0.0), mask=msk)
             if WANT_GRAD:
@@ -155,7 +160,7 @@ def _relabel_check(logits: torch.Tensor, y: torch.Tensor, mode: int, topk: int,
         rows, block_k, num_warps = _launch_config(n, k)
         kk = min(int(topk), k)
         topk_all = int(kk >= k)
-        passes = 0 if topk_all or mode != 3 else kk - 1
+        passes = 0 if topk_all or mode != MODE_CODES["topk"] else kk - 1
         grid = (triton.cdiv(n, rows),)
         wrap_triton(_relabel_check_kernel)[grid](
             logits, y, relabel, success, margin, targets, dlogits, n, k, passes, topk_all,

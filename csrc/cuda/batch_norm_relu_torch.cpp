@@ -45,7 +45,7 @@ void check_vector(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "batch_norm_relu: ", name, " must be contiguous");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double momentum,
     double eps, bool relu) {
@@ -63,14 +63,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({x.size(1)}, f32), invstd = at::empty({x.size(1)}, f32);
+  // The updated running statistics go to copies: the op does not write its inputs.
+  at::Tensor rm = running_mean.has_value() ? running_mean->clone() : at::empty({0}, f32);
+  at::Tensor rv = running_var.has_value() ? running_var->clone() : at::empty({0}, f32);
   at::Tensor ws = at::empty({cuda::batch_norm_relu_workspace(k.shape)}, f32);
   const cudaError_t err = cuda::launch_batch_norm_relu(
       x.data_ptr(), k.type, k.shape, weight.data_ptr<float>(), bias.data_ptr<float>(),
-      running_mean.has_value() ? running_mean->data_ptr<float>() : nullptr,
-      running_var.has_value() ? running_var->data_ptr<float>() : nullptr, momentum, eps, relu, y.data_ptr(),
+      running_mean.has_value() ? rm.data_ptr<float>() : nullptr,
+      running_var.has_value() ? rv.data_ptr<float>() : nullptr, momentum, eps, relu, y.data_ptr(),
       mean.data_ptr<float>(), invstd.data_ptr<float>(), ws.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "batch_norm_relu: CUDA launch failed: ", cudaGetErrorString(err));
-  return {y, mean, invstd};
+  return {y, mean, invstd, rm, rv};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(

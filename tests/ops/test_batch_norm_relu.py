@@ -194,6 +194,75 @@ def test_cpu_backend_names_the_dtypes_it_takes():
     assert y.dtype == torch.float64
 
 
+def _op_args(dtype=torch.float32, channels_last=False, stats=True):
+    g = torch.Generator().manual_seed(0)
+    x, w, b, rm, rv, _ = _inputs((3, 5, 4, 6), dtype, channels_last, g)
+    return (x, w, b, rm if stats else None, rv if stats else None, 0.3, 1e-3, True)
+
+
+@needs_cpu_op
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_native(channels_last):
+    """Schema (no input written), fake kernel, autograd formula and AOT dispatch of the forward op."""
+    op = torch.ops.fastunlearn.batch_norm_relu.default
+    args = _op_args(channels_last=channels_last)
+    torch.library.opcheck(op, tuple(t.requires_grad_(True) if i < 3 else t for i, t in enumerate(args)))
+    torch.library.opcheck(op, _op_args(torch.bfloat16, channels_last=channels_last, stats=False))
+
+
+@needs_cpu_op
+def test_opcheck_native_backward(gen):
+    x, w, b, _, _, dy = _inputs((3, 5, 4, 6), torch.float32, True, gen)
+    _, mean, invstd = (t.float() for t in reference.batch_norm_relu(x, w, b))
+    for relu in (True, False):
+        torch.library.opcheck(torch.ops.fastunlearn.batch_norm_relu_backward.default,
+                              (dy, x, w, b, mean, invstd, relu))
+
+
+@needs_cpu_op
+def test_native_op_leaves_its_inputs_alone_and_returns_the_statistics(gen):
+    x, w, b, rm, rv, _ = _inputs((4, 3, 5, 5), torch.float32, False, gen)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, mean, invstd, new_rm, new_rv = torch.ops.fastunlearn.batch_norm_relu(x, w, b, rm, rv, 0.3, 1e-3, True)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    reference.batch_norm_relu(x, w, b, rm_ref, rv_ref, momentum=0.3, eps=1e-3)
+    assert _rel(new_rm, rm_ref, 1.0) < 2e-6 and _rel(new_rv, rv_ref, 1.0) < 2e-6
+    empty = torch.ops.fastunlearn.batch_norm_relu(x, w, b, None, None, 0.3, 1e-3, True)
+    assert empty[3].shape == (0,) and empty[4].shape == (0,)
+
+
+@needs_cpu_op
+def test_running_statistics_come_back_without_grad(gen):
+    x, w, b, rm, rv, _ = _inputs((4, 3, 5, 5), torch.float32, True, gen)
+    xx, ww, bb = (t.requires_grad_(True) for t in (x, w, b))
+    batch_norm_relu(xx, ww, bb, rm, rv, backend="cpu").sum().backward()
+    assert not rm.requires_grad and not rv.requires_grad and rm.grad_fn is None
+    assert xx.grad is not None and ww.grad is not None and bb.grad is not None
+
+
+@needs_cpu_op
+def test_torch_compile_fullgraph(gen):
+    """The fused op traces into one graph, forward and backward, and updates the running
+    statistics as eager mode does."""
+    x, w, b, rm, rv, dy = _inputs((4, 3, 5, 5), torch.float32, True, gen)
+
+    def step(x, w, b, rm, rv):
+        return batch_norm_relu(x, w, b, rm, rv, momentum=0.2, eps=1e-3, backend="cpu")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    outs = []
+    for fn in (step, compiled):
+        args = [t.clone().requires_grad_(i < 3) for i, t in enumerate((x, w, b, rm, rv))]
+        y = fn(*args)
+        y.backward(dy)
+        outs.append([y.detach(), *(t.grad for t in args[:3]), args[3], args[4]])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(outs[1][4], rv)
+
+
 # ----------------------------------------------------------------- the engine's fusion
 def _net(seed=0, relu=nn.ReLU):
     torch.manual_seed(seed)

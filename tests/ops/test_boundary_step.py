@@ -510,3 +510,24 @@ def test_backend_unavailable_is_explained():
     u = torch.rand(1, 1, 2, 2, device=dev)
     with pytest.raises(RuntimeError, match=f"backend='{backend}' cannot run boundary_step"):
         boundary_step(u, u, u, eps=0.1, alpha=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(noise=4), r"noise code must be 0\.\.3"),
+    (dict(quantize=-1), "quantize must be >= 0"),
+    (dict(std=torch.ones(4)), r"std must be a \(3,\) tensor"),
+    (dict(mean=torch.ones(2)), r"mean must be a \(3,\) tensor"),
+    (dict(std=torch.ones(3, dtype=torch.float64)), "std must be float32"),
+    (dict(u0=torch.rand(2, 3, 4, 5, dtype=torch.float64)), "u0 must have u's dtype"),
+    (dict(grad=torch.rand(2, 3, 4, 4)), "grad must have u's shape"),
+])
+def test_native_op_checks_its_arguments(change, message):
+    """The C++ checks both native backends share (csrc/boundary_step_args.h), called directly."""
+    if not _available("boundary_step", "cpu", torch.device("cpu")):
+        pytest.skip("native extension not built")
+    u = torch.rand(2, 3, 4, 5)
+    args = dict(u=u, u0=u, grad=u, eps=0.1, alpha=0.1, lamda=0.0, gamma=0.5, noise=0, quantize=255, seed=0, offset=0,
+                mean=None, std=None)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastunlearn.boundary_step(*args.values())

@@ -15,43 +15,38 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastunlearn.ops._dispatch import check_same_device, resolve
+from fastunlearn.ops._dispatch import constant_under_compile, resolve
+from fastunlearn.ops.batch_norm_relu_meta import NATIVE_DTYPES, check_args, empty_backward_outputs, empty_outputs
+from fastunlearn.runtime import backends as _backends
 
 
-def _check(x, weight, bias, running_mean, running_var, eps):
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError("batch_norm_relu: x must be an (N, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    c = x.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and (t.dim() != 1 or t.numel() != c):
-            raise ValueError(f"batch_norm_relu: {name} must be a ({c},) tensor, got {tuple(t.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("batch_norm_relu: running_mean and running_var must be given together")
-    if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        raise ValueError(f"batch_norm_relu: expected more than 1 value per channel when training, got input of "
-                         f"shape {tuple(x.shape)}")
-    if eps < 0:
-        raise ValueError(f"batch_norm_relu: eps must be >= 0, got {eps}")
-    check_same_device(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, _, _, relu = inputs
+    _, mean, invstd, new_running_mean, new_running_var = output
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
+    ctx.relu = relu
+    ctx.mark_non_differentiable(mean, invstd, new_running_mean, new_running_var)
 
 
-class _BatchNormReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):
-        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-            x = x.contiguous()
-        y, mean, invstd = torch.ops.fastunlearn.batch_norm_relu(x, weight, bias, running_mean, running_var,
-                                                                momentum, eps, relu)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.relu = relu
-        return y
+def _backward(ctx, dy, *_):
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastunlearn.batch_norm_relu_backward(dy, x, weight, bias, mean, invstd, ctx.relu)
+    return dx, dw, db, None, None, None, None, None
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.fastunlearn.batch_norm_relu_backward(dy, x, weight, bias, mean, invstd, ctx.relu)
-        return dx, dw, db, None, None, None, None, None
+
+# The schemas come from the extension, so the fake kernels and the autograd formula can only be
+# attached once it loaded.
+if _backends.native() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastunlearn::batch_norm_relu", "CPU"):
+    torch.library.register_fake("fastunlearn::batch_norm_relu")(empty_outputs)
+    torch.library.register_fake("fastunlearn::batch_norm_relu_backward")(empty_backward_outputs)
+    torch.library.register_autograd("fastunlearn::batch_norm_relu", _backward, setup_context=_setup_context)
+
+
+@constant_under_compile
+def _backend_for(device_type: str, backend: str) -> str:
+    """resolve() evaluated once at trace time: torch.compile sees a constant, not the probing."""
+    return resolve("batch_norm_relu", torch.device(device_type), backend)
 
 
 def batch_norm_relu(x, weight=None, bias=None, running_mean=None, running_var=None, *, momentum=0.1, eps=1e-5,
@@ -62,9 +57,9 @@ def batch_norm_relu(x, weight=None, bias=None, running_mean=None, running_var=No
     torch.nn.functional.batch_norm(training=True) does. Differentiable in x, weight, bias.
     x: float32 or bfloat16 for the native backends, NCHW or channels_last (y keeps x's layout).
     """
-    _check(x, weight, bias, running_mean, running_var, eps)
-    name = resolve("batch_norm_relu", x.device, backend)
-    native_dtype = x.dtype in (torch.float32, torch.bfloat16)
+    check_args(x, weight, bias, running_mean, running_var, eps)
+    name = _backend_for(x.device.type, backend)
+    native_dtype = x.dtype in NATIVE_DTYPES
     if name != "torch" and not native_dtype and backend == "auto":
         name = "torch"
     if name == "torch":
@@ -76,5 +71,11 @@ def batch_norm_relu(x, weight=None, bias=None, running_mean=None, running_var=No
     f32 = dict(dtype=torch.float32, device=x.device)
     w = weight if weight is not None else torch.ones(c, **f32)
     b = bias if bias is not None else torch.zeros(c, **f32)
-    return _BatchNormReLU.apply(x, w.float(), b.float(), running_mean, running_var, float(momentum), float(eps),
-                                bool(relu))
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    y, _, _, new_running_mean, new_running_var = torch.ops.fastunlearn.batch_norm_relu(
+        x, w.float(), b.float(), running_mean, running_var, float(momentum), float(eps), bool(relu))
+    if running_mean is not None:
+        running_mean.copy_(new_running_mean)
+        running_var.copy_(new_running_var)
+    return y

@@ -51,7 +51,8 @@ def empty_output(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, o
         torch._check(t.shape == u.shape,
                      lambda: f"boundary_step: {name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
         torch._check(t.dtype == u.dtype, lambda: f"boundary_step: {name} must have u's dtype {u.dtype}, got {t.dtype}")
-    torch._check(0 <= noise <= 3, lambda: f"boundary_step: noise code must be 0..3, got {noise}")
+    torch._check(noise in NOISE_CODES.values(),
+                 lambda: f"boundary_step: noise code must be one of {NOISE_CODES}, got {noise}")
     torch._check(quantize >= 0, lambda: f"boundary_step: quantize must be >= 0, got {quantize}")
     c = u.shape[1]
     for name, v in (("mean", mean), ("std", std)):

@@ -48,10 +48,11 @@ def empty_outputs(logits, y, mode, topk, want_grad):
     torch._check(y.dim() == 1 and y.shape[0] == logits.shape[0],
                  lambda: f"relabel_check: y must be ({logits.shape[0]},), got {tuple(y.shape)}")
     torch._check(y.dtype == torch.int64, lambda: f"relabel_check: y must be int64, got {y.dtype}")
-    torch._check(0 <= mode <= 3, lambda: f"relabel_check: mode must be 0..3, got {mode}")
-    torch._check(mode != 3 or topk >= 1, lambda: f"relabel_check: topk must be >= 1, got {topk}")
+    torch._check(mode in MODE_CODES.values(),
+                 lambda: f"relabel_check: mode code must be one of {MODE_CODES}, got {mode}")
+    torch._check(mode != MODE_CODES["topk"] or topk >= 1, lambda: f"relabel_check: topk must be >= 1, got {topk}")
     n, k = logits.shape
     f32 = dict(dtype=torch.float32)
     return (logits.new_empty(n, dtype=torch.int64), logits.new_empty(n, dtype=torch.bool), logits.new_empty(n, **f32),
-            logits.new_empty((n, k) if mode in (2, 3) else (0,), **f32),
+            logits.new_empty((n, k) if mode in (MODE_CODES["soft"], MODE_CODES["topk"]) else (0,), **f32),
             logits.new_empty((n, k) if want_grad else (0,), **f32))
