@@ -203,12 +203,16 @@ def mia_efficacy(model, remain, test, forget, mean=None, std=None, device=None, 
 
 def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, device=None,
              batch_size: int = 512, per_class: bool = False, mia: bool = True, seed: int = 0,
-             max_shadow: Optional[int] = None) -> dict:
+             max_shadow: Optional[int] = None, attacks: Optional[str] = None,
+             attack_kw: Optional[dict] = None) -> dict:
     """Metrics of ``model`` on the sets given (each an (x, y) pair or a Dataset).
 
     Keys: forget_acc / remain_acc / test_acc for the sets given (fractions in [0, 1]);
     with mia=True, mia_lr when forget and test are given and mia_efficacy when all three
-    are; per_class = {set: {class: accuracy}} when asked.
+    are; per_class = {set: {class: accuracy}} when asked. attacks="all" (or "suite" /
+    "representation") adds "attacks" (eval.attacks.attack_suite) and "representation"
+    (eval.representation.representation_checks); attack_kw goes to eval.evidence.evidence
+    (original=, retrain=, reference_models=, train_references_k=, layer=, ...).
     """
     sets = {k: v for k, v in (("forget", forget), ("remain", remain), ("test", test)) if v is not None}
     if not sets:
@@ -229,6 +233,11 @@ def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, de
                                                                seed=seed, max_shadow=max_shadow)
     if per_class:
         out["per_class"] = {k: per_class_accuracy(logits[k], labels[k]) for k in sets}
+    if attacks is not None:
+        from .eval.evidence import evidence
+
+        out.update(evidence(model, forget, test, what=attacks, remain=remain, mean=mean, std=std, device=device,
+                            batch_size=batch_size, seed=seed, **(attack_kw or {})))
     return out
 
 
