@@ -8,6 +8,7 @@ random_labels    "RL": fit the forget set to random wrong labels, the remain set
 boundary_shrink  Chen et al. (2023): FGSM to the nearest wrong class, fine-tune on the forget set
                  only (fu.unlearn with gamma = lambda = 0, relabel="nearest_incorrect", rho = 0).
 scrub            teacher/student min-max distillation (Kurmanji et al., 2023).
+salun, l1_sparse, ssd   SalUn, l1-sparse fine-tuning, selective synaptic dampening (eval/peer_baselines.py).
 
 Every function takes the original model and returns a Baseline(model, seconds, name, settings);
 the input model is never modified.
@@ -28,7 +29,8 @@ from . import validate
 from .metrics import prepare
 from .validate import resolve_device
 
-BASELINES = ("retrain", "finetune_remain", "neggrad", "neggrad_plus", "random_labels", "boundary_shrink", "scrub")
+BASELINES = ("retrain", "finetune_remain", "neggrad", "neggrad_plus", "random_labels", "boundary_shrink", "scrub",
+             "salun", "l1_sparse", "ssd")  # the last three: eval/peer_baselines.py
 
 
 @dataclass
@@ -75,9 +77,10 @@ class _Stream:
 
 
 def _loop(model, forget, remain, steps_of, loss_fn, epochs, lr, batch_size, mean, std, device, seed, momentum=0.9,
-          weight_decay=0.0):
+          weight_decay=0.0, grad_hook=None):
     """SGD for ``epochs`` passes over the set ``steps_of`` names ("forget" or "remain");
-    each step gets a batch of both sets (None where a set is absent) and loss_fn(model, f, r)."""
+    each step gets a batch of both sets (None where a set is absent) and loss_fn(model, f, r).
+    grad_hook(model), when given, runs between backward and the step (to mask gradients)."""
     dev = resolve_device(model, device)
     net = copy.deepcopy(model).to(dev)
     net.requires_grad_(True)
@@ -100,6 +103,8 @@ def _loop(model, forget, remain, steps_of, loss_fn, epochs, lr, batch_size, mean
         loss = loss_fn(net, batch("forget"), batch("remain"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_hook is not None:
+            grad_hook(net)
         opt.step()
     return net.eval()
 
@@ -243,6 +248,8 @@ def run_all(model, forget, remain, names=BASELINES[1:], *, mean=None, std=None, 
     unknown = set(names) - set(BASELINES)
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}; expected names from {BASELINES}")
+    from .eval import peer_baselines as peers
+
     kw = dict(mean=mean, std=std, device=device, seed=seed)
     calls = {
         "retrain": lambda s: retrain(model, remain, **kw, **s),
@@ -252,5 +259,8 @@ def run_all(model, forget, remain, names=BASELINES[1:], *, mean=None, std=None, 
         "random_labels": lambda s: random_labels(model, forget, remain, **kw, **s),
         "boundary_shrink": lambda s: boundary_shrink(model, forget, **kw, **s),
         "scrub": lambda s: scrub(model, forget, remain, **kw, **s),
+        "salun": lambda s: peers.salun(model, forget, remain, **kw, **s),
+        "l1_sparse": lambda s: peers.l1_sparse(model, remain, **kw, **s),
+        "ssd": lambda s: peers.ssd(model, forget, remain, **kw, **s),
     }
     return {n: calls[n](dict(settings.get(n, {}))) for n in names}
