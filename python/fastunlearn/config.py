@@ -80,6 +80,10 @@ class UnlearnConfig:
                    are the fp32 search's. 0 turns the recheck off; ignored in fp32. 6 was the
                    smallest value that kept >= 99.9 % of an fp32 search's labels on every
                    model measured (bench/bench_search.py --precision bf16).
+    deterministic  run under torch.use_deterministic_algorithms (cuDNN deterministic, the cuBLAS
+                   workspace setting on CUDA; restored afterwards, see runtime/determinism.py):
+                   two runs of the same job give bitwise-equal weights. An op with no
+                   deterministic kernel then raises instead of running.
     """
 
     eps: float = 0.1
@@ -113,6 +117,7 @@ class UnlearnConfig:
     backend: str = "auto"
     compat: Optional[str] = None
     recheck_margin: float = 6.0
+    deterministic: bool = False
 
     def __post_init__(self):
         def bad(name, expected):
@@ -183,6 +188,8 @@ class UnlearnConfig:
             bad("backend", f"one of {BACKENDS}")
         if self.compat not in COMPAT:
             bad("compat", "None or 'authors'")
+        if not isinstance(self.deterministic, bool):
+            bad("deterministic", "True or False")
         if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
             bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
 

@@ -22,6 +22,7 @@ from .config import UnlearnConfig
 from ._phases import phase
 from .distributed import barrier, sharded_search
 from .finetune import FinetuneEngine, default_channels_last, load_checkpoint, search_from_dict
+from .runtime.determinism import deterministic_run
 from .search import frozen_copy
 from .source import ImageSource
 
@@ -135,6 +136,7 @@ class Unlearner:
             validate.check_labels(p[1], self._classes, k)
         return pairs
 
+    @deterministic_run
     def revise(self, forget, remain=None, *, progress: bool = True, probe=None,
                checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
                resume: Optional[Union[str, dict]] = None, on_step: Optional[Callable] = None,
