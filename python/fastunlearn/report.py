@@ -58,18 +58,11 @@ def _model_and_seconds(v):
 
 
 def _embed(model, x, mean, std, device, batch_size=512):
-    """(embeddings, logits): the input of the classifier head, caught by a forward hook."""
-    from .models import head_of
+    """(embeddings, logits): the input of the classifier head (eval.representation.features)."""
+    from .eval.representation import features
 
-    model = inference_copy(model, device)  # the hook goes on the copy predict_logits runs
-    _, head = head_of(model)
-    caught = []
-    h = head.register_forward_hook(lambda m, inp, out: caught.append(torch.flatten(inp[0], 1).detach().float().cpu()))
-    try:
-        logits = predict_logits(model, x, mean, std, batch_size, device)
-    finally:
-        h.remove()
-    return torch.cat(caught).numpy(), logits
+    emb, logits = features(model, x, mean=mean, std=std, device=device, batch_size=batch_size, return_logits=True)
+    return emb.numpy(), logits
 
 
 def _fmt(k, v):
@@ -97,12 +90,17 @@ def markdown_table(rows: dict, columns=TABLE_COLUMNS[1:]) -> str:
 def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optional[str] = "retrain", mean=None,
            std=None, device=None, title: str = "", notes: Optional[dict] = None, tsne: bool = True,
            tsne_points: int = 300, tradeoff: Optional[list] = None, class_names=None, seed: int = 0,
-           max_shadow: int = 2000, extra_figures: Optional[dict] = None) -> Report:
+           max_shadow: int = 2000, extra_figures: Optional[dict] = None, attacks: Optional[str] = None,
+           attack_kw: Optional[dict] = None) -> Report:
     """Score ``models`` ({name: model | (model, seconds) | result}) and write the report files.
 
     retrain: the key of the retrained reference among ``models`` (None: no gap column).
     tradeoff: rows for a trade-off figure (dicts with method, fraction and metric keys), drawn
     as tradeoff.png. extra_figures: {caption: png path} to link from the page as well.
+    attacks: "all", "suite" or "representation" adds the membership attacks and / or the
+    representation checks (eval.attack_report: attacks.csv, roc.png, per_example.png, a
+    section of the page, "evidence" in metrics.json); attack_kw goes to attack_section
+    (original=, reference_models=, train_references_k=, layer=, ...).
     """
     from . import plots
 
@@ -165,9 +163,18 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
         w.writerow({"method": name, **{c: ("" if r.get(c) is None else f"{r[c]:.6g}") for c in columns[1:]}})
     paths["csv"] = os.path.join(out_dir, "table.csv")
     atomic_write_text(paths["csv"], buf.getvalue())
+    section = None
+    if attacks is not None:
+        from .eval.attack_report import attack_section
+
+        section = attack_section({n: _model_and_seconds(v)[0] for n, v in models.items()}, sets["forget"],
+                                 sets["remain"], sets["test"], out_dir, what=attacks, retrain=retrain, mean=mean,
+                                 std=std, device=device, seed=seed, **(attack_kw or {}))
+        paths.update(section.paths)
     paths["json"] = os.path.join(out_dir, "metrics.json")
     atomic_write_text(paths["json"], json.dumps({"title": title, "rows": rows, "notes": notes or {},
-                                                 "sizes": {k: int(len(v[1])) for k, v in sets.items()}},
+                                                 "sizes": {k: int(len(v[1])) for k, v in sets.items()},
+                                                 **({"evidence": section.evidence} if section else {})},
                                                 indent=2, default=str))
     paths["mia_hist"] = plots.loss_histograms(losses, os.path.join(out_dir, "mia_hist.png"),
                                               title="per-sample loss: forget vs test")
@@ -180,6 +187,8 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
                                                   title="unlearning a growing share of one class")
     md = _markdown(title, rows, columns, paths, notes, {k: len(v[1]) for k, v in sets.items()}, retrain,
                    extra_figures or {}, out_dir)
+    if section is not None:
+        md += "\n" + section.markdown
     paths["markdown"] = os.path.join(out_dir, "report.md")
     atomic_write_text(paths["markdown"], md)
     return Report(rows, paths, md, columns)

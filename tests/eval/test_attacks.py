@@ -200,4 +200,4 @@ def test_load_references_from_files(tmp_path):
     loaded = A.load_references([str(path), path, m])
     assert len(loaded) == 3 and loaded[2] is m
     for r in loaded[:2]:
-        assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), m.state_dict().values()))
+        assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), m.state_dict().values(), strict=True))

@@ -6,14 +6,13 @@ import copy
 import pytest
 import torch
 
+from conftest import DIGITS_MEAN, DIGITS_STD
 from fastunlearn import baselines, metrics
 from fastunlearn.eval import peer_baselines as P
 
-from conftest import DIGITS_MEAN, DIGITS_STD
-
 
 def same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def acc(model, data):

@@ -32,8 +32,8 @@ def test_cka_matches_a_direct_formula(gen):
     x = torch.randn(50, 6, generator=gen, dtype=torch.float64)
     y = torch.randn(50, 4, generator=gen, dtype=torch.float64) + x[:, :4]
     h = torch.eye(50, dtype=torch.float64) - 1 / 50
-    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
-    want = (k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum())
+    k, m = h @ x @ x.T @ h, h @ y @ y.T @ h
+    want = (k * m).sum() / torch.sqrt((k * k).sum() * (m * m).sum())
     assert R.linear_cka(x, y) == pytest.approx(float(want), rel=1e-10)
     with pytest.raises(ValueError, match="same samples"):
         R.linear_cka(x, y[:10])

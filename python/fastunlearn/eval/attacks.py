@@ -32,7 +32,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import as_tensors
 from ..metrics import inference_copy, per_sample_loss, predict_logits

@@ -70,11 +70,11 @@ def _center(x) -> torch.Tensor:
     return t - t.mean(0, keepdim=True)
 
 
-def _hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def _hsic_unbiased(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Song et al. (2012)'s unbiased HSIC of two Gram matrices with zeroed diagonals."""
     n = k.shape[0]
-    tl = (k * l).sum()
-    return (tl + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2 * (k.sum(0) @ l.sum(0)) / (n - 2)) / (n * (n - 3))
+    tl = (k * m).sum()
+    return (tl + k.sum() * m.sum() / ((n - 1) * (n - 2)) - 2 * (k.sum(0) @ m.sum(0)) / (n - 2)) / (n * (n - 3))
 
 
 def linear_cka(a, b, unbiased: bool = False) -> float:
@@ -89,11 +89,11 @@ def linear_cka(a, b, unbiased: bool = False) -> float:
     if unbiased:
         if x.shape[0] < 4:
             raise ValueError(f"the unbiased CKA needs at least 4 samples, got {x.shape[0]}")
-        k, l = x @ x.T, y @ y.T
+        k, m = x @ x.T, y @ y.T
         k.fill_diagonal_(0)
-        l.fill_diagonal_(0)
-        den = torch.sqrt(_hsic_unbiased(k, k) * _hsic_unbiased(l, l))
-        return float(_hsic_unbiased(k, l) / den) if den > 0 else 0.0
+        m.fill_diagonal_(0)
+        den = torch.sqrt(_hsic_unbiased(k, k) * _hsic_unbiased(m, m))
+        return float(_hsic_unbiased(k, m) / den) if den > 0 else 0.0
     num = (y.T @ x).square().sum()
     den = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
     return float(num / den) if den > 0 else 0.0
