@@ -91,7 +91,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
            std=None, device=None, title: str = "", notes: Optional[dict] = None, tsne: bool = True,
            tsne_points: int = 300, tradeoff: Optional[list] = None, class_names=None, seed: int = 0,
            max_shadow: int = 2000, extra_figures: Optional[dict] = None, attacks: Optional[str] = None,
-           attack_kw: Optional[dict] = None) -> Report:
+           attack_kw: Optional[dict] = None, seeds: Optional[list] = None) -> Report:
     """Score ``models`` ({name: model | (model, seconds) | result}) and write the report files.
 
     retrain: the key of the retrained reference among ``models`` (None: no gap column).
@@ -101,8 +101,20 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     representation checks (eval.attack_report: attacks.csv, roc.png, per_example.png, a
     section of the page, "evidence" in metrics.json); attack_kw goes to attack_section
     (original=, reference_models=, train_references_k=, layer=, ...).
+    seeds: one report per seed in out_dir/seed_<s>/ and mean +- std in out_dir (eval.seeds);
+    each model is then a callable seed -> model, a list with one model per seed, or one model
+    for every seed.
     """
     from . import plots
+
+    if seeds is not None:
+        from .eval.seeds import report_over_seeds
+
+        return report_over_seeds(report, models, forget, remain, test, seeds=seeds, out_dir=out_dir, retrain=retrain,
+                                 mean=mean, std=std, device=device, title=title, notes=notes, tsne=tsne,
+                                 tsne_points=tsne_points, tradeoff=tradeoff, class_names=class_names,
+                                 max_shadow=max_shadow, extra_figures=extra_figures, attacks=attacks,
+                                 attack_kw=attack_kw)
 
     if not models:
         raise ValueError("report: no models given")

@@ -99,6 +99,7 @@ class SweepResult:
     seconds: float
     searches: int = 1
     rule: dict = field(default_factory=dict)
+    seed_summary: Optional[dict] = None  # sweep(seeds=[...]): mean +- std over seeds (eval.seeds)
 
     @property
     def configs(self) -> list:
@@ -223,7 +224,7 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
           target_forget_acc: Union[None, float, str] = None, heldout=None, grid: Optional[dict] = None,
           base: Optional[UnlearnConfig] = None, mean=None, std=None, device=None, head_ft_epochs: int = 1,
           head_ft_lr: float = 1e-2, head_ft_samples: Optional[int] = None, progress: bool = False,
-          log=None) -> SweepResult:
+          log=None, seeds: Optional[Sequence[int]] = None) -> SweepResult:
     """Run a grid of unlearning settings on ``model`` and keep the best on the validation split.
 
     forget / remain: (x, y) pairs or Datasets, as in fu.unlearn. val: (forget_val, remain_val),
@@ -244,7 +245,18 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     head_ft_epochs / head_ft_lr / head_ft_samples: the remain fine-tune of "head_ft" and "full_ft",
     on at most head_ft_samples remain images (a seeded subset; None: all).
     log: optional callable(str) told about each point.
+    seeds: run the sweep once per seed (base.seed = each); the first seed's result comes back
+    with ``seed_summary`` holding mean +- std over the seeds (eval.seeds.sweep_over_seeds).
     """
+    if seeds is not None:
+        from .eval.seeds import sweep_over_seeds
+
+        b = UnlearnConfig() if base is None else base
+        return sweep_over_seeds(lambda s: sweep(
+            model, forget, remain, val, max_forget_acc=max_forget_acc, target_forget_acc=target_forget_acc,
+            heldout=heldout, grid=grid, base=b.replace(seed=s), mean=mean, std=std, device=device,
+            head_ft_epochs=head_ft_epochs, head_ft_lr=head_ft_lr, head_ft_samples=head_ft_samples, progress=progress,
+            log=log), seeds)
     t_start = time.perf_counter()
     validate.check_model(model)
     validate.check_distinct(forget, remain)
