@@ -82,6 +82,8 @@ def main(argv=None):
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--train-epochs", type=int, default=3)
     p.add_argument("--refs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=UNLEARN["lr"], help="the unlearning fine-tune's learning rate")
+    p.add_argument("--epochs", type=int, default=UNLEARN["epochs"], help="the unlearning fine-tune's epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
@@ -101,7 +103,8 @@ def main(argv=None):
     retrain = trained(path("retrain"), arch, r, args, mean, std, args.seed, "retrain")
     refs = [trained(path(f"ref{k}"), arch, r, args, mean, std, args.seed + 1 + k, f"reference {k}")
             for k in range(args.refs)]
-    res = fu.unlearn(original, f, r, config=fu.UnlearnConfig(seed=args.seed, **UNLEARN), mean=mean, std=std,
+    cfg = fu.UnlearnConfig(**dict(UNLEARN, seed=args.seed, lr=args.lr, epochs=args.epochs))
+    res = fu.unlearn(original, f, r, config=cfg, mean=mean, std=std,
                      progress=not args.no_progress)
     head_only = fu.compose(original, res.model)
     models = {"original": original, "retrain": retrain, "unlearned": res.model,
@@ -121,7 +124,7 @@ def main(argv=None):
              "head_only": str(e["representation"]["head_only_forgetting"])} for n, e in ev.items()]
     out = [f"device: {device_name(torch.device('cpu'))}; {versions()}; commit {commit()}",
            f"train {len(train[1])} (forget {len(f[1])}, remain {len(r[1])}), test {len(test[1])}, AllCNN width "
-           f"{args.width}, {args.train_epochs} epochs, K = {args.refs} references; "
+           f"{args.width}, {args.train_epochs} epochs, K = {args.refs} references; unlearning { {k: getattr(cfg, k) for k in UNLEARN} }; "
            f"total {time.perf_counter() - t_start:.0f} s", "",
            "Non-members = test images of class 0 (AUC; TPR at 1 % FPR of the loss attack):", table(same, cols), "",
            "Non-members = every test image:", table(pop, cols), "",

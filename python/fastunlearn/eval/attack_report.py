@@ -68,10 +68,10 @@ def attack_section(models: dict, forget, remain, test, out_dir: str, *, what: st
             curves[name] = suite.curves
             scores[name] = (suite.per_example["score"], suite.per_example["kind"])
         if what in ("all", "representation"):
+            # The retrained model is its own reference: never flagged, CKA 1 to itself.
             ev["representation"] = representation_checks(
                 model, test, classes, original=models.get(original) if name != original else None,
-                retrain=models.get(retrain) if name != retrain else None, layer=layer, mean=mean, std=std,
-                device=device, seed=seed)
+                retrain=models.get(retrain), layer=layer, mean=mean, std=std, device=device, seed=seed)
         evidence[name] = ev
     section = AttackSection(evidence)
     if curves:
