@@ -130,10 +130,9 @@ def _fit(model, x, y, seed):
 
 
 @pytest.fixture(scope="module")
-def digits_members():
+def digits_members(one_thread):
     """A model trained on forget + remain (it saw the forget set) and one trained on remain
     only (it did not), the digits split into forget 200 / remain 200 / test the rest."""
-    torch.set_num_threads(1)
     x, y = _digits()
     f, r, t = (x[:200], y[:200]), (x[200:400], y[200:400]), (x[400:], y[400:])
     torch.manual_seed(0)

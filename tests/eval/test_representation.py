@@ -44,7 +44,7 @@ def test_probe_on_features_that_hold_and_do_not_hold_the_class(gen):
     target = torch.rand(n, generator=gen) < 0.2
     noise = torch.randn(n, 16, generator=gen)
     holds = noise.clone()
-    holds[:, 3] += 3.0 * target  # one direction carries the class
+    holds[:, 3] += 4.0 * target  # one direction carries the class (Bayes accuracy 0.977)
     p = R.linear_probe(holds, target, seed=1)
     assert p["accuracy"] > 0.9 and p["chance"] == 0.5 and p["n_test"] > 50
     q = R.linear_probe(noise, target, seed=1)
