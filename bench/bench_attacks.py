@@ -1,5 +1,5 @@
 """Proof of forgetting on FashionMNIST class 0: the attack suite and the representation checks
-for the original, the retrained and the unlearned model (and a head-only control).
+for the original, the retrained and the unlearned models (and a head-only control).
 
 Data and models (a narrow CPU-sized version of bench_quality.py's recipe):
   train   a seeded --train-size subset of the FashionMNIST training split (cli.subset)
@@ -10,7 +10,10 @@ Data and models (a narrow CPU-sized version of bench_quality.py's recipe):
           seeds seed .. seed + K (the retrain is not among the references)
   unlearned  fu.unlearn with the sweep's choice in bench_quality (nearest_incorrect, remain_reg 1
           on labels, lr 1e-3, 2 epochs, batch 64)
-  head-only control  the original's backbone with the unlearned model's head (fu.compose)
+  unlearned + head fine-tune  the unlearned model's head fine-tuned 1 epoch on the remain set
+          (lr 1e-2, backbone frozen: the sweep's "head_ft" composition)
+  head-only control  the original's backbone with the retrained model's head (fu.compose):
+          forgetting in the head alone
 
 Two framings of the attacks: non-members = test images of class 0 ("same class", the
 default of attack_suite) and = every test image ("population", the framing of SalUn's MIA).
@@ -106,9 +109,11 @@ def main(argv=None):
     cfg = fu.UnlearnConfig(**dict(UNLEARN, seed=args.seed, lr=args.lr, epochs=args.epochs))
     res = fu.unlearn(original, f, r, config=cfg, mean=mean, std=std,
                      progress=not args.no_progress)
-    head_only = fu.compose(original, res.model)
-    models = {"original": original, "retrain": retrain, "unlearned": res.model,
-              "original backbone + unlearned head": head_only}
+    # The sweep's "head_ft" step: the head fine-tuned on the remain set, backbone frozen.
+    head_ft = fu.compose(res.model, res.model, remain=r, finetune="head", epochs=1, lr=1e-2, mean=mean, std=std,
+                         seed=args.seed, progress=False)
+    models = {"original": original, "retrain": retrain, "unlearned": res.model, "unlearned + head fine-tune": head_ft,
+              "original backbone + retrain head": fu.compose(original, retrain)}
     rep = fu.report(models, f, r, test, out_dir=args.out, mean=mean, std=std, tsne=False, attacks="all",
                     attack_kw=dict(reference_models=refs), title="FashionMNIST class 0: proof of forgetting")
     ev = json.load(open(rep.paths["json"]))["evidence"]
@@ -124,7 +129,8 @@ def main(argv=None):
              "head_only": str(e["representation"]["head_only_forgetting"])} for n, e in ev.items()]
     out = [f"device: {device_name(torch.device('cpu'))}; {versions()}; commit {commit()}",
            f"train {len(train[1])} (forget {len(f[1])}, remain {len(r[1])}), test {len(test[1])}, AllCNN width "
-           f"{args.width}, {args.train_epochs} epochs, K = {args.refs} references; unlearning { {k: getattr(cfg, k) for k in UNLEARN} }; "
+           f"{args.width}, {args.train_epochs} epochs, K = {args.refs} references; "
+           f"unlearning { {k: getattr(cfg, k) for k in UNLEARN} }; "
            f"total {time.perf_counter() - t_start:.0f} s", "",
            "Non-members = test images of class 0 (AUC; TPR at 1 % FPR of the loss attack):", table(same, cols), "",
            "Non-members = every test image:", table(pop, cols), "",
