@@ -60,6 +60,11 @@ def test_head_only_rule():
     assert not R.head_only_forgetting(0.9, 0.99)  # the head still predicts the class: not forgotten at all
     assert not R.head_only_forgetting(0.0, 0.95, retrain_probe_acc=0.93)
     assert R.head_only_forgetting(0.0, 0.95, retrain_probe_acc=0.80)
+    # Features unchanged from the original's: flagged whatever the probe says.
+    assert R.head_only_forgetting(0.0, 0.93, retrain_probe_acc=0.93, cka_original=0.999)
+    assert not R.head_only_forgetting(0.0, 0.93, retrain_probe_acc=0.93, cka_original=0.95)
+    assert not R.head_only_forgetting(0.0, 0.95, cka_original=0.95)  # the original is the reference, not chance
+    assert not R.head_only_forgetting(0.6, 0.95, cka_original=1.0)
 
 
 class _Net(nn.Module):

@@ -22,7 +22,7 @@ from ..data import as_tensors
 from .attack_plots import per_example_histograms, roc_curves
 from .attacks import attack_suite, load_references, train_references
 from .evidence import EVIDENCE_KINDS
-from .representation import representation_checks
+from .representation import UNCHANGED_FEATURES_CKA, representation_checks
 
 ATTACK_CSV_COLUMNS = ("method", "attack", "accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 
@@ -149,7 +149,10 @@ def _markdown(evidence: dict, paths: dict, out_dir: str) -> str:
         flagged = [n for n, ev in evidence.items() if ev.get("representation", {}).get("head_only_forgetting")]
         lines += ["## Representation checks", "",
                   "A linear probe on the frozen features at the head's input: can it still tell the forget classes "
-                  "from the rest (balanced, held out; chance 0.5)?", ""] + rep + [""]
+                  "from the rest (balanced, held out; chance 0.5)? Head-only forgetting: the head no longer predicts "
+                  f"the forget classes but the features are the original's (CKA >= {UNCHANGED_FEATURES_CKA}) or hold "
+                  "the classes better "
+                  "than the retrained model's.", ""] + rep + [""]
         lines += [f"**Head-only forgetting flagged for: {', '.join(flagged)}** (the head stopped predicting the "
                   "class, the features still hold it)." if flagged else "No model is flagged for head-only "
                   "forgetting.", ""]
