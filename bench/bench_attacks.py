@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import commit, device_name, versions  # noqa: E402
+from common import append_csv, commit, device_name, versions  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn import data, forget  # noqa: E402
-from fastunlearn.checkpoint import load_model, save_model  # noqa: E402
+from fastunlearn.checkpoint import atomic_write_text, load_model, save_model  # noqa: E402
 from fastunlearn.cli import subset  # noqa: E402
 from fastunlearn.eval.attacks import attack_suite  # noqa: E402
 from fastunlearn.models import create_model  # noqa: E402
@@ -138,8 +138,10 @@ def main(argv=None):
            table(reps, list(reps[0])), ""]
     text = "\n".join(out)
     print(text)
-    with open(os.path.join(args.out, "bench_attacks.md"), "w") as fh:
-        fh.write(text)
+    atomic_write_text(os.path.join(args.out, "bench_attacks.md"), text)
+    dev = device_name(torch.device("cpu"))
+    append_csv([dict(r, bench="attacks", framing=fr, device=dev, width=args.width, train_size=args.train_size)
+                for fr, rows in (("same class", same), ("population", pop)) for r in rows])
 
 
 if __name__ == "__main__":
