@@ -188,6 +188,16 @@ def test_nonmembers_of_the_forget_classes():
     assert none is None and y_all.numel() == 60
 
 
+def test_attack_suite_trains_its_references_when_asked(digits_members):
+    d = digits_members
+    s = A.attack_suite(d["saw"], d["forget"], d["test"], remain=d["remain"], train_references_k=1,
+                       reference_settings=FIT)
+    assert s.ulira["k"] == 1 and s.per_example["kind"] == "reference_models"
+    assert s.ulira["auc"] > 0.65
+    with pytest.raises(ValueError, match="needs the remain set"):
+        A.attack_suite(d["saw"], d["forget"], d["test"], train_references_k=1)
+
+
 def test_load_references_from_files(tmp_path):
     from fastunlearn.checkpoint import save_model
     from fastunlearn.models import create_model

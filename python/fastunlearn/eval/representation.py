@@ -39,7 +39,9 @@ def features(model, x, layer: Optional[str] = None, at: str = "input", mean=None
 
     layer: a submodule name (model.get_submodule); None is the classifier head
     (models.head_of). at: "input" or "output" of that module. The hook sits on the copy that
-    predict_logits runs (the model itself is untouched). return_logits: (features, logits).
+    predict_logits runs (the model itself is untouched); in that copy a BatchNorm that follows
+    a convolution is folded into it, so such a BatchNorm's input is already normalised.
+    return_logits: (features, logits).
     """
     from ..models import head_of
 
