@@ -9,7 +9,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.fastunlearn-installed
 NATIVE  = $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.h csrc/cuda/*.cpp)
 
-.PHONY: install demo test test-fast bench nvcc-check clean
+.PHONY: install demo test test-fast lint bench nvcc-check clean
 
 $(STAMP): pyproject.toml setup.py $(NATIVE)
 	@# The real default dataset comes from Debian (needs root); without it the demo uses sklearn digits.
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(NATIVE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q triton numpy scikit-learn tqdm safetensors matplotlib ninja pytest pytest-xdist
+	$(BIN)/pip install -q triton numpy scikit-learn tqdm safetensors matplotlib ninja pytest pytest-xdist ruff
 	FASTUNLEARN_REQUIRE_NATIVE=1 $(BIN)/pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -33,6 +33,10 @@ test: install
 # Everything but the real-data quality checks.
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not slow" $(ARGS)
+
+# ruff, configured in pyproject.toml, over the whole tree.
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python bench/bench_boundary_step.py

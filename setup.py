@@ -16,9 +16,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["fastunlearn", "fastunlearn.ops", "fastunlearn.kernels"]
-PACKAGE_DIR = {"fastunlearn": "python/fastunlearn", "fastunlearn.ops": "python/fastunlearn/ops",
-               "fastunlearn.kernels": "kernels"}
+SUBPACKAGES = ["cli", "data", "engine", "eval", "nn", "ops", "runtime"]
+PACKAGES = ["fastunlearn", "fastunlearn.kernels"] + [f"fastunlearn.{p}" for p in SUBPACKAGES]
+PACKAGE_DIR = {"fastunlearn": "python/fastunlearn", "fastunlearn.kernels": "kernels",
+               **{f"fastunlearn.{p}": f"python/fastunlearn/{p}" for p in SUBPACKAGES}}
 
 
 def log(msg):

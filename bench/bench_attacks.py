@@ -2,7 +2,7 @@
 for the original, the retrained and the unlearned models (and a head-only control).
 
 Data and models (a narrow CPU-sized version of bench_quality.py's recipe):
-  train   a seeded --train-size subset of the FashionMNIST training split (cli.subset)
+  train   a seeded --train-size subset of the FashionMNIST training split (cli.common.subset)
   forget  every class-0 (T-shirt/top) image of it; remain = the rest
   test    a seeded --test-size subset of the test split (the non-members)
   models  AllCNN (--width) trained --train-epochs epochs (one-cycle, lr 0.05, batch 128);
@@ -36,12 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_csv, commit, device_name, versions  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import data, forget  # noqa: E402
-from fastunlearn.checkpoint import atomic_write_text, load_model, save_model  # noqa: E402
-from fastunlearn.cli import subset  # noqa: E402
+from fastunlearn.cli.common import subset  # noqa: E402
+from fastunlearn.data import forget  # noqa: E402
+from fastunlearn.data import io as data  # noqa: E402
+from fastunlearn.data.checkpoint import atomic_write_text, load_model, save_model  # noqa: E402
+from fastunlearn.engine.train import train_classifier  # noqa: E402
 from fastunlearn.eval.attacks import attack_suite  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
 
 UNLEARN = dict(relabel="nearest_incorrect", remain_reg=1.0, remain_target="labels", lr=1e-3, epochs=2, batch_size=64)
 SHOWN = ("loss/threshold", "confidence/threshold", "entropy/threshold", "modified_entropy/threshold", "all/logistic")

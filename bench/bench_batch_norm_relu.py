@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_run_args, apply_run_args, device_name, report, timeit  # noqa: E402
 
-from fastunlearn import _backends, reference  # noqa: E402
+from fastunlearn import reference  # noqa: E402
 from fastunlearn.ops import batch_norm_relu  # noqa: E402
+from fastunlearn.runtime import backends as _backends
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -74,8 +75,9 @@ def step_rows(args, dev):
     """ms p50 of one batch-64 train step per AllCNN width: unfused NCHW, unfused channels_last,
     fused channels_last."""
     import fastunlearn as fu
-    from fastunlearn.finetune import FinetuneEngine, fuse_batch_norm_relu
-    from fastunlearn.models import create_model
+    from fastunlearn.engine.finetune import FinetuneEngine
+    from fastunlearn.nn.fuse import fuse_batch_norm_relu
+    from fastunlearn.nn.models import create_model
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=gen).to(dev)
@@ -84,7 +86,8 @@ def step_rows(args, dev):
     rows = []
     for width in [float(w) for w in args.step_widths.split(",") if w]:
         row = {"bench": "batch_norm_relu step", "width": width, "precision": args.step_precision}
-        for name, channels_last, fuse in (("nchw_ms", False, False), ("cl_ms", True, False), ("cl_fused_ms", True, True)):
+        variants = (("nchw_ms", False, False), ("cl_ms", True, False), ("cl_fused_ms", True, True))
+        for name, channels_last, fuse in variants:
             torch.manual_seed(0)
             model = create_model(name="allcnn", in_channels=1, num_classes=10, width=width)
             engine = FinetuneEngine(model, cfg, mean=[0.286], std=[0.353], device=dev, channels_last=channels_last)

@@ -4,7 +4,7 @@ A command-line run or a fresh worker unlearns once: it pays, on top of the work,
 first-use costs of its process: cuDNN plans (or oneDNN primitives) for each new shape,
 kernel modules loaded on first launch, the allocator's first blocks, CUDA-graph captures.
 This runs fu.unlearn twice on the same model and forget set, each under torch.profiler and
-fastunlearn.profiling.phases (fastunlearn.profiling.first_use), and ranks the phases and the
+fastunlearn.runtime.profiling.phases (fastunlearn.runtime.profiling.first_use), and ranks the phases and the
 ops by what the first call paid more than the second. Before the first call the process
 holds the model on the device and has run one forward (as a process that just loaded and
 checked its model has); nothing else has warmed it.
@@ -31,9 +31,9 @@ from bench_e2e import FLAG, add_setup_args, setup  # noqa: E402
 from common import append_csv, device_name, sync  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import profiling  # noqa: E402
-from fastunlearn.checkpoint import atomic_write_text  # noqa: E402
-from fastunlearn.metrics import predict_logits  # noqa: E402
+from fastunlearn.data.checkpoint import atomic_write_text  # noqa: E402
+from fastunlearn.eval.metrics import predict_logits  # noqa: E402
+from fastunlearn.runtime import profiling  # noqa: E402
 
 
 def parse(argv=None):

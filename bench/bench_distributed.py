@@ -77,8 +77,8 @@ def parse(argv=None):
 
 
 def workload(args, device):
-    from fastunlearn import data
-    from fastunlearn.models import create_model
+    from fastunlearn.data import io as data
+    from fastunlearn.nn.models import create_model
 
     name, splits = data.load_default(args.data_dir)
     x, y = splits["train"]
@@ -116,10 +116,10 @@ def _rank_main(rank, world, init_file, out_file, args):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from fastunlearn import UnlearnConfig
-        from fastunlearn.distributed import sharded_search
-        from fastunlearn.finetune import FinetuneEngine
-        from fastunlearn.search import frozen_copy
-        from fastunlearn.source import ImageSource
+        from fastunlearn.data.source import ImageSource
+        from fastunlearn.engine.distributed import sharded_search
+        from fastunlearn.engine.finetune import FinetuneEngine
+        from fastunlearn.nn.frozen import frozen_copy
 
         name, (fx, fy), mean, std, model = workload(args, device)
         cfg = UnlearnConfig(eps=0.1, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=1e-3,

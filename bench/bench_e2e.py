@@ -5,7 +5,7 @@ one forget set (a class of a FashionMNIST subset) and its remain set. Both runs 
 authors' defaults (batch 64, lr 1e-5, momentum 0.9, 10 epochs, eps 0.1, gamma 0), so the
 quality comparison is fair; the rewrite gets its data already in memory as float tensors.
 Prints wall time, the ratio, forget / remain / test accuracy and MIA-LR for both, where
-our time goes (search, fine-tune, compile, set-up; and by fastunlearn.profiling.phases,
+our time goes (search, fine-tune, compile, set-up; and by fastunlearn.runtime.profiling.phases,
 which adds a device sync at each of the run's few phase edges), the share of the rewrite's
 time spent in its per-iteration search, and the p50 of a warm revision of 64 samples
 through fu.Unlearner. Appends rows to the CSV. --profile DIR also writes a torch.profiler trace
@@ -26,13 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import data, profiling  # noqa: E402
-from fastunlearn.authors import authors_search, authors_unlearn  # noqa: E402
-from fastunlearn.finetune import fuses_batch_norm  # noqa: E402
-from fastunlearn.metrics import evaluate  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.search import resolve_precision  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn.data import io as data
+from fastunlearn.engine.train import train_classifier  # noqa: E402
+from fastunlearn.eval.authors import authors_search, authors_unlearn  # noqa: E402
+from fastunlearn.eval.metrics import evaluate  # noqa: E402
+from fastunlearn.nn.fuse import batch_norm_fusion_on  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
+from fastunlearn.runtime import profiling  # noqa: E402
+from fastunlearn.runtime.precision import resolve_precision  # noqa: E402
 
 
 def add_setup_args(p):
@@ -105,7 +106,7 @@ def load(args):
 
 
 def original_model(args, train, mean, std, dev):
-    from fastunlearn.checkpoint import load_model, save_model
+    from fastunlearn.data.checkpoint import load_model, save_model
 
     if args.model and os.path.exists(args.model):
         model, _ = load_model(args.model, dev)
@@ -201,8 +202,9 @@ def main(argv=None):
         warm_p50 = 1e3 * statistics.median(times)
 
     dname = device_name(dev)
-    fused_bn = fuses_batch_norm(dev, res.step_mode == "compiled", cfg)
-    ours_precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[resolve_precision(cfg.precision, dev)]
+    fused_bn = batch_norm_fusion_on(dev, res.step_mode == "compiled", cfg)
+    precision_names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    ours_precision = precision_names[resolve_precision(cfg.precision, dev)]
     rows = [dict(provider="original", **m_orig),
             dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
             *([dict(provider=f"  same, PIL per sample, {args.authors_workers} workers", seconds=t_pil,

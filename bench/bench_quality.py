@@ -4,7 +4,7 @@ One table (bench/results_quality.csv and a report folder with plots) in the same
 every method starts from the same original model and is scored on the same sets.
 
 Data (documented so the numbers can be reproduced):
-  train   a seeded 10,000-image subset of the FashionMNIST training split (cli.subset, seed 0)
+  train   a seeded 10,000-image subset of the FashionMNIST training split (cli.common.subset, seed 0)
   forget  every class-0 (T-shirt/top) image of that subset; remain = the rest
   val     held out from training: 300 class-0 and 1,000 other training-split images that are
           not in the subset (the sweep selects on these, never on the test set)
@@ -32,12 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_csv, device_name  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import baselines, data, forget  # noqa: E402
-from fastunlearn.checkpoint import load_model, save_model  # noqa: E402
-from fastunlearn.cli import subset  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.plots import front_plot  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn.cli.common import subset  # noqa: E402
+from fastunlearn.data import forget
+from fastunlearn.data import io as data  # noqa: E402
+from fastunlearn.data.checkpoint import load_model, save_model  # noqa: E402
+from fastunlearn.engine.train import train_classifier  # noqa: E402
+from fastunlearn.eval import baselines
+from fastunlearn.eval.plots import front_plot  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
 
 AUTHORS = fu.UnlearnConfig()  # lr 1e-5, 10 epochs, argmax, rho = 0, FGSM eps 0.1: their published settings
 # Kept small for a 2-core CPU: every run is a fine-tune of the 10k-image model. The remain
@@ -91,7 +93,7 @@ def main(argv=None):
     p.add_argument("--forget-class", type=int, default=0)
     p.add_argument("--max-forget-acc", type=float, default=0.03)
     p.add_argument("--baselines", default="boundary_shrink,finetune_remain,neggrad,random_labels",
-                   help="comma-separated names from fastunlearn.baselines.BASELINES ('' for none)")
+                   help="comma-separated names from fastunlearn.eval.baselines.BASELINES ('' for none)")
     p.add_argument("--grid", choices=("small", "full"), default="small")
     p.add_argument("--eval-remain", type=int, default=3000, help="remain images scored in the table (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared machine)")

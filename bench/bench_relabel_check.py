@@ -26,7 +26,7 @@ from common import add_run_args, append_csv, apply_run_args, device_name, print_
 
 import fastunlearn.ops as ops  # noqa: E402
 from fastunlearn.ops import _dispatch  # noqa: E402
-from fastunlearn.ops.relabel_check import MODE_CODES  # noqa: E402
+from fastunlearn.ops.relabel_check_meta import MODE_CODES  # noqa: E402
 
 SHAPES = ((4096, 10), (16384, 10), (65536, 10), (1024, 1000), (256, 32000))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -48,13 +48,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_csv, device_name  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import baselines, data, forget  # noqa: E402
-from fastunlearn.checkpoint import atomic_write_text  # noqa: E402
-from fastunlearn.metrics import accuracy, predict_logits  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.plots import front_plot, tradeoff_curves  # noqa: E402
-from fastunlearn.report import markdown_table  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn.data import forget
+from fastunlearn.data import io as data  # noqa: E402
+from fastunlearn.data.checkpoint import atomic_write_text  # noqa: E402
+from fastunlearn.engine.train import train_classifier  # noqa: E402
+from fastunlearn.eval import baselines
+from fastunlearn.eval.metrics import accuracy, predict_logits  # noqa: E402
+from fastunlearn.eval.plots import front_plot, tradeoff_curves  # noqa: E402
+from fastunlearn.eval.report import markdown_table  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
 
 # Forgetting the whole class wants a remain fine-tune after the forget step (compose), best
 # on average with frozen BatchNorm; part of a class wants the gentlest points (lr 1e-4): the

@@ -3,7 +3,7 @@
 For each forget-set size (drawn from one FashionMNIST class) and each precision, one
 session is built and revised once (set-up, first-use costs, graph captures), then
 --reps times more. Each warm revision is timed twice: plainly (the p50 reported as
-"total") and under fastunlearn.profiling.phases, which splits it into the check of the
+"total") and under fastunlearn.runtime.profiling.phases, which splits it into the check of the
 data, the search (and its chunk-size measurement and fp32 recheck), the reset to the
 original weights, the fine-tune (and its graph captures) and the copy of the result.
 Phases synchronise the device at their edges, so their sum is a little above the plain
@@ -28,7 +28,7 @@ from bench_e2e import FLAG, add_setup_args, setup, timed  # noqa: E402
 from common import append_csv, device_name, print_table  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
-from fastunlearn import profiling  # noqa: E402
+from fastunlearn.runtime import profiling  # noqa: E402
 
 PHASES = ["check", "search", "search/chunk size", "search/recheck", "reset", "finetune", "finetune/capture", "result"]
 

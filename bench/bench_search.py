@@ -1,6 +1,6 @@
 """Search engine vs an op-for-op rewrite of the authors' inner loop, same model and data.
 
-The authors' loop (fastunlearn.authors.authors_search): batches of 64, a full backward
+The authors' loop (fastunlearn.eval.authors.authors_search): batches of 64, a full backward
 (weight gradients too) for the input gradient, the eager step chain, and a second forward
 with an autograd graph for the relabel; fp32 under the process's own settings (on GPUs,
 PyTorch's default TF32 convolutions), as their code runs. The engine: a frozen copy, big
@@ -43,11 +43,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
 
-from fastunlearn import UnlearnConfig, data, search  # noqa: E402
-from fastunlearn.authors import authors_search  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.search import frozen_copy, run_search, strict_fp32  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn import UnlearnConfig
+from fastunlearn.data import io as data
+from fastunlearn.data.pixels import Normalizer
+from fastunlearn.engine import search  # noqa: E402
+from fastunlearn.engine.search import run_search
+from fastunlearn.engine.train import train_classifier  # noqa: E402
+from fastunlearn.eval.authors import authors_search  # noqa: E402
+from fastunlearn.nn.frozen import frozen_copy
+from fastunlearn.nn.models import create_model  # noqa: E402
+from fastunlearn.runtime.precision import strict_fp32  # noqa: E402
 
 # name -> (precision, recheck margin (None: the config's), fp32 mode of the recheck, IEEE fp32
 # around the run, cuDNN autotuning)
@@ -197,7 +202,7 @@ def main(argv=None):
     frozen = frozen_copy(model, dev)
     t_auth, (auth_labels, _) = timed_reps(lambda: authors_search(test_model, x_pix, y_dev, base, mean_t, std_t),
                                           dev, args.reps)
-    del x_pix
+    x_pix = None  # frees the float copy
     auth_labels = auth_labels.cpu()
     variants = args.variants.split(",")
     runs = {}
@@ -299,7 +304,7 @@ def profile_chunk(model, forget, cfg, mean, std, dev, frozen, out_dir):
     from torch.profiler import ProfilerActivity, profile
 
     fx, fy = forget
-    chunk = search._chunk_size(frozen, search._Normalizer(mean, std, fx.shape[1], dev), fx[:8], dev,
+    chunk = search._chunk_size(frozen, Normalizer(mean, std, fx.shape[1], dev), fx[:8], dev,
                                cfg.search_batch_size, torch.bfloat16)
     rows = slice(0, min(len(fy), chunk))
     run = lambda: run_search(model, fx[rows], fy[rows], cfg, mean=mean, std=std, device=dev, frozen=frozen)  # noqa: E731

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_csv, device_name  # noqa: E402
 
 from fastunlearn import UnlearnConfig  # noqa: E402
-from fastunlearn.search import run_search  # noqa: E402
+from fastunlearn.engine.search import run_search  # noqa: E402
 
 
 class SyntheticImages(torch.utils.data.Dataset):

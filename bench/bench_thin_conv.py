@@ -13,7 +13,7 @@ this times the three passes the engine runs through such a layer:
   weight grad  dw and db, from dy (the train step's backward)
 
 with (a) conv2d on channels_last tensors as the engine lays them out
-(search.channels_last_input), (b) conv2d on NCHW tensors, and (c) unfold + matmul (fold for
+(nn.layout.channels_last_input), (b) conv2d on NCHW tensors, and (c) unfold + matmul (fold for
 the input gradient), and checks (a) and (c) against a float64 convolution. It answers
 whether the engine should route thin layers through (c).
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_run_args, apply_run_args, device_name, report, timeit  # noqa: E402
 
-from fastunlearn.search import channels_last_input  # noqa: E402
+from fastunlearn.nn.layout import channels_last_input  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

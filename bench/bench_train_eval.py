@@ -25,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_run_args, apply_run_args, device_name, report, timeit  # noqa: E402
 
-from fastunlearn.metrics import predict_logits, prepare  # noqa: E402
-from fastunlearn.models import create_model  # noqa: E402
-from fastunlearn.train import train_classifier  # noqa: E402
+from fastunlearn.engine.train import train_classifier  # noqa: E402
+from fastunlearn.eval.metrics import predict_logits, prepare  # noqa: E402
+from fastunlearn.nn.models import create_model  # noqa: E402
 
 MEAN, STD = [0.286], [0.353]
 

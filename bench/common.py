@@ -21,7 +21,7 @@ DATASETS = ("fashion-mnist", "retina")
 def load_splits(dataset: str = "fashion-mnist", data_dir: str | None = None):
     """(name, splits) of a bundled data set: fashion-mnist (the default; sklearn digits when
     it cannot be found) or retina (RetinaMNIST's 28 px fundus photographs, 5 grades, RGB)."""
-    from fastunlearn import data
+    from fastunlearn.data import io as data
 
     if dataset == "retina":
         root = data_dir or os.environ.get("FASTUNLEARN_DATA") or ""

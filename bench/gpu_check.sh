@@ -12,7 +12,7 @@
 #   clinical  ResNet-50 (ImageNet stem) at 512 x 512 on RetinaMNIST's fundus photographs,
 #             upscaled on the host: the search against the authors' loop with every precision
 #             variant named explicitly and every rep reported, a profiler table of one chunk;
-#             the end to end at the authors' clinical batch of 16; then tests/test_cuda.py.
+#             the end to end at the authors' clinical batch of 16; then tests/engine/test_cuda.py.
 #   e2e       AllCNN (width 1) on FashionMNIST class 0: ours cold and warm against the rewrite
 #             with its data in memory and loading PIL images as the authors' code does; the
 #             first-use table; a warm revision split by phase.
@@ -100,7 +100,7 @@ run 150 python bench/bench_e2e.py "${CLINICAL[@]}" --train-size 0 --batch-size 1
 fi
 if want tests-cuda; then
 step "GPU tests: the engine on CUDA (search at 512 px, recheck, out of memory, precision flags, fine-tune, graphs)"
-pytest_files 150 tests/test_cuda.py
+pytest_files 150 tests/engine/test_cuda.py
 fi
 if want e2e-clinical-noisy; then
 step "bench: the same end to end with gamma 1e-4 (a search per batch), 3 epochs"
@@ -146,7 +146,7 @@ fi
 # ----------------------------------------------------------------------- ops
 if want tests-ops; then
 step "GPU tests: boundary_step, relabel_check, batch_norm_relu on the cuda and triton backends"
-pytest_files 120 tests/test_boundary_step.py tests/test_relabel_check.py tests/test_batch_norm_relu.py
+pytest_files 120 tests/ops/test_boundary_step.py tests/ops/test_relabel_check.py tests/ops/test_batch_norm_relu.py
 fi
 if want memcheck; then
 step "compute-sanitizer memcheck: batch_norm_relu (cuda), odd shapes, both layouts and dtypes"

@@ -17,6 +17,8 @@
 #include <limits>
 #include <vector>
 
+#include "relabel_check_args.h"
+
 namespace fastunlearn {
 namespace {
 
@@ -125,7 +127,7 @@ template <typename scalar_t>
 void relabel_rows(const scalar_t* logits, const int64_t* y, int64_t begin, int64_t end, int64_t k,
                   int64_t mode, int64_t topk, bool want_grad, int64_t* relabel, bool* success,
                   float* margin, float* targets, float* dlogits) {
-  const bool want_soft = mode == 2, want_topk = mode == 3;
+  const bool want_soft = mode == kSoft, want_topk = mode == kTopk;
   const bool want_probs = want_soft || want_topk || want_grad;
   const int64_t kk = std::min<int64_t>(topk, k);
   std::vector<float> row_buf;
@@ -153,7 +155,7 @@ void relabel_rows(const scalar_t* logits, const int64_t* y, int64_t begin, int64
     const float m2 = std::max(range_max(x, 0, yr), range_max(x, yr + 1, k));
     const int64_t best_other = (top != yr && m2 == m) ? top : first_equal(x, k, m2, yr);
 
-    relabel[r] = mode == 1 ? best_other : top;
+    relabel[r] = mode == kNearestIncorrect ? best_other : top;
     success[r] = top != yr;
     margin[r] = x[yr] - m2;
     if (!want_probs) continue;
@@ -250,21 +252,10 @@ void relabel_rows(const scalar_t* logits, const int64_t* y, int64_t begin, int64
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relabel_check_cpu(
     const at::Tensor& logits_in, const at::Tensor& y_in, int64_t mode, int64_t topk, bool want_grad) {
-  TORCH_CHECK(logits_in.dim() == 2, "relabel_check: logits must be (N, classes), got shape ",
-              logits_in.sizes());
-  TORCH_CHECK(logits_in.scalar_type() == at::kFloat || logits_in.scalar_type() == at::kBFloat16 ||
-                  logits_in.scalar_type() == at::kHalf,
-              "relabel_check: logits must be float32, bfloat16 or float16, got ", logits_in.scalar_type());
-  TORCH_CHECK(y_in.dim() == 1 && y_in.size(0) == logits_in.size(0), "relabel_check: y must be (",
-              logits_in.size(0), "), got shape ", y_in.sizes());
-  TORCH_CHECK(y_in.scalar_type() == at::kLong, "relabel_check: y must be int64, got ", y_in.scalar_type());
-  TORCH_CHECK(mode >= 0 && mode <= 3, "relabel_check: mode must be 0..3 (argmax, nearest_incorrect, soft, "
-              "topk), got ", mode);
-  TORCH_CHECK(mode != 3 || topk >= 1, "relabel_check: topk must be >= 1, got ", topk);
+  check_relabel_args(logits_in, y_in, mode, topk);
   TORCH_CHECK(logits_in.device().is_cpu() && y_in.device().is_cpu(),
               "relabel_check (CPU kernel): logits and y must be CPU tensors");
   const int64_t n = logits_in.size(0), k = logits_in.size(1);
-  TORCH_CHECK(n == 0 || k >= 1, "relabel_check: logits need at least one class, got shape ", logits_in.sizes());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t* yp = y.data_ptr<int64_t>();
@@ -273,12 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relabel_c
                 " at row ", r);
   }
 
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor relabel = at::empty({n}, logits.options().dtype(at::kLong));
-  at::Tensor success = at::empty({n}, logits.options().dtype(at::kBool));
-  at::Tensor margin = at::empty({n}, f32);
-  at::Tensor targets = (mode == 2 || mode == 3) ? at::empty({n, k}, f32) : at::empty({0}, f32);
-  at::Tensor dlogits = want_grad ? at::empty({n, k}, f32) : at::empty({0}, f32);
+  auto [relabel, success, margin, targets, dlogits] = relabel_outputs(logits, mode, want_grad);
   if (n == 0) return {relabel, success, margin, targets, dlogits};
 
   int64_t* rp = relabel.data_ptr<int64_t>();

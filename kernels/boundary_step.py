@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastunlearn.ops.boundary_step import _is_channels_last, empty_output
+from fastunlearn.nn.layout import is_channels_last
+from fastunlearn.ops.boundary_step_meta import empty_output
 
 from .philox import add64, noise_from_bits, philox_2of4
 
@@ -105,7 +106,7 @@ def _boundary_step(u: torch.Tensor, u0: torch.Tensor, grad: torch.Tensor, eps: f
                    mean: Optional[torch.Tensor], std: Optional[torch.Tensor]) -> torch.Tensor:
     """Triton backend of fastunlearn.ops.boundary_step; arguments as torch.ops.fastunlearn.boundary_step."""
     out = empty_output(u, u0, grad, eps, alpha, lamda, gamma, noise, quantize, seed, offset, mean, std)
-    fmt = torch.channels_last if _is_channels_last(out) else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(out) else torch.contiguous_format
     c = u.shape[1]
     # One memory index walks all three tensors, in u's layout.
     uc, u0c, gc = (t.contiguous(memory_format=fmt) for t in (u, u0, grad))

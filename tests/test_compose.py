@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fastunlearn as fu
 from fastunlearn.compose import frozen_batchnorm
-from fastunlearn.models import AllCNN, SmallCNN, head_of, resnet
+from fastunlearn.nn.models import AllCNN, SmallCNN, head_of, resnet
 
 
 def user_sequential(classes=4):
@@ -29,7 +29,7 @@ def perturbed(model, gen):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-        for name, b in model.named_buffers():
+        for b in model.buffers():
             if b.is_floating_point():
                 b.add_(torch.rand(b.shape, generator=gen) * 0.1)
     return model

@@ -167,7 +167,8 @@ def test_search_fgsm_equals_handwritten(gen):
     s = torch.tensor(std).reshape(1, 3, 1, 1)
     xx = x.clone().requires_grad_(True)
     F.cross_entropy(model((xx - m) / s), y).backward()
-    lo, hi = torch.ceil(((x - 0.1).clamp(min=0) * 255 - 1e-4)) / 255, torch.floor((x + 0.1).clamp(max=1) * 255 + 1e-4) / 255
+    lo = torch.ceil(((x - 0.1).clamp(min=0) * 255 - 1e-4)) / 255
+    hi = torch.floor((x + 0.1).clamp(max=1) * 255 + 1e-4) / 255
     adv = torch.minimum(torch.maximum(torch.floor((x + 0.1 * xx.grad.sign()) * 255 + 0.5) / 255, lo), hi)
     with torch.no_grad():
         expect = model((adv - m) / s).argmax(1)

@@ -8,7 +8,6 @@ import torch.nn as nn
 
 import fastunlearn as fu
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -89,7 +88,7 @@ def test_remain_reg_zero_never_reads_the_remain_set(gen):
 
 
 def test_revise_writes_safetensors_and_probe_history(gen, tmp_path):
-    from fastunlearn.checkpoint import read_header
+    from fastunlearn.data.checkpoint import read_header
 
     f, r = data(gen, 16), data(gen, 24)
     session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05), mean=MEAN, std=STD)
@@ -126,7 +125,7 @@ def test_bf16_unlearn_on_cpu_keeps_fp32_labels(digits_model):
     fp32 = fu.unlearn(model, forget, remain, config=cfg.replace(precision="fp32"), **kw)
     session = fu.Unlearner(model, cfg.replace(precision="bf16"), mean=DIGITS_MEAN, std=DIGITS_STD)
     bf16 = session.revise(forget, remain, progress=False)
-    assert session.engine.channels_last and session.engine.fuse_batch_norm
+    assert session.engine.channels_last and session.engine.batch_norm_fused
     assert session.frozen[0].weight.is_contiguous(memory_format=torch.channels_last)
     agree = float((bf16.relabels == fp32.relabels).float().mean())
     assert agree >= 0.99, f"{agree:.2%} of {len(forget[1])} relabels agree"
@@ -148,7 +147,7 @@ def test_history_is_the_same_with_and_without_the_progress_bar(gen):
 
 
 def test_phases_split_a_revision(gen):
-    from fastunlearn import profiling
+    from fastunlearn.runtime import profiling
 
     session = fu.Unlearner(small_model(), fu.UnlearnConfig(epochs=2, batch_size=8, lr=0.05), mean=MEAN, std=STD)
     f = data(gen, 20)

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kWarp * NW * ROWS)
   const int64_t y64 = y[row];
   const bool y_ok = y64 >= 0 && y64 < k;
   const int yr = y_ok ? static_cast<int>(y64) : -1;
-  const bool want_probs = mode >= 2 || want_grad;
+  const bool want_probs = mode >= kSoft || want_grad;
 
   // Pass 1.
   Pick best{-INFINITY, INT_MAX}, other{-INFINITY, INT_MAX};
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kWarp * NW * ROWS)
   other = group_best<NW>(other, sh);
   const float m = best.v;
   if (t == 0) {
-    relabel[row] = mode == 1 ? other.i : best.i;
+    relabel[row] = mode == kNearestIncorrect ? other.i : best.i;
     success[row] = best.i != yr;
     margin[row] = y_ok ? load_f(x + yr) - other.v : NAN;
   }
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kWarp * NW * ROWS)
   // Top-k: membership is "at or before the kk-th pick" in (value desc, index asc).
   Pick last{-INFINITY, INT_MAX};
   float inv_sel = inv_s;
-  if (mode == 3 && kk < k) {
+  if (mode == kTopk && kk < k) {
     last = best;
     float sel = 1.0f;  // exp(m - m) of the first pick, the row max
     for (int p = 1; p < kk; ++p) {
@@ -175,16 +175,16 @@ __global__ void __launch_bounds__(kWarp * NW * ROWS)
     inv_sel = 1.0f / sel;
   }
 
-  float* trow = mode >= 2 ? targets + row * static_cast<int64_t>(k) : nullptr;
+  float* trow = mode >= kSoft ? targets + row * static_cast<int64_t>(k) : nullptr;
   float* grow = want_grad ? dlogits + row * static_cast<int64_t>(k) : nullptr;
   float e_other = 0.0f;  // this thread's share of sum_{j != y} exp(x_j - m)
   for (int j = t; j < k; j += kThreads) {
     const float v = load_f(x + j);
     const float e = exp_shift(v, m);
     const float p = e * inv_s;
-    if (mode == 2) {
+    if (mode == kSoft) {
       trow[j] = p;
-    } else if (mode == 3) {
+    } else if (mode == kTopk) {
       const bool in = v > last.v || (v == last.v && j <= last.i);
       trow[j] = in ? e * inv_sel : 0.0f;
     }
@@ -232,8 +232,8 @@ cudaError_t launch_relabel_check(const void* logits, int logits_type, const int6
                                  int mode, int64_t topk, bool want_grad, int64_t* relabel, bool* success,
                                  float* margin, float* targets, float* dlogits, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (k < 1 || k >= INT_MAX || n >= INT_MAX || mode < 0 || mode > 3 || (mode == 3 && topk < 1) ||
-      (mode >= 2 && targets == nullptr) || (want_grad && dlogits == nullptr)) {
+  if (k < 1 || k >= INT_MAX || n >= INT_MAX || mode < kArgmax || mode > kTopk || (mode == kTopk && topk < 1) ||
+      (mode >= kSoft && targets == nullptr) || (want_grad && dlogits == nullptr)) {
     return cudaErrorInvalidValue;
   }
   const int kk = static_cast<int>(topk < k ? topk : k);

@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "relabel_modes.h"
+
 namespace fastunlearn {
 namespace cuda {
 
@@ -14,8 +16,8 @@ enum RelabelLogitsType : int { kRelabelFloat32 = 0, kRelabelBFloat16 = 1, kRelab
 
 // logits: (n, k) row-major; y: (n,) labels in [0, k) (validated by the caller; a label
 // outside the range is never dereferenced, its row gets margin NaN and no one-hot).
-// mode: 0 argmax, 1 nearest_incorrect, 2 soft, 3 topk. targets: (n, k) float32, written
-// for modes 2 and 3 (may be null otherwise); dlogits: (n, k) float32 = softmax - onehot(y),
+// mode: a RelabelMode (relabel_modes.h). targets: (n, k) float32, written
+// for kSoft and kTopk (may be null otherwise); dlogits: (n, k) float32 = softmax - onehot(y),
 // written when want_grad (may be null otherwise). Asynchronous on `stream`; returns the
 // launch error, or cudaErrorInvalidValue for arguments it cannot handle (k >= 2^31).
 cudaError_t launch_relabel_check(const void* logits, int logits_type, const int64_t* y, int64_t n, int64_t k,

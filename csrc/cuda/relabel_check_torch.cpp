@@ -9,13 +9,14 @@
 #include <climits>
 
 #include "cuda/relabel_check.h"
+#include "relabel_check_args.h"
 
 namespace fastunlearn {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relabel_check_cuda(
     const at::Tensor& logits_in, const at::Tensor& y_in, int64_t mode, int64_t topk, bool want_grad) {
-  TORCH_CHECK(logits_in.dim() == 2, "relabel_check: logits must be (N, classes), got shape ", logits_in.sizes());
+  check_relabel_args(logits_in, y_in, mode, topk);
   TORCH_CHECK(logits_in.is_cuda() && y_in.is_cuda(), "relabel_check (CUDA kernel): logits and y must be CUDA "
               "tensors, got ", logits_in.device(), " and ", y_in.device());
   TORCH_CHECK(logits_in.device() == y_in.device(), "relabel_check: logits and y must be on one device, got ",
@@ -28,14 +29,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relabel_c
     default:
       TORCH_CHECK(false, "relabel_check: logits must be float32, bfloat16 or float16, got ", logits_in.scalar_type());
   }
-  TORCH_CHECK(y_in.dim() == 1 && y_in.size(0) == logits_in.size(0), "relabel_check: y must be (",
-              logits_in.size(0), "), got shape ", y_in.sizes());
-  TORCH_CHECK(y_in.scalar_type() == at::kLong, "relabel_check: y must be int64, got ", y_in.scalar_type());
-  TORCH_CHECK(mode >= 0 && mode <= 3, "relabel_check: mode must be 0..3 (argmax, nearest_incorrect, soft, topk), "
-              "got ", mode);
-  TORCH_CHECK(mode != 3 || topk >= 1, "relabel_check: topk must be >= 1, got ", topk);
   const int64_t n = logits_in.size(0), k = logits_in.size(1);
-  TORCH_CHECK(n == 0 || k >= 1, "relabel_check: logits need at least one class, got shape ", logits_in.sizes());
   TORCH_CHECK(k < INT_MAX && n < INT_MAX, "relabel_check: N and classes must be below 2^31, got shape ",
               logits_in.sizes());
   // Label range is checked by the Python wrapper; checking here would need a device sync.
@@ -44,12 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> relabel_c
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor relabel = at::empty({n}, logits.options().dtype(at::kLong));
-  at::Tensor success = at::empty({n}, logits.options().dtype(at::kBool));
-  at::Tensor margin = at::empty({n}, f32);
-  at::Tensor targets = (mode == 2 || mode == 3) ? at::empty({n, k}, f32) : at::empty({0}, f32);
-  at::Tensor dlogits = want_grad ? at::empty({n, k}, f32) : at::empty({0}, f32);
+  auto [relabel, success, margin, targets, dlogits] = relabel_outputs(logits, mode, want_grad);
   if (n == 0) return {relabel, success, margin, targets, dlogits};
 
   const cudaError_t err = cuda::launch_relabel_check(

@@ -8,15 +8,15 @@ fused native and Triton kernels, a batched search engine and a compiled fine-tun
     res.model  # a new model; the input model is untouched
 """
 
-from ._backends import backends
-from .api import UnlearnResult, boundary_relabel, compose, interpolate, unlearn
-from .config import UnlearnConfig
-from .metrics import evaluate
-from .unlearner import Unlearner
-from .report import report
-from .sweep import sweep
+from fastunlearn.api import UnlearnResult, boundary_relabel, compose, interpolate, unlearn
+from fastunlearn.config import UnlearnConfig
+from fastunlearn.eval.evidence import evaluate
+from fastunlearn.eval.report import report
+from fastunlearn.eval.sweep import sweep
+from fastunlearn.runtime.backends import backends
+from fastunlearn.unlearner import Unlearner
 
 __version__ = "0.1.0"
 
-__all__ = ["UnlearnConfig", "UnlearnResult", "Unlearner", "backends", "boundary_relabel", "compose", "evaluate", "interpolate",
-           "report", "sweep", "unlearn", "__version__"]
+__all__ = ["UnlearnConfig", "UnlearnResult", "Unlearner", "backends", "boundary_relabel", "compose", "evaluate",
+           "interpolate", "report", "sweep", "unlearn", "__version__"]

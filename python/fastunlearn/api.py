@@ -4,54 +4,17 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
-from . import _backends, validate
-from .compose import _finetune_on_remain, _set_submodule, compose, interpolate  # noqa: F401
-from .config import UnlearnConfig
-from .distributed import is_main, sharded_search
-from .search import SearchResult
-from .source import ImageSource
-
-
-@dataclass
-class UnlearnResult:
-    """What fu.unlearn returns. The input model is untouched; ``model`` is a new one.
-
-    relabels, success   (N,) labels and crossing flags of the first search refresh.
-    search              every refresh (SearchResult), with margins and steps taken.
-    seconds             wall time of the whole call; ``timings`` splits it.
-    history             one dict per fine-tune epoch (loss, and probe metrics if given).
-    backend             which backend ran the fused ops.
-    step_mode           how the train step ran: "eager", "cuda graph" or "compiled".
-    """
-
-    model: nn.Module
-    relabels: torch.Tensor
-    success: torch.Tensor
-    seconds: float
-    history: list
-    search: SearchResult
-    config: UnlearnConfig
-    backend: str
-    timings: dict = field(default_factory=dict)
-    step_mode: str = "eager"
-
-    def save(self, path: str, arch: Optional[dict] = None, **meta) -> None:
-        """Write the model as .safetensors (atomically), with the config in its header.
-
-        Under torch.distributed only rank 0 writes (every rank holds the same model); the
-        others return at once, so wait on a barrier before another rank reads the file.
-        """
-        from .checkpoint import save_model
-
-        if not is_main():
-            return
-        save_model(self.model, path, arch, config=self.config.to_dict(), **meta)
+from fastunlearn.compose import compose, interpolate  # noqa: F401  (the public home of both)
+from fastunlearn.config import UnlearnConfig
+from fastunlearn.data import validate
+from fastunlearn.data.source import ImageSource
+from fastunlearn.engine.distributed import sharded_search
+from fastunlearn.result import UnlearnResult  # noqa: F401  (the public home of UnlearnResult)
+from fastunlearn.unlearner import Unlearner
 
 
 def _prepare(model, config, mean, std, device, **data):
@@ -60,7 +23,7 @@ def _prepare(model, config, mean, std, device, **data):
         config = UnlearnConfig()
     if not isinstance(config, UnlearnConfig):
         raise TypeError(f"config must be an UnlearnConfig, got {type(config).__name__}")
-    pairs = _check_data(**data)
+    pairs = validate.pairs(**data)
     fx = pairs["forget"][0]
     dev = validate.check_devices(model, device, **{f"{k} images": p[0] for k, p in pairs.items() if p is not None})
     mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])
@@ -74,11 +37,6 @@ def _prepare(model, config, mean, std, device, **data):
         if p is not None:
             validate.check_labels(p[1], classes, k)
     return config, pairs, dev, mean_t, std_t
-
-
-def _check_data(**data):
-    """(x, y) tensors for each named set (None stays None; forget is required)."""
-    return {k: validate.pair(v, k, allow_none=(k != "forget")) for k, v in data.items()}
 
 
 def unlearn(model: nn.Module, forget, remain=None, config: Optional[UnlearnConfig] = None, mean=None, std=None,
@@ -97,8 +55,6 @@ def unlearn(model: nn.Module, forget, remain=None, config: Optional[UnlearnConfi
     One revision of a fresh fastunlearn.Unlearner; keep an Unlearner to revise the same
     model again without paying the set-up (and compile) cost.
     """
-    from .unlearner import Unlearner
-
     t_start = time.perf_counter()
     session = Unlearner(model, config, mean, std, device)
     res = session.revise(forget, remain, progress=progress, probe=probe, checkpoint_dir=checkpoint_dir,
@@ -122,7 +78,3 @@ def boundary_relabel(model: nn.Module, x, y=None, config: Optional[UnlearnConfig
     res = sharded_search(model, ImageSource(fx, fy), config, mean=mean_t, std=std_t, device=dev, refreshes=1,
                          progress=progress)
     return res.relabels[0], res.success[0]
-
-
-def backend_report() -> str:
-    return "\n".join(f"{k:7s} {v}" for k, v in _backends.backends().items())

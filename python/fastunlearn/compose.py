@@ -16,7 +16,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import reference, validate
+from fastunlearn import reference
+from fastunlearn.data import validate
+from fastunlearn.data.pixels import Normalizer, as_pixels
+from fastunlearn.nn.models import head_of
+from fastunlearn.runtime.progress import progress_bar
 
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -65,8 +69,6 @@ def compose(backbone: nn.Module, head: nn.Module, *, head_name: Optional[str] = 
     Sequential) or given as ``head_name``. finetune: None, "head" (backbone frozen, BatchNorm
     statistics kept) or "full", on ``remain`` with its true labels. Neither input is modified.
     """
-    from .models import head_of
-
     validate.check_model(backbone)
     validate.check_model(head)
     if finetune not in (None, "head", "full"):
@@ -93,15 +95,13 @@ def compose(backbone: nn.Module, head: nn.Module, *, head_name: Optional[str] = 
     rx, ry = validate.pair(remain, "remain")
     dev = validate.check_devices(out, device, remain=rx)
     mean_t, std_t = validate.mean_std(mean, std, rx.shape[1])
-    return _finetune_on_remain(out, name, rx, ry, finetune, epochs, lr, batch_size, mean_t, std_t, dev, seed,
+    return finetune_on_remain(out, name, rx, ry, finetune, epochs, lr, batch_size, mean_t, std_t, dev, seed,
                                progress)
 
 
-def _finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress):
-    from .search import _as_pixels, _Normalizer, _progress
-
+def finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress):
     model.to(dev)
-    norm = _Normalizer(mean, std, rx.shape[1], dev)
+    norm = Normalizer(mean, std, rx.shape[1], dev)
     head = model.get_submodule(head_name)
     params = list(head.parameters()) if mode == "head" else list(model.parameters())
     model.requires_grad_(mode == "full")
@@ -116,12 +116,12 @@ def _finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, 
         else:
             model.train()
         perm = torch.randperm(n, generator=gen)
-        bar = _progress((n + batch_size - 1) // batch_size, progress, f"compose fine-tune {e + 1}/{epochs}")
+        bar = progress_bar((n + batch_size - 1) // batch_size, progress, f"compose fine-tune {e + 1}/{epochs}")
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
             if idx.numel() == 1 and mode == "full" and n > 1:
                 continue  # one sample cannot give BatchNorm batch statistics
-            loss = nn.functional.cross_entropy(model(norm(_as_pixels(rx[idx], dev))).float(), ry[idx].to(dev))
+            loss = nn.functional.cross_entropy(model(norm(as_pixels(rx[idx], dev))).float(), ry[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,15 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from .reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
+from fastunlearn.reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
+from fastunlearn.runtime.backends import BACKENDS
 
 REFRESH_MODES = ("auto", "iteration", "epoch", "once")
 REMAIN_TARGETS = ("labels", "distill")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # train.train_classifier: no fp16 there, which would need loss scaling.
 TRAIN_PRECISIONS = ("fp32", "bf16", "auto")
-COMPILE_MODES = ("auto", True, False)
-BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+# The switches that take auto | True | False: compile, cuda_graph, fuse_batch_norm.
+AUTO_ON_OFF = ("auto", True, False)
 COMPAT = (None, "authors")
 # The image augmentations of the fine-tune and of train.train_classifier.
 AUGMENT_MODES = ("crop", "flip", "crop+flip")
@@ -22,7 +23,7 @@ AUGMENT_MODES = ("crop", "flip", "crop+flip")
 
 @dataclass(frozen=True)
 class UnlearnConfig:
-    """Settings of one unlearning run. Defaults are the authors' (DESIGN.md section 2).
+    """Settings of one unlearning run. Defaults are the authors' published settings.
 
     eps            L-inf radius of the search ball, in pixel units ([0, 1] images).
     steps          inner steps T; 1 is FGSM.
@@ -52,8 +53,8 @@ class UnlearnConfig:
                    launches, and one fp32 search beats a bf16 one plus its recheck.
     compile        torch.compile the train step: auto (= False) | True | False. On a GPU the
                    compiled step runs under CUDA graphs; its compile costs tens of seconds
-                   (20 s for AllCNN on an H200, more than a whole eager run of the default
-                   job), so it is worth it only for long or repeated runs.
+                   (more than a whole eager run of the default job, see bench/RESULTS.md),
+                   so it is worth it only for long or repeated runs.
     cuda_graph     capture the eager train step (forward, backward, SGD) in a CUDA graph and
                    replay it: auto (on for CUDA in one process with compile off) | True | False.
                    A replay costs one launch instead of hundreds. Each batch shape runs two
@@ -61,13 +62,13 @@ class UnlearnConfig:
                    equal the eager step's within float rounding.
     fuse_batch_norm run the train step's BatchNorm2d layers (each with the ReLU after it in an
                    nn.Sequential) as the native batch_norm_relu op: auto (on CPU, where it makes
-                   the batch-64 step 1.3-2x faster, see bench/RESULTS.md; off on CUDA until measured
-                   there) | True (wherever the op has a native kernel) | False (PyTorch's
+                   the step faster, see bench/RESULTS.md; off on CUDA) | True (wherever the op
+                   has a native kernel) | False (PyTorch's
                    modules). Results equal the modules' within float rounding.
     search_compile torch.compile the search's frozen model (True / False). The compile costs
                    seconds to tens of seconds once per process and shape family; each search
-                   step then runs faster (1.15x on CPU for AllCNN width 0.25, see
-                   bench/RESULTS.md), so it pays for large forget sets or a warm Unlearner.
+                   step then runs faster (see bench/RESULTS.md), so it pays for large forget
+                   sets or a warm Unlearner.
                    Inductor's fused kernels round differently, so a sample at a near-tie may
                    relabel differently than without it.
     backend        backend of the fused ops: auto | torch | cpu | cuda | triton. "torch" also
@@ -176,11 +177,11 @@ class UnlearnConfig:
             bad("seed", "an integer in [0, 2**63)")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {PRECISIONS}")
-        if self.compile not in COMPILE_MODES:
+        if self.compile not in AUTO_ON_OFF:
             bad("compile", "'auto', True or False")
-        if self.cuda_graph not in COMPILE_MODES:
+        if self.cuda_graph not in AUTO_ON_OFF:
             bad("cuda_graph", "'auto', True or False")
-        if self.fuse_batch_norm not in COMPILE_MODES:
+        if self.fuse_batch_norm not in AUTO_ON_OFF:
             bad("fuse_batch_norm", "'auto', True or False")
         if not isinstance(self.search_compile, bool):
             bad("search_compile", "True or False")

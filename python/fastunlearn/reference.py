@@ -20,6 +20,7 @@ random draws):
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple, Optional
 
@@ -342,8 +343,6 @@ def batch_norm_relu(x, weight, bias, running_mean=None, running_var=None, *, mom
 # ---------------------------------------------------------------- composition
 def interpolate(model_a, model_b, t: float):
     """A copy of model_a with floating-point state (1 - t) * a + t * b."""
-    import copy
-
     out = copy.deepcopy(model_a)
     sb = model_b.state_dict()
     new = {}

@@ -17,14 +17,18 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import validate
-from .config import UnlearnConfig
-from ._phases import phase
-from .distributed import barrier, sharded_search
-from .finetune import FinetuneEngine, default_channels_last, load_checkpoint, search_from_dict
-from .runtime.determinism import deterministic_run
-from .search import frozen_copy
-from .source import ImageSource
+from fastunlearn.config import UnlearnConfig
+from fastunlearn.data import validate
+from fastunlearn.data.source import ImageSource
+from fastunlearn.engine.checkpoint import load_checkpoint, search_from_dict
+from fastunlearn.engine.distributed import barrier, sharded_search
+from fastunlearn.engine.finetune import FinetuneEngine
+from fastunlearn.nn.frozen import frozen_copy
+from fastunlearn.nn.layout import default_channels_last
+from fastunlearn.ops import resolve_backend
+from fastunlearn.result import UnlearnResult
+from fastunlearn.runtime.determinism import deterministic_run
+from fastunlearn.runtime.phases import phase
 
 
 def _tensor_pair(data) -> bool:
@@ -40,8 +44,7 @@ def contiguous_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are contiguous (NCHW) clones.
 
     One pass: the clones go into deepcopy's memo, so deepcopy reuses them instead of copying
-    each tensor in its own layout and then converting it (a warm revision's result copy on a
-    GPU went from 4-8 ms that way to the cost of the clones and the module walk)."""
+    each tensor in its own layout and then converting it a second time."""
     memo: dict = {}
     for module in model.modules():
         for p in module._parameters.values():
@@ -112,9 +115,7 @@ class Unlearner:
         return self.engine
 
     def _check(self, forget, remain):
-        from .api import _check_data
-
-        pairs = _check_data(forget=forget, remain=remain)
+        pairs = validate.pairs(forget=forget, remain=remain)
         fx = pairs["forget"][0]
         if self._channels is None:
             self._channels = fx.shape[1]
@@ -155,8 +156,6 @@ class Unlearner:
         config.batch_size as the global batch, every rank returns the same model, and only
         rank 0 writes files.
         """
-        from .api import UnlearnResult
-        from .ops._dispatch import resolve
 
         t_start = time.perf_counter()
         with phase("check"):
@@ -196,7 +195,7 @@ class Unlearner:
         timings = {"search": t_search, "finetune": t_tune, "compile": t_compile, "total": seconds,
                    "setup": self.setup_seconds if self.revisions == 1 else 0.0}
         res = UnlearnResult(model, search.relabels[0], search.success[0], seconds, history, search, cfg,
-                            resolve("boundary_step", self.device, cfg.backend), timings, engine.step_mode)
+                            resolve_backend("boundary_step", self.device, cfg.backend), timings, engine.step_mode)
         paths = list(filter(None, [output, checkpoint_dir and os.path.join(checkpoint_dir, "model.safetensors")]))
         for path in paths:
             res.save(path)  # rank 0 only

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
+from conftest import DIGITS_MEAN, DIGITS_STD
 
 import fastunlearn as fu
-from conftest import DIGITS_MEAN, DIGITS_STD
-from fastunlearn import baselines
+from fastunlearn.eval import baselines
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ FIT = dict(epochs=100, lr=0.05, batch_size=64, weight_decay=0.0, schedule="const
 
 
 def _fit(model, x, y, seed):
-    from fastunlearn.train import train_classifier
+    from fastunlearn.engine.train import train_classifier
 
     return train_classifier(model, (x, y), seed=seed, progress=False, **FIT)
 
@@ -199,8 +199,8 @@ def test_attack_suite_trains_its_references_when_asked(digits_members):
 
 
 def test_load_references_from_files(tmp_path):
-    from fastunlearn.checkpoint import save_model
-    from fastunlearn.models import create_model
+    from fastunlearn.data.checkpoint import save_model
+    from fastunlearn.nn.models import create_model
 
     torch.manual_seed(3)
     m = create_model("smallcnn", in_channels=1, num_classes=4)

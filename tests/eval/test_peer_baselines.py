@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
-
 from conftest import DIGITS_MEAN, DIGITS_STD
-from fastunlearn import baselines, metrics
+
+from fastunlearn.eval import baselines, metrics
 from fastunlearn.eval import peer_baselines as P
 
 

@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import DIGITS_MEAN, DIGITS_STD
 
 import fastunlearn as fu
-from conftest import DIGITS_MEAN, DIGITS_STD
-from fastunlearn import baselines
+from fastunlearn.eval import baselines
 from fastunlearn.eval import seeds as S
-from fastunlearn.models import SmallCNN
+from fastunlearn.nn.models import SmallCNN
 
 
 def test_mean_std_and_aggregate():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plots import _finish, _grid_axes
+from fastunlearn.eval.plots import _finish, _grid_axes
 
 # The curves drawn by default: one per signal (threshold attacks), the combined logistic
 # attack and the U-LiRA-style test when it ran.

@@ -17,12 +17,12 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint import atomic_write_text
-from ..data import as_tensors
-from .attack_plots import per_example_histograms, roc_curves
-from .attacks import attack_suite, load_references, train_references
-from .evidence import EVIDENCE_KINDS
-from .representation import UNCHANGED_FEATURES_CKA, representation_checks
+from fastunlearn.data.checkpoint import atomic_write_text
+from fastunlearn.data.io import as_tensors
+from fastunlearn.eval.attack_plots import per_example_histograms, roc_curves
+from fastunlearn.eval.attacks import attack_suite, load_references, train_references
+from fastunlearn.eval.evidence import EVIDENCE_KINDS
+from fastunlearn.eval.representation import UNCHANGED_FEATURES_CKA, representation_checks
 
 ATTACK_CSV_COLUMNS = ("method", "attack", "accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 

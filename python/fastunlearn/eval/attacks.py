@@ -33,8 +33,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import as_tensors
-from ..metrics import inference_copy, per_sample_loss, predict_logits
+from fastunlearn.data.checkpoint import load_model
+from fastunlearn.data.io import as_tensors
+from fastunlearn.eval.baselines import retrain
+from fastunlearn.eval.metrics import inference_copy, per_sample_loss, predict_logits
 
 SIGNALS = ("loss", "confidence", "entropy", "modified_entropy")
 ATTACK_KINDS = ("threshold", "logistic")
@@ -186,9 +188,7 @@ def logistic_attack(features, labels, n_splits: int = 5, seed: int = 0) -> tuple
 
 def load_references(reference_models) -> list:
     """Reference models as modules: each item an nn.Module or the path of a .safetensors
-    file written by fastunlearn (checkpoint.save_model)."""
-    from ..checkpoint import load_model
-
+    file written by fastunlearn (data.checkpoint.save_model)."""
     out = []
     for i, r in enumerate(reference_models):
         if isinstance(r, torch.nn.Module):
@@ -203,10 +203,8 @@ def load_references(reference_models) -> list:
 def train_references(model, remain, k: int, *, max_samples: int = 20000, seed: int = 0, mean=None, std=None,
                      device=None, progress: bool = False, **retrain_kw) -> list:
     """k models of ``model``'s architecture trained from scratch on ``remain`` alone (seeds
-    seed .. seed + k - 1, baselines.retrain's recipe): references that never saw the forget
+    seed .. seed + k - 1, eval.baselines.retrain's recipe): references that never saw the forget
     set. Refused above ``max_samples`` remain samples, where k retrains are a job of their own."""
-    from ..baselines import retrain
-
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"train_references: k must be an integer >= 1, got {k!r}")
     n = as_tensors(remain, "remain")[0].shape[0]

@@ -1,4 +1,4 @@
-"""Baselines the unlearning literature compares against, in the harness of baselines.py.
+"""Baselines the unlearning literature compares against, in the harness of baseline_harness.py.
 
 salun      SalUn (Fan et al., 2024): a weight-saliency mask (the largest |gradient| of the
            forget loss) limits random-label training (forget set to random wrong labels,
@@ -20,10 +20,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .. import validate
-from ..baselines import Baseline, _check, _loop, _timed
-from ..metrics import prepare
-from ..validate import resolve_device
+from fastunlearn.data import validate
+from fastunlearn.data.validate import resolve_device
+from fastunlearn.eval.baseline_harness import Baseline, check_schedule, sgd_loop, timed
+from fastunlearn.eval.metrics import prepare
 
 
 def _mean_grads(model, data, batch_size: int, mean, std, dev, transform=None) -> dict:
@@ -64,7 +64,7 @@ def saliency_mask(model, forget, *, threshold: float = 0.5, batch_size: int = 12
 def salun(model, forget, remain, *, epochs: int = 1, lr: float = 1e-3, threshold: float = 0.5, batch_size: int = 64,
           num_classes=None, mean=None, std=None, device=None, seed: int = 0) -> Baseline:
     """SalUn: random-label training of forget + remain, updating only the salient weights."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     f, r = validate.pair(forget, "forget"), validate.pair(remain, "remain")
     k = num_classes or int(max(int(f[1].max()), int(r[1].max()))) + 1
     if k < 2:
@@ -83,16 +83,16 @@ def salun(model, forget, remain, *, epochs: int = 1, lr: float = 1e-3, threshold
                 if p.grad is not None:
                     p.grad.mul_(mask[n])
 
-        return _loop(model, f, r, "forget", loss, epochs, lr, batch_size, mean, std, device, seed, grad_hook=masked)
+        return sgd_loop(model, f, r, "forget", loss, epochs, lr, batch_size, mean, std, device, seed, grad_hook=masked)
 
-    return _timed("salun", dict(epochs=epochs, lr=lr, threshold=threshold), run)
+    return timed("salun", dict(epochs=epochs, lr=lr, threshold=threshold), run)
 
 
 def l1_sparse(model, remain, *, epochs: int = 2, lr: float = 0.01, alpha: float = 5e-4, batch_size: int = 128,
               mean=None, std=None, device=None, seed: int = 0) -> Baseline:
     """l1-sparse: fine-tune on the remain set with alpha_t * ||theta||_1, alpha_t falling
     linearly from ``alpha`` to 0 over the steps."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     r = validate.pair(remain, "remain")
@@ -105,7 +105,7 @@ def l1_sparse(model, remain, *, epochs: int = 2, lr: float = 0.01, alpha: float 
         l1 = sum(p.abs().sum() for p in net.parameters())
         return F.cross_entropy(net(rb[0]).float(), rb[1]) + a * l1
 
-    return _timed("l1_sparse", dict(epochs=epochs, lr=lr, alpha=alpha), lambda: _loop(
+    return timed("l1_sparse", dict(epochs=epochs, lr=lr, alpha=alpha), lambda: sgd_loop(
         model, None, r, "remain", loss, epochs, lr, batch_size, mean, std, device, seed))
 
 
@@ -129,4 +129,4 @@ def ssd(model, forget, remain, *, alpha: float = 10.0, lamda: float = 1.0, batch
                 p.mul_(torch.where(hit, scale, torch.ones_like(scale)))
         return out.eval()
 
-    return _timed("ssd", dict(alpha=alpha, lamda=lamda), run)
+    return timed("ssd", dict(alpha=alpha, lamda=lamda), run)

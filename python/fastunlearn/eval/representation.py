@@ -19,8 +19,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..data import as_tensors
-from ..metrics import accuracy, inference_copy, predict_logits
+from fastunlearn.data.io import as_tensors
+from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
+from fastunlearn.nn.models import head_of
 
 # Without a retrained reference, a probe at least this far above chance (0.5, balanced
 # binary) on features whose model no longer predicts the class flags head-only forgetting.
@@ -43,8 +44,6 @@ def features(model, x, layer: Optional[str] = None, at: str = "input", mean=None
     a convolution is folded into it, so such a BatchNorm's input is already normalised.
     return_logits: (features, logits).
     """
-    from ..models import head_of
-
     if at not in ("input", "output"):
         raise ValueError(f"at must be 'input' or 'output', got {at!r}")
     net = inference_copy(model, device)

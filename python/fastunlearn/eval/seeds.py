@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch.nn as nn
 
-from ..checkpoint import atomic_write_text
+from fastunlearn.data.checkpoint import atomic_write_text
 
 
 def check_seeds(seeds) -> list:
@@ -90,9 +90,8 @@ def _markdown(title: str, seeds: list, rows: dict, metrics: list, seed_pages: di
 
 def report_over_seeds(report_fn: Callable, models: dict, forget, remain, test, *, seeds, out_dir: str, **kw):
     """One report per seed (models resolved with for_seed, the report's own seed = the seed),
-    then the mean +- std table. Returns a Report whose rows hold means and <metric>_std."""
-    from ..report import TABLE_COLUMNS, Report
-
+    then the mean +- std table. Returns a report of report_fn's own type (its rows the means
+    and <metric>_std), the columns in the order of report_fn's table."""
     seeds = check_seeds(seeds)
     os.makedirs(out_dir, exist_ok=True)
     per_seed, pages = [], {}
@@ -101,9 +100,10 @@ def report_over_seeds(report_fn: Callable, models: dict, forget, remain, test, *
         rep = report_fn(resolved, forget, remain, test, out_dir=os.path.join(out_dir, f"seed_{s}"), seed=s, **kw)
         per_seed.append(rep.rows)
         pages[s] = rep.paths["markdown"]
+        report_type, table_columns = type(rep), rep.columns
     rows = aggregate(per_seed)
     first = next(iter(rows.values()))
-    metrics = [c for c in TABLE_COLUMNS[1:] if c in first] + sorted(
+    metrics = [c for c in table_columns[1:] if c in first and not c.startswith("test_acc_c")] + sorted(
         c for c in first if c.startswith("test_acc_c") and not c.endswith("_std"))
     columns = ["method"] + [x for c in metrics for x in (c, f"{c}_std")]
     paths = {"csv": os.path.join(out_dir, "table.csv"), "json": os.path.join(out_dir, "metrics.json"),
@@ -115,7 +115,7 @@ def report_over_seeds(report_fn: Callable, models: dict, forget, remain, test, *
     md = _markdown(kw.get("title", ""), seeds, rows, [c for c in metrics if not c.startswith("test_acc_c")], pages,
                    out_dir)
     atomic_write_text(paths["markdown"], md)
-    return Report(rows, paths, md, columns)
+    return report_type(rows, paths, md, columns)
 
 
 def sweep_over_seeds(sweep_fn: Callable, seeds) -> object:

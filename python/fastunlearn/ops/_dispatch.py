@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backends
+from fastunlearn.runtime import backends as _backends
+from fastunlearn.runtime.backends import BACKENDS
 
-BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
 # Preference for CUDA tensors when backend="auto". The CUDA ops come compiled; a Triton
 # kernel is compiled on its first call in a process without a warm Triton cache, which costs
-# a one-off job more than the kernel can win back: on the H200 of bench/RESULTS.md Triton's
-# boundary_step saves 0.09 ms on 38.5M elements (0.148 vs 0.239 ms), and its relabel_check is
-# slower than eager below 32,000 classes. gpu_check.sh measures both.
+# a one-off job more than the kernel can win back (bench/RESULTS.md; gpu_check.sh measures
+# both ops).
 AUTO_ORDER_CUDA = ("cuda", "triton", "torch")
 
 
 def constant_under_compile(fn):
     """torch.compiler.assume_constant_result(fn) without importing torch._dynamo.
 
-    That decorator imports torch._dynamo (about 1.4 s on 2 cores, half of `import
-    fastunlearn`, paid by every command, --help included) only to set this attribute, which
-    Dynamo reads when it meets fn while tracing. tests/test_boundary_step.py checks that the
-    attribute is still all it sets.
+    That decorator imports torch._dynamo (a large share of `import fastunlearn`, paid by
+    every command, --help included) only to set this attribute, which Dynamo reads when it
+    meets fn while tracing. tests/ops/test_boundary_step.py checks that the attribute is
+    still all it sets.
     """
     fn._dynamo_marked_constant = True
     return fn

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_same_device, resolve
+from fastunlearn.ops._dispatch import check_same_device, resolve
 
 
 def _check(x, weight, bias, running_mean, running_var, eps):

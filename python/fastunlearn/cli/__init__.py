@@ -1,0 +1,1 @@
+"""The fastunlearn command line: one module per command."""

@@ -1,0 +1,179 @@
+"""What the commands share: dataset loading, the forget / remain / test split, the
+configuration flags and the metrics table."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastunlearn.config import TRAIN_PRECISIONS, UnlearnConfig
+from fastunlearn.data import forget as forget_sets
+from fastunlearn.data import io as data
+from fastunlearn.reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
+
+
+def load_splits(name: str, data_dir=None) -> tuple[str, dict]:
+    key = name.lower()
+    if key in ("auto", "default"):
+        return data.load_default(data_dir)
+    if key in ("fashion", "fashion-mnist", "fashionmnist"):
+        return "fashion-mnist", data.load_fashion_mnist(data_dir)
+    if key == "digits":
+        return "digits", data.load_digits()
+    if key in ("retina", "retinamnist"):
+        path = _find_file(data_dir, "retinamnist.npz")
+        return "retinamnist", data.load_medmnist(path)
+    if key.endswith(".npz"):
+        return os.path.basename(key), data.load_medmnist(name)
+    if os.path.isdir(name):
+        return os.path.basename(os.path.normpath(name)), data.load_fashion_mnist(name)
+    raise SystemExit(f"error: --data {name!r} is not a known dataset (auto, fashion-mnist, digits, retina), "
+                     "a MedMNIST .npz file, or a directory of IDX files")
+
+
+def _find_file(data_dir, filename):
+    for d in filter(None, [data_dir, os.environ.get("FASTUNLEARN_DATA"), "."]):
+        p = os.path.join(d, filename)
+        if os.path.exists(p):
+            return p
+    raise SystemExit(f"error: {filename} not found; pass --data-dir DIR (looked in --data-dir, $FASTUNLEARN_DATA, .)")
+
+
+def add_data_args(p, forget=True):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="auto", help="auto | fashion-mnist | digits | retina | FILE.npz | IDX directory "
+                   "(default: auto = FashionMNIST if installed, else sklearn digits)")
+    g.add_argument("--data-dir", help="where the dataset files are (default: $FASTUNLEARN_DATA, Debian's "
+                   "/usr/share/datasets/fashion-mnist)")
+    g.add_argument("--train-size", type=int, help="use only the first N training images (seeded shuffle)")
+    if forget:
+        f = p.add_argument_group("forget set (pick one; selected from the training split)")
+        f.add_argument("--forget-class", type=int, nargs="+", help="forget every sample of these classes")
+        f.add_argument("--forget-fraction", type=float, help="with --forget-class: forget only this seeded fraction")
+        f.add_argument("--forget-indices",
+                       help="file of training-set indices to forget (one per line or comma-separated)")
+        f.add_argument("--forget-rule", action="append", help='metadata rule, e.g. "device == Topcon NW400" or '
+                       '"macular_thickness_um >= 300" (repeat to AND rules); needs --metadata')
+        f.add_argument("--metadata", help="CSV with an 'index' column (training-set row) and the rule's columns")
+
+
+def select_forget(args, y):
+    chosen = [a for a in ("forget_class", "forget_indices", "forget_rule") if getattr(args, a)]
+    if len(chosen) != 1:
+        raise SystemExit("error: choose exactly one of --forget-class, --forget-indices, --forget-rule "
+                         f"(got {', '.join('--' + c.replace('_', '-') for c in chosen) or 'none'})")
+    if args.forget_class:
+        if args.forget_fraction is not None:
+            return forget_sets.fraction_of_class(y, args.forget_class, args.forget_fraction, seed=args.seed)
+        return forget_sets.by_class(y, args.forget_class)
+    if args.forget_indices:
+        with open(args.forget_indices) as f:
+            idx = [int(t) for t in f.read().replace(",", " ").split()]
+        return forget_sets.by_indices(len(y), idx)
+    if not args.metadata:
+        raise SystemExit("error: --forget-rule needs --metadata CSV")
+    return forget_sets.by_metadata(args.metadata, args.forget_rule, n=len(y))
+
+
+def subset(pair, n, seed):
+    if n is None or n >= len(pair[1]):
+        return pair
+    idx = torch.randperm(len(pair[1]), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return pair[0][idx], pair[1][idx]
+
+
+def prepare_data(args):
+    name, splits = load_splits(args.data, args.data_dir)
+    train = subset(splits["train"], args.train_size, args.seed)
+    idx = select_forget(args, train[1])
+    f, r = forget_sets.split(train[0], train[1], idx)
+    return name, splits, train, f, r, splits["test"]
+
+
+def metrics_table(rows: dict, keys=("forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "seconds")):
+    names = {"forget_acc": "forget", "remain_acc": "remain", "test_acc": "test", "mia_lr": "MIA-LR",
+             "mia_efficacy": "MIA-eff", "seconds": "time (s)", "gap": "gap"}
+    keys = [k for k in keys if any(k in m for m in rows.values())]
+    w = max(len(n) for n in rows) + 2
+    lines = ["".ljust(w) + "".join(names.get(k, k).rjust(10) for k in keys)]
+    for label, m in rows.items():
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            if v is None:
+                cells.append("-".rjust(10))
+            elif k.endswith("_acc"):
+                cells.append(f"{100 * v:9.2f}%")
+            else:
+                cells.append(f"{v:10.3f}")
+        lines.append(label.ljust(w) + "".join(cells))
+    return "\n".join(lines)
+
+
+def config_from_args(args):
+    fields = {k: getattr(args, k) for k in ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule",
+                                             "relabel", "topk", "refresh", "epochs", "lr", "batch_size",
+                                             "remain_reg", "remain_target", "seed", "precision", "backend",
+                                             "recheck_margin", "search_compile", "augment")
+              if getattr(args, k, None) is not None}
+    if getattr(args, "fuse_batch_norm", None) is not None:
+        fields["fuse_batch_norm"] = {"auto": "auto", "on": True, "off": False}[args.fuse_batch_norm]
+    try:
+        return UnlearnConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def add_config_args(p, defaults=None):
+    d = UnlearnConfig() if defaults is None else defaults
+    g = p.add_argument_group("method (defaults are the authors' settings)")
+    g.add_argument("--eps", type=float, default=d.eps, help="L-inf search radius in pixel units")
+    g.add_argument("--steps", type=int, default=d.steps, help="inner search steps T; 1 = FGSM")
+    g.add_argument("--alpha", type=float, help="step size (default eps for T=1, 2.5*eps/T otherwise)")
+    g.add_argument("--gamma", type=float, default=d.gamma, help="noise scale")
+    g.add_argument("--noise", choices=NOISE_KINDS, default=d.noise, help="noise law")
+    g.add_argument("--lamda", type=float, default=d.lamda, help="pull towards the original image")
+    g.add_argument("--lamda-schedule", choices=LAMDA_SCHEDULES, default=d.lamda_schedule)
+    g.add_argument("--relabel", choices=RELABEL_MODES, default=d.relabel, help="how the new label is chosen")
+    g.add_argument("--topk", type=int, default=d.topk, help="k for --relabel topk")
+    g.add_argument("--refresh", choices=("auto", "iteration", "epoch", "once"), default=d.refresh,
+                   help="when the search is redone with fresh noise (auto: once if deterministic)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="fine-tune epochs")
+    g.add_argument("--lr", type=float, default=d.lr, help="fine-tune learning rate")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="fine-tune batch, over all processes under torchrun")
+    g.add_argument("--augment", choices=("crop", "flip", "crop+flip"), default=d.augment,
+                   help="augment the fine-tune's images on the device, afresh each epoch (the search sees them "
+                        "unshifted)")
+    g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
+    g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target)
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
+    g.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default=d.backend,
+                   help="backend of the fused ops (see `fastunlearn backends`)")
+    g.add_argument("--fuse-batch-norm", choices=("auto", "on", "off"),
+                   default={True: "on", False: "off"}.get(d.fuse_batch_norm, "auto"),
+                   help="train step: BatchNorm2d + the ReLU after it as one native op (auto: on CPU only; "
+                        "on: also on CUDA; off: PyTorch's modules)")
+    g.add_argument("--recheck-margin", type=float, default=d.recheck_margin,
+                   help="bf16/fp16 search: redo in fp32 the samples whose decisions lay within this many times "
+                        "their rounding noise; 0 = off")
+    g.add_argument("--search-compile", action="store_true", default=d.search_compile,
+                   help="torch.compile the search's frozen model: a one-off compile (seconds to tens of seconds), "
+                        "then faster search steps; worth it for large forget sets")
+
+
+def add_train_precision(p, what):
+    p.add_argument("--train-precision", default="auto", choices=TRAIN_PRECISIONS,
+                   help=f"arithmetic of {what}: auto = bf16 autocast on GPUs and on CPUs with native bf16 "
+                   "(as the unlearning's), else fp32")
+
+
+def add_common(p):
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data subsets, noise and batch order")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def device_of(args):
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,0 +1,783 @@
+"""The outer fine-tune (Algorithms 2 and 3) on the relabelled forget set.
+
+loss = CE(f_w(u_f), y_b) + rho * R, with R the cross-entropy of a remain batch to its true
+labels or to the original model's outputs (distillation); soft / top-k targets use the
+soft cross-entropy. The losses are losses.forget_loss and losses.remain_loss.
+
+Where the time goes, and what this module does about it:
+
+* Data stays where the model is, as uint8 when it arrives as uint8; a batch is gathered
+  by index and converted (/255, mean/std, layout) inside the train step, so there is no
+  per-sample Python and no host round trip per batch.
+* On CUDA the whole eager step (forward(s), loss, backward, fused SGD) is captured in a
+  CUDA graph after two warm-up steps per batch shape and replayed: at batch 64 the
+  launches of a few hundred small kernels, not the arithmetic, bound an eager step.
+  torch.compile can take the step instead (config.compile; then with "reduce-overhead"
+  graphs), at a compile cost of tens of seconds. SGD is fused (CUDA) or foreach (CPU).
+* Conv models run channels_last (see default_channels_last). On CPU each BatchNorm2d runs
+  as one native op fused with the ReLU after it (fuse_batch_norm_relu): PyTorch's CPU
+  BatchNorm, unfused and in channels_last, cost more than the convolutions at few channels.
+* With remain_reg = 0 the remain set is never read.
+
+BatchNorm: by default the forget and remain batches go through the model in separate
+forwards (remain first, then forget, as the authors' loop does), so each batch sets the
+batch statistics of its own forward. config.joint_batch=True runs one forward over both.
+
+Batch order comes from seeded generators. A checkpoint holds the model, the optimizer, the
+generators, the batch order of the current epoch, the global RNG and the search result,
+so a resumed run continues with exactly the steps it would have taken (bitwise on CPU).
+
+More than one process (a torch.distributed process group of size W > 1): the model is
+wrapped in DistributedDataParallel and config.batch_size is the global batch. Every rank
+draws the same seeded batch order and takes a contiguous slice of each global batch (of
+the forget batch and of the remain batch), and weights its loss so that DDP's averaged
+gradient is the gradient of the one-process loss, the mean over the whole global batch,
+last partial batch included. Without BatchNorm or dropout the result equals a one-process
+run up to float rounding. BatchNorm normalises each rank's slice with its own batch
+statistics (the usual data-parallel equivalence, not the one-process numbers; running
+statistics follow rank 0's slices, which DDP broadcasts at each forward), and dropout
+draws its masks per rank. Only rank 0 writes checkpoints, and every rank waits until the
+file is complete, so all ranks can resume from the same path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import warnings
+import zlib
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from fastunlearn.config import UnlearnConfig
+from fastunlearn.data.augment import augment_mode, crop_at, flip_where
+from fastunlearn.data.io import as_tensors
+from fastunlearn.data.validate import resolve_device
+from fastunlearn.engine import distributed, losses
+from fastunlearn.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    RESUME_FREE,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    search_to_dict,
+    to_cpu,
+)
+from fastunlearn.engine.distributed import shard_bounds
+from fastunlearn.engine.search import SearchResult
+from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
+from fastunlearn.nn.fuse import batch_norm_fusion_on, fuse_batch_norm_relu
+from fastunlearn.nn.layout import channels_last_input, default_channels_last
+from fastunlearn.runtime.heap import reuse_freed_memory
+from fastunlearn.runtime.phases import phase
+from fastunlearn.runtime.precision import resolve_precision
+
+
+class StopRun(Exception):
+    """Raise from an on_step callback to stop a run; the last checkpoint stays on disk."""
+
+
+def resolve_compile(setting) -> bool:
+    """config.compile resolved: "auto" does not compile. Compiling costs tens of seconds on
+    CPUs and GPUs alike, more than a whole default run takes; on CUDA the eager step under a
+    CUDA graph already removes the launch overhead."""
+    if setting == "auto":
+        return False
+    return bool(setting)
+
+
+# Eager steps per batch shape before it is captured: the first ones set up cuDNN plans,
+# cuBLAS workspaces and the optimizer's momentum buffers, none of which may happen inside
+# a capture.
+GRAPH_WARMUP_STEPS = 2
+# Each capture keeps its own activation memory; past this many batch shapes (forget x
+# remain sizes), new shapes run eagerly.
+MAX_GRAPHS = 4
+
+
+class _GraphedStep:
+    """One captured train step for one batch shape: static inputs, the graph, its output."""
+
+    def __init__(self, graph, inputs, out):
+        self.graph, self.inputs, self.out = graph, inputs, out
+
+    def __call__(self, *args):
+        for static, new in zip(self.inputs, args):
+            if static is not None:
+                static.copy_(new)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Put a data tensor where the train step gathers from: on the device when it fits in a
+    quarter of the free memory, else pinned host memory (batches are copied asynchronously).
+    device carries its index (validate.canonical_device), as tensors' devices do."""
+    if x.device == device:
+        return x
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if x.numel() * x.element_size() < free // 4:
+            return x.to(device, non_blocking=True)
+        return x.pin_memory() if not x.is_pinned() else x
+    return x.to(device)
+
+
+class _Probe:
+    """Forget / remain accuracy on probe sets after each epoch, or a user callable."""
+
+    def __init__(self, probe, mean, std, device):
+        self.fn = None
+        self.sets = {}
+        if probe is None:
+            return
+        if callable(probe):
+            self.fn = probe
+            return
+        if not isinstance(probe, (tuple, list)) or len(probe) != 2:
+            raise TypeError("probe must be a callable model -> dict, or (forget_probe, remain_probe) with each an "
+                            f"(x, y) pair or None, got {type(probe).__name__}")
+
+        for name, data in zip(("forget", "remain"), probe):
+            if data is not None:
+                self.sets[name] = as_tensors(data, f"probe {name}")
+        self.mean, self.std, self.device = mean, std, device
+
+    def __call__(self, model) -> dict:
+        if self.fn is not None:
+            return dict(self.fn(model))
+
+        net = inference_copy(model, self.device)
+        return {f"probe_{k}_acc": accuracy(predict_logits(net, x, self.mean, self.std, device=self.device), y)
+                for k, (x, y) in self.sets.items()}
+
+    def __bool__(self):
+        return self.fn is not None or bool(self.sets)
+
+
+class FinetuneEngine:
+    """The train step and the epoch loop for one trainable model, reusable across runs.
+
+    ``model`` is trained in place (pass a copy). ``teacher`` is the frozen original, needed
+    for remain_target="distill". The compiled step is kept between runs, so a second run
+    on the same engine pays no compile time. Built while a process group of several ranks
+    is initialised, the engine trains data-parallel (see the module notes); build it on
+    every rank with the same model and config.
+    """
+
+    def __init__(self, model: nn.Module, config: UnlearnConfig, *, mean=None, std=None, device=None,
+                 teacher: Optional[nn.Module] = None, channels_last: Optional[bool] = None,
+                 compile_mode: Optional[str] = None):
+        self.device = resolve_device(model, device)
+        self.config = config
+        self.autocast = resolve_precision(config.precision, self.device)
+        self.rank, self.world = distributed.world()
+        self.compiled = resolve_compile(config.compile)
+        if self.world > 1 and self.compiled:
+            # Under DDP the step runs eagerly. DDP all-reduces gradient buckets from autograd
+            # hooks during the backward; a compiled step keeps that only when Dynamo splits
+            # the graph at the bucket boundaries, and the CUDA default here adds CUDA graphs
+            # on top. An eager step keeps the gradient sync plainly correct.
+            if config.compile is True:
+                warnings.warn("compile=True is ignored under torch.distributed: the data-parallel train step "
+                              "runs eagerly", stacklevel=2)
+            self.compiled = False
+        self.batch_norm_fused = batch_norm_fusion_on(self.device, self.compiled, config)
+        self.channels_last = (default_channels_last(model, self.device, self.autocast, self.batch_norm_fused)
+                              if channels_last is None else channels_last)
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.teacher = teacher
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=self.device)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=self.device)
+        self.compile_mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self.compile_seconds = 0.0
+        self._seen = set()
+        graph = config.cuda_graph
+        if graph != "auto" and graph and (self.device.type != "cuda" or self.world > 1 or self.compiled):
+            raise ValueError("cuda_graph=True needs a CUDA device, one process and compile off; got device "
+                             f"{self.device}, {self.world} process(es), compile={self.compiled}")
+        self.cuda_graph = bool(graph) and self.device.type == "cuda" and self.world == 1 and not self.compiled
+        self._graphs: dict = {}
+        self._eager_steps: dict = {}
+        self.opt = self._make_optimizer()
+        self._steps = {}
+        self._reset_src: Optional[list] = None  # the state tensors reset() copied from last
+        self._reset_dst: list = []
+        # What the loss function calls: the model itself, or its DDP wrapper (which shares
+        # the parameters, so the optimizer and state_dict of self.model stay the ones to use).
+        # DDP copies rank 0's weights into every rank when it is built.
+        self.net = self.model if self.world == 1 else distributed.wrap_ddp(self.model, self.device)
+
+    # ----------------------------------------------------------------- pieces
+    def _make_optimizer(self):
+        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        return torch.optim.SGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum, **kw)
+
+    def reset(self, state_dict: dict):
+        """Load the original weights and clear the optimizer: the next run starts afresh."""
+        with torch.no_grad():
+            src = list(state_dict.values())
+            if self._reset_src is not None and len(src) == len(self._reset_src) and all(
+                    a is b for a, b in zip(src, self._reset_src)):
+                # The same tensors as last time, already checked: one foreach copy instead
+                # of load_state_dict's walk over the modules (a warm revision's reset).
+                torch._foreach_copy_(self._reset_dst, src)
+            else:
+                self.model.load_state_dict(state_dict)
+                own = self.model.state_dict(keep_vars=True)
+                dst = [own[k] for k in state_dict]
+                # The fast path is kept for tensors that copy_ needs no conversion for.
+                same = all(a.device == b.device and a.dtype == b.dtype for a, b in zip(src, dst))
+                self._reset_src, self._reset_dst = (src, dst) if same else (None, [])
+            if self._graphs:
+                # The graphs read these buffers at fixed addresses: zero them in place. With
+                # dampening 0, SGD's first step from a zero buffer is its first step (buf = g).
+                bufs = [st["momentum_buffer"] for st in self.opt.state.values()
+                        if st.get("momentum_buffer") is not None]
+                if bufs:
+                    torch._foreach_zero_(bufs)
+            else:
+                self.opt.state.clear()
+        for p in self.model.parameters():
+            p.grad = None
+
+    @property
+    def step_mode(self) -> str:
+        """How the step runs: compiled, cuda graph (a batch shape replays a capture) or eager."""
+        return "compiled" if self.compiled else "cuda graph" if self._graphs else "eager"
+
+    def drop_graphs(self):
+        """Forget the captured steps (after anything replaced the tensors they read)."""
+        self._graphs.clear()
+        self._eager_steps.clear()
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input from raw pixels (uint8 or float in [0, 1]), inside the step."""
+        u = x.to(torch.float32).div(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+        if self.mean is not None:
+            shape = (1, -1) + (1,) * (u.dim() - 2)
+            u = (u - self.mean.reshape(shape)) / self.std.reshape(shape)
+        if self.channels_last and u.dim() == 4:
+            u = channels_last_input(u)
+        return u
+
+    def _loss_fn(self, use_remain: bool):
+        """forward(s) + loss, the part torch.compile takes; flags are fixed per function.
+
+        With several ranks the function takes two more arguments, wf and wr: this rank's
+        share of the global forget and remain batch (rows here / rows in the global batch).
+        It then returns this rank's share of the global mean losses, whose sum over the
+        ranks is the one-process loss.
+        """
+        cfg = self.config
+        rho = float(cfg.remain_reg)
+        distill = cfg.remain_target == "distill"
+        joint = cfg.joint_batch
+        dev_type = self.device.type
+        ac = self.autocast
+        net = self.net
+        # A graph capture must not meet weight casts cached outside it.
+        cache = not self.cuda_graph
+
+        def logits_of(nf, nr):
+            teacher_logits = None
+            if distill:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(nr)
+            if joint:
+                logits = net(torch.cat([nf, nr]))
+                return logits[:nf.shape[0]], logits[nf.shape[0]:], teacher_logits
+            # The authors' order: remain forward first, then forget; each updates the
+            # BatchNorm running statistics in that order.
+            lr_logits = net(nr)
+            return net(nf), lr_logits, teacher_logits
+
+        def loss_fn(xf, tf, xr=None, yr=None):
+            nf = self._input(xf)
+            with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None, cache_enabled=cache):
+                if not use_remain:
+                    loss_f = losses.forget_loss(net(nf), tf)
+                    return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
+                lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
+                loss_r = losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target)
+                loss_f = losses.forget_loss(lf_logits, tf)
+                return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
+
+        def share(mean_loss, logits, weight):
+            # A rank whose slice of a short last batch is empty still joins the gradient
+            # all-reduce: it contributes zeros (the mean over no rows would be NaN).
+            if logits.shape[0] == 0:
+                return logits.float().sum() * 0.0
+            return mean_loss() * weight
+
+        def sharded_loss_fn(xf, tf, xr=None, yr=None, wf=1.0, wr=1.0):
+            nf = self._input(xf)
+            with torch.autocast(dev_type, dtype=ac or torch.float32, enabled=ac is not None):
+                if not use_remain:
+                    logits = net(nf)
+                    loss_f = share(lambda: losses.forget_loss(logits, tf), logits, wf)
+                    return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
+                lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
+                loss_r = share(lambda: losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target),
+                               lr_logits, wr)
+                loss_f = share(lambda: losses.forget_loss(lf_logits, tf), lf_logits, wf)
+                return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
+
+        if self.world > 1:
+            return sharded_loss_fn  # never compiled: see __init__
+        if self.compiled:
+            loss_fn = torch.compile(loss_fn, mode=self.compile_mode, dynamic=False)
+        return loss_fn
+
+    def step(self, xf, tf, xr=None, yr=None, shares: Optional[tuple] = None) -> torch.Tensor:
+        """One SGD step. Returns (loss, forget_loss, remain_loss) as a (3,) tensor on the device.
+
+        shares: with several ranks, (wf, wr), this rank's fraction of the global forget and
+        remain batch; the returned losses are then this rank's part of the global means.
+        """
+        use_remain = xr is not None
+        fn = self._steps.get(use_remain)
+        if fn is None:
+            fn = self._steps[use_remain] = self._loss_fn(use_remain)
+        # Shapes and dtypes: a captured step copies new inputs into its own fixed buffers.
+        key = (use_remain, tuple(xf.shape), xf.dtype, tuple(tf.shape), tf.dtype,
+               None if xr is None else (tuple(xr.shape), xr.dtype, tuple(yr.shape)))
+        if self.cuda_graph and shares is None:
+            return self._graph_step(fn, key, xf, tf, xr, yr)
+        return self._eager_step(fn, key, xf, tf, xr, yr, shares)
+
+    def _graph_step(self, fn, key, xf, tf, xr, yr):
+        graphed = self._graphs.get(key)
+        if graphed is not None:
+            return graphed(xf, tf, xr, yr)
+        if len(self._graphs) >= MAX_GRAPHS:
+            return self._eager_step(fn, key, xf, tf, xr, yr, None)  # never captured: no warm-up
+        with phase("finetune/capture"):
+            return self._warm_up_or_capture(fn, key, xf, tf, xr, yr)
+
+    def _warm_up_or_capture(self, fn, key, xf, tf, xr, yr):
+        done = self._eager_steps.get(key, 0)
+        if done < GRAPH_WARMUP_STEPS:
+            self._eager_steps[key] = done + 1
+            # Warm-up on a side stream, as capture asks: lazily made state belongs to it.
+            main = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out = self._eager_step(fn, key, xf, tf, xr, yr, None)
+            main.wait_stream(side)
+            return out
+        inputs = tuple(None if t is None else t.clone() for t in (xf, tf, xr, yr))
+        # Gradients are made inside the capture, in its memory pool, so that every replay
+        # writes (not accumulates) them where its SGD step reads them.
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                loss, lf, lr = fn(*inputs)
+                out = torch.stack([loss.detach(), lf, lr])
+                loss.backward()
+                self.opt.step()
+        except RuntimeError as e:  # something in the model that a graph cannot hold
+            warnings.warn(f"CUDA graph capture of the train step failed, running it eagerly: {e}", stacklevel=3)
+            self.cuda_graph = False
+            self.opt.zero_grad(set_to_none=True)
+            return self._eager_step(fn, key, xf, tf, xr, yr, None)
+        graphed = self._graphs[key] = _GraphedStep(graph, inputs, out)
+        return graphed(xf, tf, xr, yr)  # the capture recorded the step; the replay runs it
+
+    def _eager_step(self, fn, key, xf, tf, xr, yr, shares):
+        first = self.compiled and key not in self._seen
+        t0 = time.perf_counter() if first else 0.0
+        if self.compiled and self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        if shares is None:
+            loss, lf, lr = fn(xf, tf, xr, yr)
+        else:
+            loss, lf, lr = fn(xf, tf, xr, yr, *shares)
+        # Copied out at once: CUDA-graph outputs live in a pool that later replays reuse.
+        out = torch.stack([loss.detach(), lf, lr])
+        self.opt.zero_grad(set_to_none=True)
+        if self.world > 1:
+            # DDP averages the gradients over the ranks; the sum of the ranks' shares is the
+            # global mean, so each rank backpropagates world x its share.
+            (loss * self.world).backward()
+        else:
+            loss.backward()
+        self.opt.step()
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds += time.perf_counter() - t0
+            self._seen.add(key)
+        return out
+
+    # ------------------------------------------------------------------- run
+    def run(self, forget_x: torch.Tensor, search: SearchResult, remain=None, *, progress: bool = True,
+            probe=None, checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
+            resume: Optional[Union[str, dict]] = None, on_step: Optional[Callable] = None,
+            max_steps: Optional[int] = None) -> list:
+        """Train for config.epochs over the forget set. Returns the history (one dict per epoch).
+
+        forget_x: (N, C, H, W) uint8 or float pixels. search: the relabels (epoch e uses refresh
+        e % search.refreshes). remain: (x, y) or None; read only when config.remain_reg > 0.
+        probe: (forget_probe, remain_probe) pairs or a callable model -> dict, run after each
+        epoch. checkpoint_dir / checkpoint_every: write a checkpoint every N steps (atomic).
+        resume: a checkpoint path (or its loaded dict) to continue from. on_step(step, info)
+        is called after every step (raise StopRun to stop); max_steps stops after that many
+        steps in all (counting steps done before a resume).
+
+        With several ranks, call run on every rank with the same arguments; on_step must stop
+        every rank at the same step, or the others wait for it forever. checkpoint_dir must be
+        on a file system every rank that resumes can read.
+        """
+        # On CPU every step frees and reallocates its activations: keep them in the heap.
+        # The BatchNorm layers run fused only for the run: the model the caller gets back
+        # (and any copy of it) has its own forward methods.
+        undo = fuse_batch_norm_relu(self.model) if self.batch_norm_fused else (lambda: None)
+        try:
+            with reuse_freed_memory(self.device.type == "cpu"):
+                return self._run(forget_x, search, remain, progress=progress, probe=probe,
+                                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                                 on_step=on_step, max_steps=max_steps)
+        finally:
+            undo()
+
+    def _run(self, forget_x, search, remain, *, progress, probe, checkpoint_dir, checkpoint_every, resume,
+             on_step, max_steps) -> list:
+        cfg = self.config
+        dev = self.device
+        n = forget_x.shape[0]
+        if distributed.world()[1] != self.world:
+            raise RuntimeError(f"this engine was built for {self.world} process(es), the process group now has "
+                               f"{distributed.world()[1]}: build a new engine")
+        sharded = self.world > 1
+        use_remain = cfg.remain_reg > 0
+        if use_remain and remain is None:
+            raise ValueError(f"config.remain_reg={cfg.remain_reg} needs a remain set: pass remain=(x, y)")
+        if use_remain and cfg.remain_target == "distill" and self.teacher is None:
+            raise ValueError("remain_target='distill' needs the original model as teacher")
+        if checkpoint_every and not checkpoint_dir:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        if cfg.augment is not None and forget_x.dim() != 4:
+            raise ValueError(f"config.augment={cfg.augment!r} needs (N, C, H, W) images, got shape "
+                             f"{tuple(forget_x.shape)}")
+        probe = _Probe(probe, self.mean, self.std, dev)
+
+        fx = stage(forget_x, dev)
+        targets = [stage(search.train_targets(r), dev) for r in range(search.refreshes)]
+        if use_remain:
+            rx, ry = stage(remain[0], dev), stage(remain[1], dev)
+            n_remain = rx.shape[0]
+        bs = cfg.batch_size
+        per_epoch = (n + bs - 1) // bs
+        aug_pad = max(1, fx.shape[-1] // 8) if fx.dim() == 4 else 0
+        total = cfg.epochs * per_epoch
+        if sharded:
+            distributed.check_same_on_every_rank(
+                dev, forget_samples=n, remain_samples=n_remain if use_remain else 0, refreshes=search.refreshes,
+                config_crc=zlib.crc32(repr(sorted((k, v) for k, v in cfg.to_dict().items()
+                                                     if k not in RESUME_FREE)).encode()),
+                max_steps=-1 if max_steps is None else max_steps, checkpoint_every=checkpoint_every,
+                resume=int(resume is not None))
+
+        forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):
+            # The global RNG (dropout, anything stochastic in the model) starts from the seed;
+            # each rank from its own, so that ranks do not draw the same dropout masks.
+            torch.manual_seed(cfg.seed + self.rank)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            remain_gen = torch.Generator().manual_seed(cfg.seed + 1)
+            aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+            aug_f = aug_r = None
+            remain_queue: list = []
+            history: list = []
+            epoch, batch, step = 0, 0, 0
+            perm = remain_idx = None
+            acc = torch.zeros(3, dtype=torch.float64, device=dev)
+            epoch_seconds = 0.0
+            if resume is not None:
+                state = load_checkpoint(resume) if isinstance(resume, str) else resume
+                check_resumable(state, cfg, n)
+                self.model.load_state_dict(state["model"])
+                self.opt.load_state_dict(state["optimizer"])
+                self.drop_graphs()  # the loaded state lives at new addresses
+                gen.set_state(state["gen"])
+                remain_gen.set_state(state["remain_gen"])
+                if cfg.augment is not None:
+                    aug_gen.set_state(state["aug_gen"])
+                    aug_f, aug_r = state["aug_f"], state["aug_r"]
+                remain_queue = list(state["remain_queue"])
+                history = list(state["history"])
+                epoch, batch, step = state["epoch"], state["batch"], state["step"]
+                perm, remain_idx = state["perm"], state["remain_idx"]
+                acc = state["acc"].to(dev)
+                if sharded and self.rank != 0:
+                    # The checkpoint holds the loss sums of all ranks; rank 0 carries them on,
+                    # so that the epoch's all-reduce counts them once.
+                    acc = torch.zeros_like(acc)
+                epoch_seconds = state.get("epoch_seconds", 0.0)
+                torch.set_rng_state(_rank_rng(state, "torch_rng", self.rank, self.world))
+                if forked and state.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(_rank_rng(state, "cuda_rng", self.rank, self.world), dev)
+            if sharded:
+                # DDP synchronised the weights when it was built; reset() and resume loaded
+                # them since, on each rank from its own copy.
+                distributed.broadcast_state(self.model, dev)
+
+            def next_remain():
+                nonlocal remain_queue
+                if not remain_queue:
+                    remain_queue = list(torch.randperm(n_remain, generator=remain_gen).split(bs))
+                return remain_queue.pop(0)
+
+            def snapshot(rank_rngs):
+                return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "n": n,
+                        "epoch": epoch, "batch": batch, "step": step, "perm": perm, "remain_idx": remain_idx,
+                        "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                        "optimizer": to_cpu(self.opt.state_dict()),
+                        "gen": gen.get_state(), "remain_gen": remain_gen.get_state(),
+                        "remain_queue": [t.clone() for t in remain_queue], "history": list(history),
+                        "aug_gen": aug_gen.get_state(), "aug_f": aug_f, "aug_r": aug_r,
+                        "acc": acc.cpu(), "epoch_seconds": epoch_seconds, "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(dev) if forked else None,
+                        "search": search_to_dict(search), **rank_rngs}
+
+            def write_checkpoint():
+                nonlocal acc
+                read_rows()
+                rank_rngs = {}
+                if sharded:
+                    acc = distributed.all_reduce_sum(acc, dev)
+                    rank_rngs["torch_rng_ranks"] = distributed.gather_states(torch.get_rng_state(), dev)
+                    if forked:
+                        rank_rngs["cuda_rng_ranks"] = distributed.gather_states(torch.cuda.get_rng_state(dev), dev)
+                if self.rank == 0:
+                    save_checkpoint(os.path.join(checkpoint_dir, "checkpoint.pt"), snapshot(rank_rngs))
+                if sharded:
+                    if self.rank != 0:
+                        acc = torch.zeros_like(acc)  # rank 0 now carries the sums (see resume)
+                    # Nobody goes on (and possibly stops) before the file is complete.
+                    distributed.barrier(dev)
+
+            def sync_buffers():
+                # DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the start
+                # of each forward, so after the last one each rank holds its own; the probe
+                # and the result take rank 0's, as the next forward would.
+                distributed.broadcast_state(self.model, dev, buffers_only=True)
+
+            # Epoch rows wait on the device until they are read: at the end, before a
+            # checkpoint, or one epoch late for the progress bar. Reading each at once would
+            # stall the host at every epoch end, once per batch in a small revision.
+            pending: list = []
+            clock = _Clock(dev)
+
+            def read_rows(keep: int = 0):
+                while len(pending) > keep:
+                    number, mean_losses, carried, seconds, extra = pending.pop(0)
+                    sums = mean_losses.tolist()
+                    row = {"epoch": number, "loss": sums[0], "forget_loss": sums[1], "seconds": carried + seconds()}
+                    if use_remain:
+                        row["remain_loss"] = sums[2]
+                    row.update(extra)
+                    history.append(row)
+                    bar.set_postfix(epoch=number, loss=f"{sums[0]:.4f}", refresh=False)
+
+            show_bar = progress and self.rank == 0
+            bar = _bar(total, show_bar, initial=step)
+            self.model.train()
+            try:
+                while epoch < cfg.epochs:
+                    if perm is None:
+                        # Drawn at the start of each epoch, whatever happens later, so the
+                        # generators advance the same way in a resumed run.
+                        perm = torch.randperm(n, generator=gen)
+                        remain_idx = [next_remain() for _ in range(per_epoch)] if use_remain else None
+                        if cfg.augment is not None:
+                            # Per sample, not per batch position: every rank slices the same
+                            # draws, so the augmentation does not depend on the world size.
+                            aug_f = _draw_augment(cfg.augment, n, aug_pad, aug_gen)
+                            aug_r = _draw_augment(cfg.augment, n_remain, aug_pad, aug_gen) if use_remain else None
+                    # The epoch's indices go to the device once: a per-batch copy from
+                    # host memory would make every step wait for the device.
+                    perm_dev = perm.to(dev, non_blocking=True)
+                    if use_remain:
+                        remain_host = torch.cat(remain_idx)
+                        remain_dev = remain_host.to(dev, non_blocking=True)
+                        remain_at = [0, *itertools.accumulate(r.shape[0] for r in remain_idx)]
+                    aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
+                    tgt = targets[epoch % len(targets)]
+                    clock.start()
+                    while batch < per_epoch:
+                        if max_steps is not None and step >= max_steps:
+                            raise StopRun(f"stopped after max_steps={max_steps}")
+                        rows = slice(batch * bs, min(n, (batch + 1) * bs))
+                        shares = None
+                        if sharded:
+                            rows, share_f = _rank_rows(rows, self.rank, self.world)
+                            shares = (share_f, 1.0)
+                        idx, host_idx = perm_dev[rows], perm[rows]
+                        xf, tf = _gather(fx, idx, host_idx, dev), _gather(tgt, idx, host_idx, dev)
+                        if aug_f_dev is not None:
+                            xf = _apply_augment(xf, aug_f_dev, idx, aug_pad)
+                        if use_remain:
+                            rrows = slice(remain_at[batch], remain_at[batch + 1])
+                            if sharded:
+                                rrows, share_r = _rank_rows(rrows, self.rank, self.world)
+                                shares = (share_f, share_r)
+                            ridx, host_ridx = remain_dev[rrows], remain_host[rrows]
+                            xr, yr = _gather(rx, ridx, host_ridx, dev), _gather(ry, ridx, host_ridx, dev)
+                            if aug_r_dev is not None:
+                                xr = _apply_augment(xr, aug_r_dev, ridx, aug_pad)
+                            acc += self.step(xf, tf, xr, yr, shares=shares)
+                        else:
+                            acc += self.step(xf, tf, shares=shares)
+                        batch += 1
+                        step += 1
+                        bar.update(1)
+                        if checkpoint_every and step % checkpoint_every == 0:
+                            epoch_seconds += clock.stop()()
+                            write_checkpoint()
+                            clock.start()
+                        if on_step is not None:
+                            on_step(step, {"epoch": epoch, "batch": batch, "total": total})
+                    seconds = clock.stop()
+                    if sharded:
+                        acc = distributed.all_reduce_sum(acc, dev)
+                    if sharded:
+                        sync_buffers()
+                    extra = {}
+                    if probe:
+                        self.model.eval()
+                        extra = probe(self.model)
+                        self.model.train()
+                    pending.append((epoch + 1, acc / per_epoch, epoch_seconds, seconds, extra))
+                    if show_bar:
+                        # The bar shows the last epoch but one: reading it does not stall
+                        # the device, whose queue still holds this epoch.
+                        read_rows(keep=1)
+                    epoch, batch, perm, remain_idx = epoch + 1, 0, None, None
+                    acc = torch.zeros(3, dtype=torch.float64, device=dev)
+                    epoch_seconds = 0.0
+            except StopRun:
+                pass
+            finally:
+                bar.close()
+                self.opt.zero_grad(set_to_none=True)
+                self.model.eval()
+            read_rows()
+            if sharded:
+                sync_buffers()
+        return history
+
+
+class _Clock:
+    """Seconds of a stretch of steps. On CUDA from events, so that stopping the clock does
+    not wait for the device: ``stop`` returns a function that reads the time when called."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.cuda = dev.type == "cuda"
+        self.t0 = self.ev0 = None
+
+    def _event(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.dev))  # the engine's device, not the current one
+        return ev
+
+    def start(self):
+        if self.cuda:
+            self.ev0 = self._event()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> Callable[[], float]:
+        if not self.cuda:
+            dt = time.perf_counter() - self.t0
+            return lambda: dt
+        ev0, ev1 = self.ev0, self._event()
+
+        def read():
+            ev1.synchronize()
+            return ev0.elapsed_time(ev1) / 1e3
+
+        return read
+
+
+def _draw_augment(mode: str, count: int, pad: int, gen: torch.Generator) -> dict:
+    """One epoch's crop offsets and flips for ``count`` samples (CPU tensors)."""
+    crop, flip = augment_mode(mode)
+    out = {}
+    if crop:
+        out["oy"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
+        out["ox"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
+    if flip:
+        out["flip"] = torch.rand(count, generator=gen) < 0.5
+    return out
+
+
+def _params_on(params: Optional[dict], dev: torch.device) -> Optional[dict]:
+    return None if params is None else {k: v.to(dev, non_blocking=True) for k, v in params.items()}
+
+
+def _apply_augment(x: torch.Tensor, params: dict, idx: torch.Tensor, pad: int) -> torch.Tensor:
+    """The batch x (rows idx of its set) with those rows' crops and flips; params on x's device."""
+    idx = idx.to(x.device)
+    if "oy" in params:
+        x = crop_at(x, pad, params["oy"][idx], params["ox"][idx])
+    if "flip" in params:
+        x = flip_where(x, params["flip"][idx])
+    return x
+
+
+def _rank_rows(rows: slice, rank: int, world: int) -> tuple[slice, float]:
+    """This rank's contiguous part of a global batch's rows (a slice of the epoch's index
+    list), and its fraction of the batch."""
+    count = rows.stop - rows.start
+    start, stop = shard_bounds(count, rank, world)
+    return slice(rows.start + start, rows.start + stop), (stop - start) / count
+
+
+def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:
+    """The RNG state this rank saved, or rank 0's when the checkpoint was written by another
+    number of processes (or by one)."""
+    per_rank = state.get(key + "_ranks")
+    if per_rank is not None and per_rank.shape[0] == world:
+        return per_rank[rank].clone()
+    return state[key]
+
+
+# ---------------------------------------------------------------- checkpoints
+def _gather(src: torch.Tensor, idx: torch.Tensor, host_idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Rows of src on dev: src is staged on dev (gathered there with idx, the indices on the
+    device) or, too big for it, in pinned host memory (gathered with the same indices on the
+    host, host_idx). Neither path copies indices between host and device: that would make
+    every step wait for the device."""
+    if src.device.type == "cpu" and dev.type != "cpu":
+        return src[host_idx].to(dev, non_blocking=True)
+    return src[idx]
+
+
+def _bar(total, enabled, initial=0):
+    return tqdm(total=total, initial=initial, desc="fine-tune", disable=not enabled, leave=False)
+
+
+def finetune(model: nn.Module, forget_x: torch.Tensor, search: SearchResult, config: UnlearnConfig, *,
+             remain=None, teacher: Optional[nn.Module] = None, mean=None, std=None, device=None,
+             progress: bool = True, probe=None, **run_kw) -> tuple[nn.Module, list]:
+    """Fine-tune ``model`` in place (the caller passes its own copy). Returns (model, history).
+
+    A one-shot FinetuneEngine; keep an engine (or a fastunlearn.Unlearner) to reuse the
+    compiled step across runs.
+    """
+    engine = FinetuneEngine(model, config, mean=mean, std=std, device=device, teacher=teacher)
+    history = engine.run(forget_x, search, remain, progress=progress, probe=probe, **run_kw)
+    return engine.model, history

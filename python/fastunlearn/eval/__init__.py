@@ -1,0 +1,1 @@
+"""Evaluation: metrics, reports, plots, baselines, parameter sweeps and the authors' reference loop."""

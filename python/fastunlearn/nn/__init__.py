@@ -1,0 +1,1 @@
+"""Model architectures and the transforms the engine applies to them."""

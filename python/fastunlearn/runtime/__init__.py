@@ -1,0 +1,1 @@
+"""Process-wide concerns: backend discovery, memory, timing phases and profiling."""
