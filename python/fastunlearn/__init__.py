@@ -11,7 +11,7 @@ fused native and Triton kernels, a batched search engine and a compiled fine-tun
 from fastunlearn.api import UnlearnResult, boundary_relabel, compose, interpolate, unlearn
 from fastunlearn.autotune import tune
 from fastunlearn.config import UnlearnConfig
-from fastunlearn.eval.metrics import evaluate
+from fastunlearn.eval.evidence import evaluate
 from fastunlearn.eval.report import report
 from fastunlearn.eval.sweep import sweep
 from fastunlearn.runtime.backends import backends

@@ -97,6 +97,10 @@ class UnlearnConfig:
                    decode the search's chunks and the fine-tune's batches ahead of use (0:
                    decode in the calling process; None: up to 4, one core left to the step).
                    Does not change any result.
+    deterministic  run under torch.use_deterministic_algorithms (cuDNN deterministic, the cuBLAS
+                   workspace setting on CUDA; restored afterwards, see runtime/determinism.py):
+                   two runs of the same job give bitwise-equal weights. An op with no
+                   deterministic kernel then raises instead of running.
     """
 
     eps: float = 0.1
@@ -132,6 +136,7 @@ class UnlearnConfig:
     compat: Optional[str] = None
     recheck_margin: float = 6.0
     loader_workers: Optional[int] = None
+    deterministic: bool = False
 
     def __post_init__(self):
         def bad(name, expected):
@@ -204,6 +209,8 @@ class UnlearnConfig:
             bad("backend", f"one of {BACKENDS}")
         if self.compat not in COMPAT:
             bad("compat", "None or 'authors'")
+        if not isinstance(self.deterministic, bool):
+            bad("deterministic", "True or False")
         if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
             bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
         if self.loader_workers is not None and (isinstance(self.loader_workers, bool)

@@ -29,6 +29,7 @@ from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.layout import default_channels_last
 from fastunlearn.ops import resolve_backend
 from fastunlearn.result import UnlearnResult
+from fastunlearn.runtime.determinism import deterministic_run
 from fastunlearn.runtime.phases import phase
 
 
@@ -142,6 +143,7 @@ class Unlearner:
             validate.check_labels(p[1], self._classes, k)
         return pairs
 
+    @deterministic_run
     def revise(self, forget, remain=None, *, progress: bool = True, probe=None,
                checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0,
                resume: Optional[Union[str, dict]] = None, on_step: Optional[Callable] = None,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastunlearn.config import UnlearnConfig
+from fastunlearn.runtime.determinism import worker_seeding
 
 
 def _norm(u, mean, std):
@@ -161,7 +162,7 @@ def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=N
     # Drawn in the loop's order up front, so that loaders reading ahead draw the same batches.
     order = [(next(forget_gen), next(remain_gen)) for _ in range(total)]
     if loading == "pil":
-        loader = dict(num_workers=workers, pin_memory=device.type == "cuda")
+        loader = dict(num_workers=workers, pin_memory=device.type == "cuda", **worker_seeding(cfg.seed))
         f_iter = iter(torch.utils.data.DataLoader(f_set, batch_sampler=[f.tolist() for f, _ in order], **loader))
         r_iter = iter(torch.utils.data.DataLoader(r_set, batch_sampler=[r.tolist() for _, r in order], **loader))
     bar = None

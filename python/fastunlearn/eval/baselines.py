@@ -8,6 +8,7 @@ random_labels    "RL": fit the forget set to random wrong labels, the remain set
 boundary_shrink  Chen et al. (2023): FGSM to the nearest wrong class, fine-tune on the forget set
                  only (fu.unlearn with gamma = lambda = 0, relabel="nearest_incorrect", rho = 0).
 scrub            teacher/student min-max distillation (Kurmanji et al., 2023).
+salun, l1_sparse, ssd   SalUn, l1-sparse fine-tuning, selective synaptic dampening (eval/peer_baselines.py).
 
 Every function takes the original model and returns a Baseline(model, seconds, name, settings);
 the input model is never modified.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,24 +29,11 @@ from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
 from fastunlearn.data.validate import resolve_device
 from fastunlearn.engine.train import train_classifier
-from fastunlearn.eval.metrics import prepare
+from fastunlearn.eval.baseline_harness import Baseline, check_schedule, sgd_loop, timed
+from fastunlearn.eval.peer_baselines import l1_sparse, salun, ssd
 
-BASELINES = ("retrain", "finetune_remain", "neggrad", "neggrad_plus", "random_labels", "boundary_shrink", "scrub")
-
-
-@dataclass
-class Baseline:
-    model: nn.Module
-    seconds: float
-    name: str
-    settings: dict = field(default_factory=dict)
-
-
-def _check(epochs, lr):
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+BASELINES = ("retrain", "finetune_remain", "neggrad", "neggrad_plus", "random_labels", "boundary_shrink", "scrub",
+             "salun", "l1_sparse", "ssd")  # the last three: eval/peer_baselines.py
 
 
 def reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -62,66 +49,12 @@ def reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:
     return out
 
 
-class _Stream:
-    """Endless seeded shuffled batches of one set."""
-
-    def __init__(self, x, y, batch, gen, dev):
-        self.x, self.y, self.batch, self.gen, self.dev = x, y, batch, gen, dev
-        self.queue = []
-
-    def next(self):
-        if not self.queue:
-            perm = torch.randperm(self.x.shape[0], generator=self.gen)
-            self.queue = [perm[i:i + self.batch] for i in range(0, len(perm), self.batch)]
-        idx = self.queue.pop(0)
-        return self.x[idx].to(self.dev), self.y[idx].to(self.dev)
-
-
-def _loop(model, forget, remain, steps_of, loss_fn, epochs, lr, batch_size, mean, std, device, seed, momentum=0.9,
-          weight_decay=0.0):
-    """SGD for ``epochs`` passes over the set ``steps_of`` names ("forget" or "remain");
-    each step gets a batch of both sets (None where a set is absent) and loss_fn(model, f, r)."""
-    dev = resolve_device(model, device)
-    net = copy.deepcopy(model).to(dev)
-    net.requires_grad_(True)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    streams = {k: (_Stream(*d, batch_size, gen, dev) if d is not None else None)
-               for k, d in (("forget", forget), ("remain", remain))}
-    n = (forget if steps_of == "forget" else remain)[0].shape[0]
-    steps = epochs * max(1, -(-n // batch_size))
-
-    def batch(k):
-        s = streams[k]
-        if s is None:
-            return None
-        x, y = s.next()
-        return prepare(x, mean, std), y
-
-    net.train()
-    for _ in range(steps):
-        loss = loss_fn(net, batch("forget"), batch("remain"))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
-def _timed(name, settings, fn):
-    t0 = time.perf_counter()
-    model = fn()
-    p = next(model.parameters(), None)
-    if p is not None and p.is_cuda:
-        torch.cuda.synchronize(p.device)
-    return Baseline(model, time.perf_counter() - t0, name, settings)
-
-
 def retrain(model, remain, *, epochs: int = 3, lr: float = 0.05, batch_size: int = 128, mean=None, std=None,
             device=None, seed: int = 0, progress: bool = False, **train_kw) -> Baseline:
     """Train a freshly initialised copy of ``model``'s architecture on ``remain`` (train_classifier)."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     fresh = reinitialised(model, seed)
-    return _timed("retrain", dict(epochs=epochs, lr=lr, batch_size=batch_size), lambda: train_classifier(
+    return timed("retrain", dict(epochs=epochs, lr=lr, batch_size=batch_size), lambda: train_classifier(
         fresh, remain, epochs, lr=lr, batch_size=batch_size, mean=mean, std=std, device=device, seed=seed,
         progress=progress, desc="retrain", **train_kw))
 
@@ -129,33 +62,33 @@ def retrain(model, remain, *, epochs: int = 3, lr: float = 0.05, batch_size: int
 def finetune_remain(model, remain, *, epochs: int = 1, lr: float = 0.01, batch_size: int = 128, mean=None,
                     std=None, device=None, seed: int = 0) -> Baseline:
     """FT: continue training on the remain set only, constant learning rate."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     r = validate.pair(remain, "remain")
 
     def loss(net, f, rb):
         return F.cross_entropy(net(rb[0]).float(), rb[1])
 
-    return _timed("finetune_remain", dict(epochs=epochs, lr=lr), lambda: _loop(
+    return timed("finetune_remain", dict(epochs=epochs, lr=lr), lambda: sgd_loop(
         model, None, r, "remain", loss, epochs, lr, batch_size, mean, std, device, seed))
 
 
 def neggrad(model, forget, *, epochs: int = 1, lr: float = 1e-4, batch_size: int = 64, mean=None, std=None,
             device=None, seed: int = 0) -> Baseline:
     """NegGrad: gradient ascent on the forget set's cross-entropy."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     f = validate.pair(forget, "forget")
 
     def loss(net, fb, r):
         return -F.cross_entropy(net(fb[0]).float(), fb[1])
 
-    return _timed("neggrad", dict(epochs=epochs, lr=lr), lambda: _loop(
+    return timed("neggrad", dict(epochs=epochs, lr=lr), lambda: sgd_loop(
         model, f, None, "forget", loss, epochs, lr, batch_size, mean, std, device, seed))
 
 
 def neggrad_plus(model, forget, remain, *, epochs: int = 1, lr: float = 1e-3, alpha: float = 0.9,
                  batch_size: int = 64, mean=None, std=None, device=None, seed: int = 0) -> Baseline:
     """NegGrad+: alpha * CE(remain) - (1 - alpha) * CE(forget), one remain batch per forget batch."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     f, r = validate.pair(forget, "forget"), validate.pair(remain, "remain")
@@ -164,14 +97,14 @@ def neggrad_plus(model, forget, remain, *, epochs: int = 1, lr: float = 1e-3, al
         return alpha * F.cross_entropy(net(rb[0]).float(), rb[1]) - (1 - alpha) * F.cross_entropy(
             net(fb[0]).float(), fb[1])
 
-    return _timed("neggrad_plus", dict(epochs=epochs, lr=lr, alpha=alpha), lambda: _loop(
+    return timed("neggrad_plus", dict(epochs=epochs, lr=lr, alpha=alpha), lambda: sgd_loop(
         model, f, r, "remain", loss, epochs, lr, batch_size, mean, std, device, seed))
 
 
 def random_labels(model, forget, remain, *, epochs: int = 1, lr: float = 1e-3, batch_size: int = 64,
                   num_classes: Optional[int] = None, mean=None, std=None, device=None, seed: int = 0) -> Baseline:
     """RL: each forget batch gets fresh random labels other than the true one; plus the remain loss."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     f, r = validate.pair(forget, "forget"), validate.pair(remain, "remain")
     k = num_classes or int(max(int(f[1].max()), int(r[1].max()))) + 1
     if k < 2:
@@ -183,14 +116,14 @@ def random_labels(model, forget, remain, *, epochs: int = 1, lr: float = 1e-3, b
         wrong = (fb[1] + shift) % k
         return F.cross_entropy(net(fb[0]).float(), wrong) + F.cross_entropy(net(rb[0]).float(), rb[1])
 
-    return _timed("random_labels", dict(epochs=epochs, lr=lr), lambda: _loop(
+    return timed("random_labels", dict(epochs=epochs, lr=lr), lambda: sgd_loop(
         model, f, r, "forget", loss, epochs, lr, batch_size, mean, std, device, seed))
 
 
 def boundary_shrink(model, forget, *, epochs: int = 10, lr: float = 1e-5, eps: float = 0.1, batch_size: int = 64,
                     mean=None, std=None, device=None, seed: int = 0) -> Baseline:
     """Boundary Shrink (Chen et al., 2023): FGSM relabel to the nearest wrong class, forget set only."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     cfg = UnlearnConfig(eps=eps, steps=1, gamma=0.0, lamda=0.0, relabel="nearest_incorrect", epochs=epochs, lr=lr,
                         batch_size=batch_size, remain_reg=0.0, seed=seed)
     t0 = time.perf_counter()
@@ -203,7 +136,7 @@ def scrub(model, forget, remain, *, epochs: int = 2, max_steps: int = 1, lr: flo
           seed: int = 0) -> Baseline:
     """SCRUB: the student moves away from the original (teacher) on forget batches (max steps,
     the first ``max_steps`` epochs) and towards it plus the labels on remain batches (min steps)."""
-    _check(epochs, lr)
+    check_schedule(epochs, lr)
     f, r = validate.pair(forget, "forget"), validate.pair(remain, "remain")
     dev = resolve_device(model, device)
     teacher = copy.deepcopy(model).to(dev).eval()
@@ -217,18 +150,19 @@ def scrub(model, forget, remain, *, epochs: int = 2, max_steps: int = 1, lr: flo
         student = copy.deepcopy(model).to(dev)
         for e in range(epochs):
             if e < max_steps:
-                student = _loop(student, f, None, "forget",
-                                lambda net, fb, _: -kl(net(fb[0]), teacher(fb[0])), 1, lr, batch_size, mean, std,
-                                dev, seed + 2 * e)
+                student = sgd_loop(student, f, None, "forget",
+                                   lambda net, fb, _: -kl(net(fb[0]), teacher(fb[0])), 1, lr, batch_size, mean, std,
+                                   dev, seed + 2 * e)
 
             def min_loss(net, _, rb):
                 out = net(rb[0])
                 return gamma * F.cross_entropy(out.float(), rb[1]) + kl(out, teacher(rb[0]))
 
-            student = _loop(student, None, r, "remain", min_loss, 1, lr, batch_size, mean, std, dev, seed + 2 * e + 1)
+            student = sgd_loop(student, None, r, "remain", min_loss, 1, lr, batch_size, mean, std, dev,
+                               seed + 2 * e + 1)
         return student
 
-    return _timed("scrub", dict(epochs=epochs, max_steps=max_steps, lr=lr), run)
+    return timed("scrub", dict(epochs=epochs, max_steps=max_steps, lr=lr), run)
 
 
 def run_all(model, forget, remain, names=BASELINES[1:], *, mean=None, std=None, device=None, seed: int = 0,
@@ -250,5 +184,8 @@ def run_all(model, forget, remain, names=BASELINES[1:], *, mean=None, std=None, 
         "random_labels": lambda s: random_labels(model, forget, remain, **kw, **s),
         "boundary_shrink": lambda s: boundary_shrink(model, forget, **kw, **s),
         "scrub": lambda s: scrub(model, forget, remain, **kw, **s),
+        "salun": lambda s: salun(model, forget, remain, **kw, **s),
+        "l1_sparse": lambda s: l1_sparse(model, remain, **kw, **s),
+        "ssd": lambda s: ssd(model, forget, remain, **kw, **s),
     }
     return {n: calls[n](dict(settings.get(n, {}))) for n in names}

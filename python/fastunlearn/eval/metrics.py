@@ -211,7 +211,8 @@ def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, de
 
     Keys: forget_acc / remain_acc / test_acc for the sets given (fractions in [0, 1]);
     with mia=True, mia_lr when forget and test are given and mia_efficacy when all three
-    are; per_class = {set: {class: accuracy}} when asked.
+    are; per_class = {set: {class: accuracy}} when asked. fu.evaluate is eval.evidence.evaluate:
+    this, plus the evidence of forgetting when asked.
     """
     sets = {k: v for k, v in (("forget", forget), ("remain", remain), ("test", test)) if v is not None}
     if not sets:

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from fastunlearn.data.checkpoint import atomic_write_text
 from fastunlearn.eval import plots
+from fastunlearn.eval.attack_report import attack_section
 from fastunlearn.eval.metrics import (
     accuracy,
     evaluation_set,
@@ -43,7 +44,8 @@ from fastunlearn.eval.metrics import (
     predict_logits,
     true_class_confidence,
 )
-from fastunlearn.nn.models import head_of
+from fastunlearn.eval.representation import features
+from fastunlearn.eval.seeds import report_over_seeds
 
 TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds",
                  "x_retrain")
@@ -70,16 +72,9 @@ def _model_and_seconds(v):
 
 
 def _embed(model, x, mean, std, device, batch_size=512):
-    """(embeddings, logits): the input of the classifier head, caught by a forward hook."""
-    model = inference_copy(model, device)  # the hook goes on the copy predict_logits runs
-    _, head = head_of(model)
-    caught = []
-    h = head.register_forward_hook(lambda m, inp, out: caught.append(torch.flatten(inp[0], 1).detach().float().cpu()))
-    try:
-        logits = predict_logits(model, x, mean, std, batch_size, device)
-    finally:
-        h.remove()
-    return torch.cat(caught).numpy(), logits
+    """(embeddings, logits): the input of the classifier head (eval.representation.features)."""
+    emb, logits = features(model, x, mean=mean, std=std, device=device, batch_size=batch_size, return_logits=True)
+    return emb.numpy(), logits
 
 
 def _fmt(k, v):
@@ -107,16 +102,77 @@ def markdown_table(rows: dict, columns=TABLE_COLUMNS[1:]) -> str:
     return "\n".join(lines)
 
 
+def _tsne_sample(sets: dict, tsne_points: int, seed: int):
+    """The t-SNE points: every class of the test set plus forget samples, the same rows for
+    every model. (x, y as numpy, is-forget mask)."""
+    rng = np.random.RandomState(seed)
+    tx, ty = sets["test"]
+    fx, fy = sets["forget"]
+    n_f = min(len(fy), tsne_points // 3)
+    n_t = min(len(ty), tsne_points - n_f)
+    t_idx = torch.from_numpy(np.sort(rng.choice(len(ty), n_t, replace=False)))
+    f_idx = torch.from_numpy(np.sort(rng.choice(len(fy), n_f, replace=False)))
+    emb_x = torch.cat([tx[t_idx], fx[f_idx]])
+    emb_y = torch.cat([ty[t_idx], fy[f_idx]]).numpy()
+    return emb_x, emb_y, np.r_[np.zeros(n_t, bool), np.ones(n_f, bool)]
+
+
+def _score(model, seconds, sets: dict, mean, std, device, seed: int, max_shadow: int):
+    """(row of metrics, (forget losses, test losses) as numpy, number of classes) of one model."""
+    net = inference_copy(model, device)
+    logits = {k: predict_logits(net, x, mean, std, device=device) for k, (x, y) in sets.items()}
+    k_classes = logits["test"].shape[1]
+    fy, ty = sets["forget"][1], sets["test"][1]
+    r = {"forget_acc": accuracy(logits["forget"], fy), "remain_acc": accuracy(logits["remain"], sets["remain"][1]),
+         "test_acc": accuracy(logits["test"], ty)}
+    fl = per_sample_loss(logits["forget"], fy)
+    tl = per_sample_loss(logits["test"], ty)
+    r["mia_lr"] = mia_lr(fl, tl, seed=seed)
+    conf = {k: true_class_confidence(logits[k], sets[k][1]) for k in sets}
+    r["mia_efficacy"] = mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"], seed=seed,
+                                                     max_shadow=max_shadow)
+    if seconds is not None:
+        r["seconds"] = seconds
+    pc = per_class_accuracy(logits["test"], ty)
+    for c in range(k_classes):
+        if c in pc:
+            r[f"test_acc_c{c}"] = pc[c]
+    return r, (fl.numpy(), tl.numpy()), k_classes
+
+
+def _write_table(path: str, rows: dict, columns: list) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for name, r in rows.items():
+        w.writerow({"method": name, **{c: ("" if r.get(c) is None else f"{r[c]:.6g}") for c in columns[1:]}})
+    atomic_write_text(path, buf.getvalue())
+
+
 def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optional[str] = "retrain", mean=None,
            std=None, device=None, title: str = "", notes: Optional[dict] = None, tsne: bool = True,
            tsne_points: int = 300, tradeoff: Optional[list] = None, class_names=None, seed: int = 0,
-           max_shadow: int = 2000, extra_figures: Optional[dict] = None) -> Report:
+           max_shadow: int = 2000, extra_figures: Optional[dict] = None, attacks: Optional[str] = None,
+           attack_kw: Optional[dict] = None, seeds: Optional[list] = None) -> Report:
     """Score ``models`` ({name: model | (model, seconds) | result}) and write the report files.
 
     retrain: the key of the retrained reference among ``models`` (None: no gap column).
     tradeoff: rows for a trade-off figure (dicts with method, fraction and metric keys), drawn
     as tradeoff.png. extra_figures: {caption: png path} to link from the page as well.
+    attacks: "all", "suite" or "representation" adds the membership attacks and / or the
+    representation checks (eval.attack_report: attacks.csv, roc.png, per_example.png, a
+    section of the page, "evidence" in metrics.json); attack_kw goes to attack_section
+    (original=, reference_models=, train_references_k=, layer=, ...).
+    seeds: one report per seed in out_dir/seed_<s>/ and mean +- std in out_dir (eval.seeds);
+    each model is then a callable seed -> model, a list with one model per seed, or one model
+    for every seed.
     """
+    if seeds is not None:
+        return report_over_seeds(report, models, forget, remain, test, seeds=seeds, out_dir=out_dir, retrain=retrain,
+                                 mean=mean, std=std, device=device, title=title, notes=notes, tsne=tsne,
+                                 tsne_points=tsne_points, tradeoff=tradeoff, class_names=class_names,
+                                 max_shadow=max_shadow, extra_figures=extra_figures, attacks=attacks,
+                                 attack_kw=attack_kw)
     if not models:
         raise ValueError("report: no models given")
     if retrain is not None and retrain not in models:
@@ -126,39 +182,10 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     os.makedirs(out_dir, exist_ok=True)
     k_classes = None
     rows, losses, panels = {}, {}, {}
-    rng = np.random.RandomState(seed)
-    # t-SNE points: every class of the test set plus forget samples, the same rows for every model.
-    tx, ty = sets["test"]
-    fx, fy = sets["forget"]
-    n_f = min(len(fy), tsne_points // 3)
-    n_t = min(len(ty), tsne_points - n_f)
-    t_idx = torch.from_numpy(np.sort(rng.choice(len(ty), n_t, replace=False)))
-    f_idx = torch.from_numpy(np.sort(rng.choice(len(fy), n_f, replace=False)))
-    emb_x = torch.cat([tx[t_idx], fx[f_idx]])
-    emb_y = torch.cat([ty[t_idx], fy[f_idx]]).numpy()
-    emb_forget = np.r_[np.zeros(n_t, bool), np.ones(n_f, bool)]
-
+    emb_x, emb_y, emb_forget = _tsne_sample(sets, tsne_points, seed)
     for name, v in models.items():
         model, seconds = _model_and_seconds(v)
-        net = inference_copy(model, device)
-        logits = {k: predict_logits(net, x, mean, std, device=device) for k, (x, y) in sets.items()}
-        k_classes = logits["test"].shape[1]
-        r = {"forget_acc": accuracy(logits["forget"], fy), "remain_acc": accuracy(logits["remain"], sets["remain"][1]),
-             "test_acc": accuracy(logits["test"], ty)}
-        fl = per_sample_loss(logits["forget"], fy)
-        tl = per_sample_loss(logits["test"], ty)
-        r["mia_lr"] = mia_lr(fl, tl, seed=seed)
-        conf = {k: true_class_confidence(logits[k], sets[k][1]) for k in sets}
-        r["mia_efficacy"] = mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"], seed=seed,
-                                                         max_shadow=max_shadow)
-        if seconds is not None:
-            r["seconds"] = seconds
-        pc = per_class_accuracy(logits["test"], ty)
-        for c in range(k_classes):
-            if c in pc:
-                r[f"test_acc_c{c}"] = pc[c]
-        rows[name] = r
-        losses[name] = (fl.numpy(), tl.numpy())
+        rows[name], losses[name], k_classes = _score(model, seconds, sets, mean, std, device, seed, max_shadow)
         if tsne:
             emb, lg = _embed(model, emb_x, mean, std, device)
             panels[name] = dict(emb=emb, y=emb_y, pred=lg.argmax(1).numpy(), forget=emb_forget)
@@ -170,19 +197,19 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
             if t_retrain and r.get("seconds") is not None:
                 r["x_retrain"] = r["seconds"] / t_retrain
 
-    per_class_cols = [f"test_acc_c{c}" for c in range(k_classes)]
-    columns = list(TABLE_COLUMNS) + per_class_cols
-    paths = {}
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    w.writeheader()
-    for name, r in rows.items():
-        w.writerow({"method": name, **{c: ("" if r.get(c) is None else f"{r[c]:.6g}") for c in columns[1:]}})
-    paths["csv"] = os.path.join(out_dir, "table.csv")
-    atomic_write_text(paths["csv"], buf.getvalue())
+    columns = list(TABLE_COLUMNS) + [f"test_acc_c{c}" for c in range(k_classes)]
+    paths = {"csv": os.path.join(out_dir, "table.csv")}
+    _write_table(paths["csv"], rows, columns)
+    section = None
+    if attacks is not None:
+        section = attack_section({n: _model_and_seconds(v)[0] for n, v in models.items()}, sets["forget"],
+                                 sets["remain"], sets["test"], out_dir, what=attacks, retrain=retrain, mean=mean,
+                                 std=std, device=device, seed=seed, **(attack_kw or {}))
+        paths.update(section.paths)
     paths["json"] = os.path.join(out_dir, "metrics.json")
     atomic_write_text(paths["json"], json.dumps({"title": title, "rows": rows, "notes": notes or {},
-                                                 "sizes": {k: int(len(v[1])) for k, v in sets.items()}},
+                                                 "sizes": {k: int(len(v[1])) for k, v in sets.items()},
+                                                 **({"evidence": section.evidence} if section else {})},
                                                 indent=2, default=str))
     paths["mia_hist"] = plots.loss_histograms(losses, os.path.join(out_dir, "mia_hist.png"),
                                               title="per-sample loss: forget vs test")
@@ -195,6 +222,8 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
                                                   title="unlearning a growing share of one class")
     md = _markdown(title, rows, columns, paths, notes, {k: len(v[1]) for k, v in sets.items()}, retrain,
                    extra_figures or {}, out_dir)
+    if section is not None:
+        md += "\n" + section.markdown
     paths["markdown"] = os.path.join(out_dir, "report.md")
     atomic_write_text(paths["markdown"], md)
     return Report(rows, paths, md, columns)

@@ -47,6 +47,7 @@ from fastunlearn.engine.finetune import FinetuneEngine
 from fastunlearn.engine.search import SearchResult, run_search
 from fastunlearn.eval.halving import Budget, successive_halving
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
+from fastunlearn.eval.seeds import sweep_over_seeds
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.models import head_of
 
@@ -113,6 +114,7 @@ class SweepResult:
     searches: int = 1
     rule: dict = field(default_factory=dict)
     spent: dict = field(default_factory=dict)
+    seed_summary: Optional[dict] = None  # sweep(seeds=[...]): mean +- std over seeds (eval.seeds)
 
     @property
     def configs(self) -> list:
@@ -237,7 +239,8 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
           target_forget_acc: Union[None, float, str] = None, heldout=None, grid: Optional[dict] = None,
           base: Optional[UnlearnConfig] = None, mean=None, std=None, device=None, head_ft_epochs: int = 1,
           head_ft_lr: float = 1e-2, head_ft_samples: Optional[int] = None, progress: bool = False,
-          log=None, budget: Union[None, float, dict, Budget] = None, keep: float = 1 / 3) -> SweepResult:
+          log=None, budget: Union[None, float, dict, Budget] = None, keep: float = 1 / 3,
+          seeds: Optional[Sequence[int]] = None) -> SweepResult:
     """Run a grid of unlearning settings on ``model`` and keep the best on the validation split.
 
     forget / remain: (x, y) pairs or Datasets, as in fu.unlearn. val: (forget_val, remain_val),
@@ -264,7 +267,16 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     seconds (a number) or {"seconds": s, "work": w}, w counted in fine-tune epochs. The
     composition points are made only for the un-composed snapshots on the Pareto front (and the
     best one). ``res.spent`` says what ran: fine-tune epochs, runs per rung, seconds.
+    seeds: run the sweep once per seed (base.seed = each); the first seed's result comes back
+    with ``seed_summary`` holding mean +- std over the seeds (eval.seeds.sweep_over_seeds).
     """
+    if seeds is not None:
+        b = UnlearnConfig() if base is None else base
+        return sweep_over_seeds(lambda s: sweep(
+            model, forget, remain, val, max_forget_acc=max_forget_acc, target_forget_acc=target_forget_acc,
+            heldout=heldout, grid=grid, base=b.replace(seed=s), mean=mean, std=std, device=device,
+            head_ft_epochs=head_ft_epochs, head_ft_lr=head_ft_lr, head_ft_samples=head_ft_samples, progress=progress,
+            log=log, budget=budget, keep=keep), seeds)
     t_start = time.perf_counter()
     validate.check_model(model)
     validate.check_distinct(forget, remain)
