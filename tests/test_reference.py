@@ -121,6 +121,8 @@ def test_lamda_schedules():
     assert R.lamda_at(2.0, "inverse", 3, 10) == pytest.approx(0.5)
     assert R.lamda_at(2.0, "exponential", 0, 10) == pytest.approx(2.0 * math.exp(-0.01))
     assert R.lamda_at(2.0, "linear", 4, 10) == pytest.approx(2.0 * 0.5)
+    assert R.lamda_at(2.0, "exponential", 1, 10, rate=0.5) == pytest.approx(2.0 * math.exp(-1.0))
+    assert R.lamda_at(2.0, "linear", 12, 10) == 0.0  # past the horizon: no pull, never a push
     with pytest.raises(ValueError, match="lamda_schedule"):
         R.lamda_at(1.0, "cosine", 0, 1)
 
