@@ -208,6 +208,9 @@ class UnlearnConfig:
             bad("backend", f"one of {BACKENDS}")
         if self.compat not in COMPAT:
             bad("compat", "None or 'authors'")
+        if self.compat == "authors" and (self.relabel == "nearest_incorrect" or self.joint_batch):
+            raise ValueError("compat='authors' takes relabel argmax / soft / topk and joint_batch=False (the "
+                             f"published loop), got relabel={self.relabel!r}, joint_batch={self.joint_batch}")
         if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
             bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
 
