@@ -134,3 +134,18 @@ def test_compat_soft_targets_match_the_published_logits(mnist, relabel, flags):
     assert _max_gap(ref, ours) < 1e-5, f"max weight difference {_max_gap(ref, ours):.3g}"
     _, off = _finetunes(model, x, y, cfg.replace(compat=None), **flags)
     assert _max_gap(ref, off) > 1e-4, "without compat the targets are probabilities, not their logits"
+
+
+def test_compat_unlearn_draws_the_unused_remain_batches(mnist):
+    """fu.unlearn under compat with remain_reg 0 still draws their remain batches, so the forget
+    batches (one stream, as their loaders share torch's) are theirs: the model matches their loop."""
+    import fastunlearn as fu
+    from fastunlearn.eval.authors import authors_unlearn
+
+    model, x, y = mnist
+    cfg = UnlearnConfig(eps=0.1, compat="authors", epochs=2, lr=0.02, seed=5)
+    xf, yf, remain = x[:192], y[:192], (x[192:700], y[192:700])
+    ref, _ = authors_unlearn(model, (xf, yf), remain, cfg, mean=torch.tensor(MEAN), std=torch.tensor(STD),
+                             device="cpu", published=True)
+    ours = fu.unlearn(model, (xf, yf), remain, config=cfg, mean=MEAN, std=STD, device="cpu", progress=False).model
+    assert _max_gap(ref.state_dict(), ours.state_dict()) < 1e-5
