@@ -15,7 +15,7 @@ Scored as the published code scores: forget / remain accuracy on the test set's 
 classes, test accuracy, MIA-LR (metrics.mia_lr_published: test set vs its forget class), and the
 wall time of each run. Writes table.csv, table.md and forget_remain.png to --out and prints the table.
 
-    python bench/reproduce_paper.py --out runs/paper                 # CPU preset, ~15 minutes
+    python bench/reproduce_paper.py --out runs/paper                 # CPU preset, ~5 minutes on 2 cores
     python bench/reproduce_paper.py --out runs/paper --preset small  # a few minutes
     python bench/reproduce_paper.py --out runs/paper --preset full --device cuda   # the paper's size
 """
