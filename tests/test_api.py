@@ -40,7 +40,7 @@ def test_unlearn_returns_new_model_and_leaves_input_untouched(gen):
     assert res.backend in ("cpu", "torch")
 
 
-@pytest.mark.parametrize("refresh,expected", [("once", 1), ("epoch", 3), ("iteration", 3)])
+@pytest.mark.parametrize("refresh,expected", [("once", 1), ("epoch", 3)])
 def test_refresh_modes(gen, refresh, expected):
     res = fu.unlearn(small_model(), data(gen), config=FAST.replace(epochs=3, refresh=refresh, gamma=0.1),
                      progress=False)
@@ -51,8 +51,13 @@ def test_refresh_modes(gen, refresh, expected):
 
 def test_auto_refresh_is_once_when_deterministic():
     assert fu.UnlearnConfig().refresh_mode == "once"
-    assert fu.UnlearnConfig(gamma=0.1).refresh_mode == "iteration"
-    assert fu.UnlearnConfig(random_start=True).refresh_mode == "iteration"
+    assert fu.UnlearnConfig(gamma=0.1).refresh_mode == "epoch"
+    assert fu.UnlearnConfig(random_start=True).refresh_mode == "epoch"
+
+
+def test_refresh_iteration_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="refresh='epoch'.*compat='authors'"):
+        fu.UnlearnConfig(refresh="iteration")
 
 
 def test_boundary_relabel_matches_unlearn_first_refresh(gen):

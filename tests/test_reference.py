@@ -125,8 +125,14 @@ def test_noise_offsets_are_positions_in_one_stream():
     assert not torch.equal(R.philox_noise(1000, "normal", 4, offset=0), a)
 
 
+def test_lamda_schedule_rate_and_floor_past_the_horizon():
+    # The values are checked against DESIGN.md by hand in test_oracles.py; here the rate
+    # field and the floor (past the horizon: no pull, never a push away from u0).
+    assert R.lamda_at(2.0, "exponential", 1, 10, rate=0.5) == pytest.approx(2.0 * math.exp(-1.0))
+    assert R.lamda_at(2.0, "linear", 12, 10) == 0.0
+
+
 def test_unknown_lamda_schedule_is_refused():
-    # The values are checked against DESIGN.md by hand in test_oracles.py.
     with pytest.raises(ValueError, match="lamda_schedule"):
         R.lamda_at(1.0, "cosine", 0, 1)
 

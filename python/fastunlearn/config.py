@@ -9,7 +9,7 @@ from typing import Optional
 from fastunlearn.reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
 from fastunlearn.runtime.backends import BACKENDS
 
-REFRESH_MODES = ("auto", "iteration", "epoch", "once")
+REFRESH_MODES = ("auto", "epoch", "once")
 REMAIN_TARGETS = ("labels", "distill")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # train.train_classifier: no fp16 there, which would need loss scaling.
@@ -35,12 +35,21 @@ class UnlearnConfig:
     steps          inner steps T; 1 is FGSM.
     alpha          step size; None means eps for T = 1 and 2.5 * eps / T otherwise.
     gamma, noise   scale and law of the perturbation z (normal, laplace, cauchy, uniform(-1,1)).
-    lamda, lamda_schedule   pull back towards the original image, and how it decays.
+    lamda, lamda_schedule   pull back towards the original image, and how it decays:
+                   constant | inverse lamda/(t+1) | exponential lamda exp(-lamda_rate (t+1)) |
+                   linear lamda (1 - (t+1)/H), floored at 0. The index t counts inner steps
+                   (H = steps) when steps > 1, and refreshes (H = number of refreshes) when
+                   steps = 1. lambda_t is never negative, so the term only ever pulls.
+    lamda_rate     rate of the exponential schedule (per schedule index).
     quantize       q of the 1/q pixel grid (255 for 8-bit images); 0 turns rounding off.
     relabel        argmax | nearest_incorrect | soft | topk; topk: k for relabel="topk".
     early_exit     stop searching a sample once it has crossed the boundary (T > 1).
     random_start   start the search from a uniform point in the eps ball.
-    refresh        when the search is redone with fresh noise: iteration | epoch | once | auto.
+    refresh        when the search is redone with fresh noise: epoch | once | auto (once when
+                   the search is deterministic, else epoch). Each sample is searched once per
+                   epoch, so "epoch" already gives every sample a fresh draw each time the
+                   published loop would; "iteration" is refused: the published loop's other
+                   use of the iteration, the lambda schedule's clock, is compat="authors".
     epochs, lr, momentum, batch_size   the fine-tune (SGD).
     augment        None | crop | flip | crop+flip: the fine-tune's forget and remain images,
                    on the device, each epoch afresh (crop: zero-pad by H/8, a random window;
@@ -85,7 +94,15 @@ class UnlearnConfig:
                    relabel differently than without it.
     backend        backend of the fused ops: auto | torch | cpu | cuda | triton. "torch" also
                    runs the CPU train step's BatchNorm + ReLU as PyTorch's modules (unfused).
-    compat         None, or "authors" to reproduce the published code's known defects.
+    compat         None, or "authors" to reproduce the published code (README, "Where
+                   fastunlearn's default differs from the published code"): the search in
+                   their attack space with their constants, their batch-mean fp32 gradient
+                   (batch_size rows; a confident sample's underflows and it does not move),
+                   their lambda term + lamda (normalised iterate - original) on the 1-based
+                   global iteration clock, clamp then round half to even, fp32 throughout;
+                   soft / topk targets are their raw logits / top-k logits over their sum;
+                   the fine-tune draws a remain batch every iteration and runs separate
+                   forwards. gamma > 0 draws the same law at the same scale (not their draws).
     recheck_margin bf16 / fp16 search only: a sample whose closest decision (relabel, success,
                    early exit) lay within recheck_margin x its rounding noise, r |z|max +
                    sqrt(r / D) L (r = finfo(dtype).eps, z the last logits, D pixels per sample,
@@ -110,6 +127,7 @@ class UnlearnConfig:
     lamda: float = 0.0
     noise: str = "normal"
     lamda_schedule: str = "constant"
+    lamda_rate: float = 0.01
     quantize: int = 255
     relabel: str = "argmax"
     topk: int = 3
@@ -160,6 +178,8 @@ class UnlearnConfig:
             bad("lamda", ">= 0")
         if self.noise not in NOISE_KINDS:
             bad("noise", f"one of {NOISE_KINDS}")
+        if number("lamda_rate") < 0:
+            bad("lamda_rate", ">= 0")
         if self.lamda_schedule not in LAMDA_SCHEDULES:
             bad("lamda_schedule", f"one of {LAMDA_SCHEDULES}")
         if isinstance(self.quantize, bool) or not isinstance(self.quantize, int) or self.quantize < 0:
@@ -170,6 +190,10 @@ class UnlearnConfig:
             bad("relabel", f"one of {RELABEL_MODES}")
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             bad("topk", "an integer >= 1")
+        if self.refresh == "iteration":
+            raise ValueError("UnlearnConfig.refresh='iteration' is not supported: each sample is searched once "
+                             "per epoch, so refresh='epoch' gives the same fresh draws per sample; for the "
+                             "published per-iteration lambda schedule use compat='authors'")
         if self.refresh not in REFRESH_MODES:
             bad("refresh", f"one of {REFRESH_MODES}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
@@ -211,6 +235,9 @@ class UnlearnConfig:
             bad("compat", "None or 'authors'")
         if not isinstance(self.deterministic, bool):
             bad("deterministic", "True or False")
+        if self.compat == "authors" and (self.relabel == "nearest_incorrect" or self.joint_batch):
+            raise ValueError("compat='authors' takes relabel argmax / soft / topk and joint_batch=False (the "
+                             f"published loop), got relabel={self.relabel!r}, joint_batch={self.joint_batch}")
         if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
             bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
         if self.loader_workers is not None and (isinstance(self.loader_workers, bool)
@@ -227,6 +254,8 @@ class UnlearnConfig:
     @property
     def deterministic_search(self) -> bool:
         """True when every redo of the search gives the same labels."""
+        if self.compat == "authors" and self.lamda > 0 and self.lamda_schedule != "constant":
+            return False  # their lambda changes every iteration, so each epoch searches anew
         return self.gamma == 0 and not self.random_start
 
     @property
@@ -234,7 +263,7 @@ class UnlearnConfig:
         """refresh with "auto" resolved: once when the search is deterministic."""
         if self.refresh != "auto":
             return self.refresh
-        return "once" if self.deterministic_search else "iteration"
+        return "once" if self.deterministic_search else "epoch"
 
     @classmethod
     def recommended(cls, *, forget_size: Optional[int] = None, remain_size: Optional[int] = None,

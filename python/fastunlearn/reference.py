@@ -191,17 +191,29 @@ def relabel_check(logits, y, *, mode="argmax", topk=3, want_grad=False) -> Relab
 
 
 # ------------------------------------------------------------------- schedules
-def lamda_at(lamda: float, schedule: str, t: int, steps: int) -> float:
-    """lambda_t for inner step (or refresh) index t."""
+def lamda_at(lamda: float, schedule: str, t: int, horizon: int, rate: float = 0.01) -> float:
+    """lambda_t for the 0-based schedule index t of a run of ``horizon`` indices.
+
+    The index is the inner step (horizon = steps T) when T > 1, and the refresh (horizon =
+    the number of refreshes) when T = 1. inverse: lamda / (t + 1); exponential:
+    lamda exp(-rate (t + 1)); linear: lamda (1 - (t + 1) / horizon), floored at 0 so an index
+    past the horizon gives no pull rather than a push away from the original image.
+    """
     if schedule == "constant":
         return lamda
     if schedule == "inverse":
         return lamda / (t + 1)
     if schedule == "exponential":
-        return lamda * math.exp(-0.01 * (t + 1))
+        return lamda * math.exp(-rate * (t + 1))
     if schedule == "linear":
-        return lamda * (1.0 - (t + 1) / steps)
+        return lamda * max(0.0, 1.0 - (t + 1) / max(1, horizon))
     raise ValueError(f"lamda_schedule must be one of {LAMDA_SCHEDULES}, got {schedule!r}")
+
+
+def schedule_index(step: int, steps: int, refresh: int, refreshes: int) -> tuple[int, int]:
+    """(index, horizon) of the lambda schedule: the inner step over T when T > 1, else the
+    refresh over the number of refreshes (the outer loop is then the only clock)."""
+    return (step, steps) if steps > 1 else (refresh, refreshes)
 
 
 # ----------------------------------------------------------------- inner search
@@ -252,11 +264,11 @@ def input_grad(model, u, y, mean, std):
 
 def search(model, x0, y, *, eps, alpha, steps=1, lamda=0.0, lamda_schedule="constant", gamma=0.0,
            noise="normal", quantize=255, seed=0, refresh=0, n_total=None, first=0,
-           early_exit=True, random_start=False, mean=None, std=None):
+           early_exit=True, random_start=False, mean=None, std=None, refreshes=1, lamda_rate=0.01):
     """Algorithm 1 on a batch: returns the last iterate u_T (pixel space).
 
     ``refresh`` is the refresh index: it selects the noise block and, when steps == 1,
-    serves as the schedule's step index. ``first``/``n_total`` place this batch inside
+    serves as the schedule's index over ``refreshes``. ``first``/``n_total`` place this batch inside
     the whole forget set so the noise matches a search over the full set.
     """
     n_total = x0.shape[0] if n_total is None else n_total
@@ -272,7 +284,7 @@ def search(model, x0, y, *, eps, alpha, steps=1, lamda=0.0, lamda_schedule="cons
             active &= logits.argmax(1) == y
             if not active.any():
                 break
-        lam = lamda_at(lamda, lamda_schedule, t if steps > 1 else refresh, steps)
+        lam = lamda_at(lamda, lamda_schedule, *schedule_index(t, steps, refresh, refreshes), rate=lamda_rate)
         u_next = boundary_step(u, u0, g, eps=eps, alpha=alpha, lamda=lam, gamma=gamma, noise=noise,
                                quantize=quantize, seed=seed,
                                offset=noise_offset(refresh, t, steps, n_total, first, per_sample))

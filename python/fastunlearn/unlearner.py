@@ -151,8 +151,9 @@ class Unlearner:
         """Unlearn ``forget`` from the original model, keeping ``remain``. Returns an UnlearnResult.
 
         forget / remain: (x, y) with x (N, C, H, W) uint8 or float in [0, 1], or a Dataset.
-        remain is not read at all when config.remain_reg == 0. probe: (forget_probe,
-        remain_probe) pairs or a callable model -> dict, evaluated after each epoch.
+        remain is not read at all when config.remain_reg == 0 (compat="authors": its batches are
+        drawn, unused, as the published loop does). probe: (forget_probe, remain_probe) pairs
+        or a callable model -> dict, evaluated after each epoch.
         checkpoint_dir / checkpoint_every: a resumable checkpoint every N steps; resume: a
         checkpoint file to continue from (the search is taken from it). output: a
         .safetensors path for the result (also written into checkpoint_dir when given).
@@ -215,9 +216,10 @@ class Unlearner:
         """The checked (x, y) pairs ({"forget": ..., "remain": ... or None}) and the engine."""
         cfg = self.config
         validate.check_distinct(forget, remain)
-        if cfg.remain_reg == 0:
-            # Never read: the authors' loop loads a remain batch it does not use. Passing the
-            # forget images as the remain set is still an error worth reporting.
+        if cfg.remain_reg == 0 and (cfg.compat is None or remain is None):
+            # Never read: the authors' loop loads a remain batch it does not use (compat="authors"
+            # draws it too, to take their batches). Passing the forget images as the remain set
+            # is still an error worth reporting.
             if _tensor_pair(forget) and _tensor_pair(remain):
                 validate.check_same_data(forget[0], remain[0])
             remain = None

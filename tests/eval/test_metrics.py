@@ -233,3 +233,41 @@ def test_gap(gen):
     with pytest.raises(ValueError, match="none of"):
         metrics.gap({"x": 1}, {"x": 2})
     assert math.isclose(metrics.gap(a, a), 0.0)
+
+
+def _published_mia(forget_losses, test_losses, seed=2022):
+    """The published membership_inference_attack from its loss lists on, written out directly."""
+    import random
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
+
+    def cm_score(estimator, x, y):
+        cm = confusion_matrix(y, estimator.predict(x))
+        return (cm[0][0] + cm[1][1]) / cm.sum()
+
+    forget_losses, test_losses = list(forget_losses), list(test_losses)
+    np.random.seed(seed)
+    random.seed(seed)
+    if len(forget_losses) > len(test_losses):
+        forget_losses = random.sample(forget_losses, len(test_losses))
+    elif len(test_losses) > len(forget_losses):
+        test_losses = random.sample(test_losses, len(forget_losses))
+    features = np.clip(np.array(test_losses + forget_losses).reshape(-1, 1), -100, 100)
+    labels = np.array([0] * len(test_losses) + [1] * len(forget_losses))
+    cv = StratifiedShuffleSplit(n_splits=5, random_state=seed)
+    return float(np.mean(cross_val_score(LogisticRegression(), features, labels, cv=cv, scoring=cm_score)))
+
+
+@pytest.mark.parametrize("n_forget,n_test", [(300, 1000), (1000, 300), (200, 200)])
+def test_mia_lr_published_is_the_published_attack(gen, n_forget, n_test):
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    # A few test losses far above 100 exercise the clip.
+    f = rng.exponential(0.1, n_forget).astype(np.float32)
+    t = (rng.exponential(1.0, n_test) * rng.choice([1, 1e4], n_test, p=[0.97, 0.03])).astype(np.float32)
+    ours = metrics.mia_lr_published(torch.from_numpy(f), torch.from_numpy(t))
+    assert ours == _published_mia(f, t)
+    assert 0.6 < ours < 0.95  # a score that depends on the draw, not a constant
+    # The default (numpy draw, test size 0.2, seed 0) is another estimate of the same attack.
+    assert metrics.mia_lr(f, t) != ours

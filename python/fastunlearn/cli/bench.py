@@ -17,7 +17,7 @@ from fastunlearn.nn.models import create_model
 from fastunlearn.runtime import profiling
 
 BENCHES = ("e2e", "revision", "cold_start", "search", "boundary_step", "relabel_check", "batch_norm_relu",
-           "thin_conv", "train_eval")
+           "thin_conv", "train_eval", "paper")
 
 
 def _bench_script(name):

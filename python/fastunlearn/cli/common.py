@@ -137,7 +137,7 @@ def add_config_args(p, defaults=None):
     g.add_argument("--lamda-schedule", choices=LAMDA_SCHEDULES, default=d.lamda_schedule)
     g.add_argument("--relabel", choices=RELABEL_MODES, default=d.relabel, help="how the new label is chosen")
     g.add_argument("--topk", type=int, default=d.topk, help="k for --relabel topk")
-    g.add_argument("--refresh", choices=("auto", "iteration", "epoch", "once"), default=d.refresh,
+    g.add_argument("--refresh", choices=("auto", "epoch", "once"), default=d.refresh,
                    help="when the search is redone with fresh noise (auto: once if deterministic)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="fine-tune epochs")
     g.add_argument("--lr", type=float, default=d.lr, help="fine-tune learning rate")

@@ -178,7 +178,8 @@ class FinetuneEngine:
                  compile_mode: Optional[str] = None):
         self.device = resolve_device(model, device)
         self.config = config
-        self.autocast = resolve_precision(config.precision, self.device)
+        # compat="authors": fp32 throughout, as the published loop.
+        self.autocast = None if config.compat == "authors" else resolve_precision(config.precision, self.device)
         self.rank, self.world = distributed.world()
         self.compiled = resolve_compile(config.compile)
         if self.world > 1 and self.compiled:
@@ -282,6 +283,7 @@ class FinetuneEngine:
         cfg = self.config
         rho = float(cfg.remain_reg)
         distill = cfg.remain_target == "distill"
+        raw = cfg.compat == "authors"  # their use_logits: the teacher's raw logits as the target
         joint = cfg.joint_batch
         dev_type = self.device.type
         ac = self.autocast
@@ -309,7 +311,7 @@ class FinetuneEngine:
                     loss_f = losses.forget_loss(net(nf), tf)
                     return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
                 lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
-                loss_r = losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target)
+                loss_r = losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target, raw)
                 loss_f = losses.forget_loss(lf_logits, tf)
                 return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
 
@@ -328,7 +330,7 @@ class FinetuneEngine:
                     loss_f = share(lambda: losses.forget_loss(logits, tf), logits, wf)
                     return loss_f, loss_f.detach(), torch.zeros_like(loss_f).detach()
                 lf_logits, lr_logits, teacher_logits = logits_of(nf, self._input(xr))
-                loss_r = share(lambda: losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target),
+                loss_r = share(lambda: losses.remain_loss(lr_logits, yr, teacher_logits, cfg.remain_target, raw),
                                lr_logits, wr)
                 loss_f = share(lambda: losses.forget_loss(lf_logits, tf), lf_logits, wf)
                 return loss_f + rho * loss_r, loss_f.detach(), loss_r.detach()
@@ -486,6 +488,12 @@ class FinetuneEngine:
         if use_remain:
             rx, ry = stage(remain[0], dev), stage(remain[1], dev)
             n_remain = rx.shape[0]
+        # The published loop draws a remain batch every iteration, used or not, from the
+        # same random stream as the forget batches; compat="authors" draws the same batches.
+        authors = cfg.compat == "authors"
+        draw_remain = use_remain or (authors and remain is not None)
+        if draw_remain and not use_remain:
+            n_remain = len(remain[1])
         bs = cfg.batch_size
         per_epoch = (n + bs - 1) // bs
         aug_pad = max(1, fx.shape[-1] // 8) if fx.dim() == 4 else 0
@@ -504,7 +512,7 @@ class FinetuneEngine:
             # each rank from its own, so that ranks do not draw the same dropout masks.
             torch.manual_seed(cfg.seed + self.rank)
             gen = torch.Generator().manual_seed(cfg.seed)
-            remain_gen = torch.Generator().manual_seed(cfg.seed + 1)
+            remain_gen = gen if authors else torch.Generator().manual_seed(cfg.seed + 1)
             aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
             aug_f = aug_r = None
             remain_queue: list = []
@@ -609,7 +617,7 @@ class FinetuneEngine:
                         # Drawn at the start of each epoch, whatever happens later, so the
                         # generators advance the same way in a resumed run.
                         perm = torch.randperm(n, generator=gen)
-                        remain_idx = [next_remain() for _ in range(per_epoch)] if use_remain else None
+                        remain_idx = [next_remain() for _ in range(per_epoch)] if draw_remain else None
                         if cfg.augment is not None:
                             # Per sample, not per batch position: every rank slices the same
                             # draws, so the augmentation does not depend on the world size.

@@ -20,8 +20,11 @@ def forget_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return soft_cross_entropy(logits, target)
 
 
-def remain_loss(logits: torch.Tensor, y_true: torch.Tensor, teacher_logits, remain_target: str) -> torch.Tensor:
-    """CE to the true labels ("labels") or to the original model's softmax ("distill")."""
+def remain_loss(logits: torch.Tensor, y_true: torch.Tensor, teacher_logits, remain_target: str,
+                raw_teacher: bool = False) -> torch.Tensor:
+    """CE to the true labels ("labels") or to the original model's softmax ("distill"; its raw
+    logits as the target with raw_teacher, as the published code does)."""
     if remain_target == "labels":
         return F.cross_entropy(logits.float(), y_true)
-    return soft_cross_entropy(logits, torch.softmax(teacher_logits.float(), dim=1))
+    teacher = teacher_logits.float()
+    return soft_cross_entropy(logits, teacher if raw_teacher else torch.softmax(teacher, dim=1))

@@ -41,6 +41,7 @@ from fastunlearn.config import UnlearnConfig
 from fastunlearn.data.pixels import Normalizer, as_pixels
 from fastunlearn.data.source import ImageSource
 from fastunlearn.data.validate import resolve_device
+from fastunlearn.engine import compat
 from fastunlearn.engine.recheck import Doubt
 from fastunlearn.nn.frozen import compiled, frozen_copy
 from fastunlearn.nn.layout import channels_last_input, model_is_channels_last
@@ -165,13 +166,18 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     channels = first_chunk.shape[1]
     per_sample = first_chunk[0].numel()
     norm = Normalizer(mean, std, channels, device)
+    if config.compat == "authors":
+        # Searched in their attack space, normalised with their constants, in fp32.
+        norm = compat.attack_normalizer(channels, device), norm
     autocast = resolve_precision(config.precision, device)
     exact = contextlib.nullcontext()
-    if small_search_in_fp32(config.precision, device, refreshes * (n_total or n), per_sample,
-                            sum(p.numel() for p in frozen.parameters())):
+    small = small_search_in_fp32(config.precision, device, refreshes * (n_total or n), per_sample,
+                                 sum(p.numel() for p in frozen.parameters()))
+    if config.compat == "authors" or small:
         autocast, exact = None, strict_fp32(device)
     with phase("search/chunk size"):
-        chunk = _chunk_size(frozen, norm, first_chunk, device, config.search_batch_size, autocast)
+        chunk = _chunk_size(frozen, norm[0] if isinstance(norm, tuple) else norm, first_chunk, device,
+                            config.search_batch_size, autocast)
     alpha = config.step_size
     steps = config.steps
 
@@ -193,7 +199,7 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
                 try:
                     lab, ok, margin, targets, took, unsure = _search_rows(
                         frozen, norm, xc, yc, config, alpha, steps, r, n_total or n, index_base + start, per_sample,
-                        autocast, recheck, device)
+                        autocast, recheck, device, refreshes=refreshes)
                 except torch.OutOfMemoryError:
                     if stop - start == 1:
                         raise
@@ -219,19 +225,25 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
 
 
 def _search_rows(frozen, norm, xc, yc, config, alpha, steps, refresh, n_total, first, per_sample, autocast,
-                 recheck, device):
+                 recheck, device, refreshes=1):
     """One chunk: the search, then (low precision with recheck) its unsure rows redone in fp32.
     Returns (relabels, success, margin, targets, steps taken, unsure rows or None)."""
     u0 = as_pixels(xc, device)
+    x_loader = None
+    if isinstance(norm, tuple):  # compat="authors": (attack normaliser, data normaliser)
+        norm, data_norm = norm
+        x_loader = data_norm(u0)  # their first input: the loader's image, not a round trip
+        u0 = compat.to_attack_space(u0, data_norm, norm)
     yc = yc.to(device)
     lab, ok, margin, targets, took, doubt = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, refresh,
-                                                          n_total, first, per_sample, autocast, track_doubt=recheck)
+                                                          n_total, first, per_sample, autocast, track_doubt=recheck,
+                                                          refreshes=refreshes, first_input=x_loader)
     unsure = None
     if recheck:
         with phase("search/recheck"):
             unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
             _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen, norm, u0, yc,
-                          config, alpha, steps, refresh, n_total, first, per_sample)
+                          config, alpha, steps, refresh, n_total, first, per_sample, refreshes=refreshes)
     return lab, ok, margin, targets, took, unsure
 
 
@@ -246,9 +258,10 @@ def _remember_smaller_chunk(frozen, sample, autocast, chunk, device):
         measured[key] = max(measured.get(key, 1), int(0.5 * free // max(1, chunk)) + 1)
 
 
-def _forward(frozen, norm, u, autocast, need_grad):
-    """Logits of the frozen model at u, and the normalised input they were taken at."""
-    nu = norm(u).detach()
+def _forward(frozen, norm, u, autocast, need_grad, nu=None):
+    """Logits of the frozen model at u, and the normalised input they were taken at (``nu``
+    when given: the normalised u the caller already has)."""
+    nu = (norm(u) if nu is None else nu).detach()
     if nu.dim() == 4 and model_is_channels_last(frozen):
         nu = channels_last_input(nu)
     if need_grad:
@@ -260,7 +273,7 @@ def _forward(frozen, norm, u, autocast, need_grad):
 
 
 def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh, n_total, first, per_sample,
-                  autocast, track_doubt=False):
+                  autocast, track_doubt=False, refreshes=1, first_input=None):
     m = u0.shape[0]
     dev = u0.device
     u = u0.clone()
@@ -289,18 +302,21 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
 
     for t in range(steps + 1):
         last = t == steps
-        logits, nu = _forward(frozen, norm, u[active], autocast, need_grad=not last)
+        given = first_input if t == 0 and first_input is not None else None
+        logits, nu = _forward(frozen, norm, u[active], autocast, need_grad=not last, nu=given)
         rc = relabel_check(logits.detach(), y[active], mode=cfg.relabel, topk=cfg.topk, want_grad=not last,
                            backend=cfg.backend)
         if doubt is not None:
             doubt.step(active, logits.detach(), t)
         if last:
+            if cfg.compat == "authors":
+                rc = compat.with_published_targets(rc, logits.detach(), cfg)
             record(active, rc, t)
             if doubt is not None:
                 doubt.final(active, logits.detach(), y[active], rc.margin, cfg.relabel, cfg.topk)
             break
         dlogits = rc.dlogits
-        if cfg.early_exit and steps > 1 and t > 0:
+        if cfg.early_exit and cfg.compat is None and steps > 1 and t > 0:
             done = rc.success
             if doubt is not None:
                 doubt.exit_check(active, logits.detach(), y[active], rc, done, cfg.relabel, cfg.topk)
@@ -320,12 +336,20 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
                     (g_all,) = torch.autograd.grad(logits, nu, grad_outputs=dlogits.to(logits.dtype))
                     logits = None
                     g = g_all[keep]
-        if logits is not None:
-            (g,) = torch.autograd.grad(logits, nu, grad_outputs=dlogits.to(logits.dtype))
-        lam = reference.lamda_at(cfg.lamda, cfg.lamda_schedule, t if steps > 1 else refresh, steps)
+        if cfg.compat == "authors":
+            rows = torch.arange(first, first + m, device=dev)
+            g = compat.batch_mean_grad(logits, y[active], nu, rows, n_total, cfg.batch_size)
+            lam = compat.iteration_lamdas(cfg, refresh, refreshes, rows, n_total) if cfg.lamda > 0 else 0.0
+        else:
+            if logits is not None:
+                (g,) = torch.autograd.grad(logits, nu, grad_outputs=dlogits.to(logits.dtype))
+            lam = reference.lamda_at(cfg.lamda, cfg.lamda_schedule,
+                                     *reference.schedule_index(t, steps, refresh, refreshes), rate=cfg.lamda_rate)
         offset = reference.noise_offset(refresh, t, steps, n_total, first, per_sample)
         step_kw = dict(eps=cfg.eps, alpha=alpha, lamda=lam, gamma=cfg.gamma, noise=cfg.noise,
                        quantize=cfg.quantize, seed=cfg.seed, offset=offset, backend=cfg.backend, **mean_std)
+        if cfg.compat == "authors":
+            step_kw.update(compat=cfg.compat, nu=nu.detach())
         if active.numel() == m:
             u = boundary_step(u, u0, g.to(u.dtype), **step_kw)
         elif cfg.gamma == 0:
@@ -340,7 +364,8 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
     return lab, ok, margin, targets, took, doubt
 
 
-def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n_total, first, per_sample):
+def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n_total, first, per_sample,
+                  refreshes=1):
     """Search ``rows`` of a chunk again in fp32 and overwrite their results in ``outs``.
 
     The noise of a row is keyed by its index in the whole forget set, so a redo over a run
@@ -360,7 +385,7 @@ def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n
         for run in runs:
             r_lab, r_ok, r_margin, r_targets, r_took, _ = _search_chunk(
                 frozen, norm, u0[run], y[run], cfg, alpha, steps, refresh, n_total, first + int(run[0]), per_sample,
-                None)
+                None, refreshes=refreshes)
             lab[run], ok[run], margin[run], took[run] = r_lab, r_ok, r_margin, r_took
             if targets is not None:
                 targets[run] = r_targets

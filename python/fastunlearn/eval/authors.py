@@ -4,9 +4,16 @@ It keeps their structure and costs: for each forget batch of 64 the frozen copy 
 full backward (weight gradients included), the noise is drawn on the host side of the
 chain as a separate tensor, the step is a chain of separate eager ops, and the relabel is a
 second forward that builds an autograd graph; a remain batch is drawn every iteration
-whether or not it is used. Their known defects are not reproduced: the normalisation is
-the dataset's own (given as mean/std), the lambda term is in pixel space, and targets are
-labels. By default data comes from memory (tensors), which only makes this baseline faster
+whether or not it is used. With published=False their known defects are left out: the
+normalisation is the dataset's own (given as mean/std), the lambda term is in pixel space and
+pulls, and targets are labels. With published=True the step is theirs op for op: the input
+is the loader's normalised image, the gradient is the batch-mean fp32 cross-entropy's w.r.t.
+it (a confident sample's underflows to 0 and it does not move), the image is mapped to their
+attack space with their fixed constants (ATTACK_MEAN / ATTACK_STD, whatever the dataset), the
+lambda term is + lamda (normalised iterate - attack-space original) indexed by the 1-based
+global iteration, and the step is clamped, then rounded half to even on the 1/255 grid of
+that space; use_logits / logit_preprocess give their raw-logit and top-3 targets. By default
+data comes from memory (tensors), which only makes this baseline faster
 than the original, whose loader decodes one PIL image at a time; loading="pil" serves the
 same batches that way (a PIL image per sample, then ToTensor, as torchvision's datasets do).
 """
@@ -44,12 +51,37 @@ def _draw(kind, shape, device):
     return torch.distributions.Uniform(-1.0, 1.0).sample(shape).to(device)
 
 
+# The constants of their attack's (inverse) normalisation, used for every dataset; the third
+# mean is 0.2265 as published. A one-channel image takes the first of each.
+ATTACK_MEAN = (0.4914, 0.4822, 0.2265)
+ATTACK_STD = (0.2023, 0.1994, 0.2010)
+
+
+def _per_channel(x, fn):
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"the published attack takes 1 or 3 channels, got {x.shape[1]}")
+    y = x.clone()
+    for c in range(x.shape[1]):
+        y[:, c] = fn(y[:, c], ATTACK_MEAN[c], ATTACK_STD[c])
+    return y
+
+
+def attack_inverse(x):
+    """Their inverse_normalize: normalised image -> their attack space."""
+    return _per_channel(x, lambda v, m, s: v * s + m)
+
+
+def attack_normalize(u):
+    """Their normalize: attack space -> model input."""
+    return _per_channel(u, lambda v, m, s: (v - m) / s)
+
+
 def _lamda(cfg: UnlearnConfig, iteration: int, total: int) -> float:
     # Their schedules count the outer iteration, 1-based.
     if cfg.lamda_schedule == "inverse":
         return cfg.lamda / iteration
     if cfg.lamda_schedule == "exponential":
-        return cfg.lamda * math.exp(-0.01 * iteration)
+        return cfg.lamda * math.exp(-cfg.lamda_rate * iteration)
     if cfg.lamda_schedule == "linear":
         return cfg.lamda * (1 - iteration / total)
     return cfg.lamda
@@ -74,18 +106,65 @@ def fgsm_perturb(test_model, x, y, cfg: UnlearnConfig, mean, std, iteration=1, t
     return torch.round(x_new * 255) / 255
 
 
-def authors_search(test_model, x, y, cfg: UnlearnConfig, mean=None, std=None, batch_size=64):
+def fgsm_perturb_published(test_model, x, y, cfg: UnlearnConfig, iteration=1, total=1, z=None):
+    """Their FGSM.perturb as published, on a batch x of normalised images.
+
+    Returns the model input of the adversarial image (their attack-space normalisation).
+    z: the noise; drawn here (and drawn even when gamma = 0, as they do) when None.
+    """
+    test_model.zero_grad()
+    x_nat = attack_inverse(x.detach().clone())
+    x_adv = x.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(test_model(x_adv), y)  # mean over the batch, fp32
+    loss.backward()
+    if z is None:
+        z = _draw(cfg.noise, x_adv.shape, x.device)
+    g = x_adv.grad.detach()
+    if cfg.lamda > 0:
+        lam = _lamda(cfg, iteration, total)
+        d = g + lam * (x_adv.detach() - x_nat) + cfg.gamma * z
+    else:
+        d = g + cfg.gamma * z
+    u = attack_inverse(x_adv.detach()) + d.sign() * cfg.eps
+    u = x_nat + torch.clamp(u - x_nat, -cfg.eps, cfg.eps)
+    u = torch.clamp(u, 0.0, 1.0)
+    return attack_normalize(torch.round(u * 255) / 255)
+
+
+def published_targets(adv_logits, use_logits=False, logit_preprocess=False, top_k=3):
+    """Their fine-tune targets: argmax labels, or the raw logits (top-k of them, divided by
+    their sum, with logit_preprocess) as cross-entropy probabilities."""
+    if not use_logits:
+        return torch.argmax(adv_logits, dim=1)
+    if not logit_preprocess:
+        return adv_logits
+    vals, idx = torch.topk(adv_logits, top_k, dim=1)
+    sparse = torch.zeros_like(adv_logits).scatter_(1, idx, vals)
+    return sparse / sparse.sum(dim=1, keepdim=True)
+
+
+def authors_search(test_model, x, y, cfg: UnlearnConfig, mean=None, std=None, batch_size=64, published=False,
+                   epoch=0, epochs=1):
     """Their inner search over a forget set, batch by batch, with the relabel forward.
 
+    published=True: their step as published (fgsm_perturb_published) on the images
+    normalised with mean/std; the batches are taken in order and batch b of epoch ``epoch``
+    is iteration epoch * batches + b + 1 of epochs * batches, the lambda schedule's clock.
     Returns (relabels, success) like the engine, for label agreement checks.
     """
     labels = []
-    for i in range(0, x.shape[0], batch_size):
+    batches = math.ceil(x.shape[0] / batch_size)
+    for b, i in enumerate(range(0, x.shape[0], batch_size)):
         xb = x[i:i + batch_size]
         yb = y[i:i + batch_size]
         test_model.eval()
-        x_adv = fgsm_perturb(test_model, xb, yb, cfg, mean, std)
-        adv_logits = test_model(_norm(x_adv, mean, std))  # builds a graph, as theirs does
+        if published:
+            x_adv = fgsm_perturb_published(test_model, _norm(xb, mean, std), yb, cfg, epoch * batches + b + 1,
+                                           epochs * batches)
+            adv_logits = test_model(x_adv)
+        else:
+            x_adv = fgsm_perturb(test_model, xb, yb, cfg, mean, std)
+            adv_logits = test_model(_norm(x_adv, mean, std))  # builds a graph, as theirs does
         labels.append(torch.argmax(adv_logits, dim=1))
     relabels = torch.cat(labels)
     return relabels, relabels != y
@@ -121,13 +200,15 @@ class PILImages(torch.utils.data.Dataset):
 
 
 def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=None, std=None, device=None,
-                    progress=False, loading: str = "memory", workers: int = 0):
+                    progress=False, loading: str = "memory", workers: int = 0, published: bool = False,
+                    use_logits: bool = False, logit_preprocess: bool = False):
     """Their whole loop (search redone every iteration, then one SGD step). Returns (model, seconds).
 
     loading: "memory" (the batches are slices of tensors already on the device) or "pil"
     (each batch is decoded sample by sample through a DataLoader with ``workers`` worker
     processes, then copied to the device, inside the timed loop). Both draw the same
-    batches, so they return the same model.
+    batches, so they return the same model. published / use_logits / logit_preprocess: their
+    step and targets as published (see the module docstring).
     """
     if loading not in ("memory", "pil"):
         raise ValueError(f"loading must be 'memory' or 'pil', got {loading!r}")
@@ -176,18 +257,28 @@ def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=N
             x, y = fx[fi], fy[fi]
             x_rem, y_rem = rx[ri], ry[ri]  # loaded every iteration, used or not
         test_model.eval()
-        x_adv = fgsm_perturb(test_model, x, y, cfg, mean, std, itr + 1, total)
-        adv_logits = test_model(_norm(x_adv, mean, std))
-        pred_label = torch.argmax(adv_logits, dim=1)
+        xn, xrn = _norm(x, mean, std), _norm(x_rem, mean, std)
+        if published:
+            adv_logits = test_model(fgsm_perturb_published(test_model, xn, y, cfg, itr + 1, total))
+            target = published_targets(adv_logits.detach(), use_logits, logit_preprocess)
+        else:
+            x_adv = fgsm_perturb(test_model, x, y, cfg, mean, std, itr + 1, total)
+            adv_logits = test_model(_norm(x_adv, mean, std))
+            target = torch.argmax(adv_logits, dim=1)
         unlearn_model.train()
         unlearn_model.zero_grad()
         optimizer.zero_grad()
-        if cfg.remain_reg > 0:
-            remain_loss = F.cross_entropy(unlearn_model(_norm(x_rem, mean, std)), y_rem)
-            remain_contrib = remain_loss * cfg.remain_reg
+        if cfg.remain_reg > 0:  # the remain forward first, as theirs
+            remain_logits = unlearn_model(xrn)
+            if published and use_logits:
+                with torch.no_grad():
+                    remain_target = test_model(xrn)
+            else:
+                remain_target = y_rem
+            remain_contrib = F.cross_entropy(remain_logits, remain_target) * cfg.remain_reg
         else:
             remain_contrib = 0
-        loss = F.cross_entropy(unlearn_model(_norm(x, mean, std)), pred_label) + remain_contrib
+        loss = F.cross_entropy(unlearn_model(xn), target) + remain_contrib
         loss.backward()
         optimizer.step()
         if bar is not None:

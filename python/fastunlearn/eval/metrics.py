@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Optional, Sequence
 
 import numpy as np
@@ -136,6 +137,32 @@ def mia_lr(forget_losses, test_losses, n_splits: int = 5, seed: int = 0, test_si
     cv = StratifiedShuffleSplit(n_splits=n_splits, test_size=test_size, random_state=seed)
     scores = cross_val_score(LogisticRegression(), xs, labels, cv=cv, scoring="accuracy")
     return float(np.mean(scores))
+
+
+def mia_lr_published(forget_losses, test_losses, seed: int = 2022) -> float:
+    """MIA-LR exactly as the published code computes it (compat="authors" reports use it).
+
+    The same attack as mia_lr, with their choices: the losses as float32, the larger list cut
+    to the smaller's length by Python's random.sample seeded with ``seed``, the features clipped
+    to [-100, 100], 5 StratifiedShuffleSplit folds with scikit-learn's default test size (0.1)
+    and random_state ``seed``; the mean of the fold accuracies.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
+
+    f = [np.float32(v) for v in _as_1d(forget_losses, "forget_losses")]
+    t = [np.float32(v) for v in _as_1d(test_losses, "test_losses")]
+    if min(len(f), len(t)) < 5:
+        raise ValueError(f"mia_lr_published needs at least 5 forget and 5 test losses, got {len(f)} and {len(t)}")
+    pick = random.Random(seed)
+    if len(f) > len(t):
+        f = pick.sample(f, len(t))
+    elif len(t) > len(f):
+        t = pick.sample(t, len(f))
+    xs = np.clip(np.array(t + f).reshape(-1, 1), -100, 100)
+    labels = np.array([0] * len(t) + [1] * len(f))
+    cv = StratifiedShuffleSplit(n_splits=5, random_state=seed)
+    return float(np.mean(cross_val_score(LogisticRegression(), xs, labels, cv=cv, scoring="accuracy")))
 
 
 def _balanced(a: np.ndarray, b: np.ndarray, m: int, seed: int):

@@ -50,19 +50,54 @@ def _channel_vector(v, name: str, channels: int, like: torch.Tensor):
     return t.contiguous()
 
 
+def authors_step(u, u0, grad, *, eps, alpha, lamda=0.0, gamma=0.0, noise="normal", quantize=255, seed=0, offset=0,
+                 mean=None, std=None, nu=None):
+    """The published step, in float32 and in their order of operations (compat="authors").
+
+    ``grad`` is their batch-mean gradient w.r.t. the normalised input n(u) = (u - mean) / std,
+    used as it is (no chain rule); the lambda term is + lamda (n(u) - u0), the normalised
+    iterate minus the original in u-space, as published; ``lamda`` may be a float or one
+    value per row; ``nu``: the normalised iterate the gradient was taken at, when the caller
+    has it (else computed from u). The step is clamped to the ball, then to [0, 1], then rounded half to even
+    on the 1/quantize grid, so it can leave the ball by half a grid step.
+    """
+    u, u0, g = u.float(), u0.float(), grad.float()
+    d = g
+    if isinstance(lamda, torch.Tensor) or lamda > 0:
+        lam = lamda.float().reshape((-1,) + (1,) * (u.dim() - 1)) if isinstance(lamda, torch.Tensor) else lamda
+        shape = (1, -1) + (1,) * (u.dim() - 2)
+        if nu is None:
+            nu = u if mean is None else (u - mean.reshape(shape)) / std.reshape(shape)
+        d = d + lam * (nu.float() - u0)
+    if gamma:
+        z = reference.philox_noise(u.numel(), noise, seed, offset, device=u.device).reshape(u.shape)
+        d = d + gamma * z.float()
+    v = u + torch.sign(d) * alpha
+    v = u0 + torch.clamp(v - u0, -eps, eps)
+    v = torch.clamp(v, 0.0, 1.0)
+    if quantize:
+        v = torch.round(v * quantize) / quantize
+    return v
+
+
 def boundary_step(u, u0, grad, *, eps, alpha, lamda=0.0, gamma=0.0, noise="normal", quantize=255,
-                  seed=0, offset=0, mean=None, std=None, backend="auto"):
+                  seed=0, offset=0, mean=None, std=None, backend="auto", compat=None, nu=None):
     """u_next = round_q(clip_[0,1](clip_ball(u + alpha * sign(g - lamda (u - u0) + gamma z)))).
 
     ``grad`` is d loss / d u, or d loss / d n(u) when ``std`` is given (n(u) = (u - mean)/std);
     the chain rule through std is applied inside the op. Noise z is Philox keyed by
     ``seed`` at counters ``offset + i`` for logical element i. Returns a new tensor with u's
-    dtype and memory format.
+    dtype and memory format. compat="authors" takes the published step instead (authors_step),
+    as vectorised torch ops on any device: the native kernels implement only the default.
     """
     check_args(u, u0, grad, eps, alpha, quantize, noise, seed, offset)
     c = u.shape[1]
     mean_t = _channel_vector(mean, "mean", c, u)
     std_t = _channel_vector(std, "std", c, u)
+    if compat == "authors":
+        return authors_step(u, u0, grad, eps=float(eps), alpha=float(alpha), lamda=lamda, gamma=float(gamma),
+                            noise=noise, quantize=int(quantize), seed=int(seed), offset=int(offset), mean=mean_t,
+                            std=std_t, nu=nu).to(u.dtype)
     which = _backend_for(u.device.type, backend)
     args = dict(eps=float(eps), alpha=float(alpha), lamda=float(lamda), gamma=float(gamma), noise=noise,
                 quantize=int(quantize), seed=int(seed), offset=int(offset))
