@@ -20,7 +20,7 @@ from fastunlearn.config import UnlearnConfig
 # if they move.
 from fastunlearn.engine import search as engine_search
 from fastunlearn.engine.losses import forget_loss, remain_loss
-from fastunlearn.reference import lamda_at, noise_offset, random_start_point
+from fastunlearn.reference import lamda_at, noise_offset, random_start_point, schedule_index
 
 # A p-value this small is what a correct implementation fails once in a million seeds; the
 # seeds are fixed anyway, so a run is replayable.
@@ -279,6 +279,12 @@ def test_lamda_is_never_negative(schedule, steps):
 def test_lamda_is_zero_when_lamda_is_zero():
     for schedule in ("constant", "inverse", "exponential", "linear"):
         assert all(lamda_at(0.0, schedule, t, 5) == 0 for t in range(5))
+
+
+def test_schedule_index_by_hand():
+    # T > 1: the inner step over T, whatever the refresh; T = 1: the refresh over the refreshes.
+    assert [schedule_index(t, 4, 2, 9) for t in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [schedule_index(0, 1, r, 3) for r in range(3)] == [(0, 3), (1, 3), (2, 3)]
 
 
 def test_search_steps_with_the_scheduled_lamda(gen, monkeypatch):

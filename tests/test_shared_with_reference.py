@@ -32,6 +32,11 @@ ORACLES = {
     "lamda_at": ["test_oracles.py::test_lamda_schedules_match_the_paper_by_hand",
                  "test_oracles.py::test_lamda_is_never_negative"],
     "interpolate": ["test_api.py::test_interpolate_endpoints_and_midpoint"],
+    "philox_noise": ["test_reference.py::test_philox_known_answers",
+                     "test_reference.py::test_noise_statistics",
+                     "test_reference.py::test_noise_offsets_are_positions_in_one_stream"],
+    "schedule_index": ["test_oracles.py::test_schedule_index_by_hand",
+                       "test_oracles.py::test_search_steps_with_the_scheduled_lamda"],
 }
 
 
