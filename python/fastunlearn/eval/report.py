@@ -37,6 +37,7 @@ from fastunlearn.eval.metrics import (
     gap,
     inference_copy,
     mia_efficacy_from_confidence,
+    MIA_MIN_SAMPLES,
     mia_lr,
     per_class_accuracy,
     per_sample_loss,
@@ -45,6 +46,8 @@ from fastunlearn.eval.metrics import (
 )
 from fastunlearn.nn.models import head_of
 
+# How a table shows a membership score that too few samples could not give (JSON: null).
+NOT_ENOUGH = f"n/a (needs >= {MIA_MIN_SAMPLES})"
 TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds")
 
 
@@ -83,7 +86,7 @@ def _embed(model, x, mean, std, device, batch_size=512):
 
 def _fmt(k, v):
     if v is None:
-        return "-"
+        return NOT_ENOUGH if k == "mia_lr" else "-"
     if k == "seconds":
         return f"{v:.2f}"
     if k in ("mia_lr", "mia_efficacy"):
@@ -143,7 +146,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
              "test_acc": accuracy(logits["test"], ty)}
         fl = per_sample_loss(logits["forget"], fy)
         tl = per_sample_loss(logits["test"], ty)
-        r["mia_lr"] = mia_lr(fl, tl, seed=seed)
+        r["mia_lr"] = mia_lr(fl, tl, seed=seed) if min(len(fl), len(tl)) >= MIA_MIN_SAMPLES else None
         conf = {k: true_class_confidence(logits[k], sets[k][1]) for k in sets}
         r["mia_efficacy"] = mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"], seed=seed,
                                                          max_shadow=max_shadow)
