@@ -133,7 +133,8 @@ def mia_lr(forget_losses, test_losses, n_splits: int = 5, seed: int = 0, test_si
     t = _as_1d(test_losses, "test_losses")
     m = min(len(f), len(t))
     if m < MIA_MIN_SAMPLES:
-        raise ValueError(f"mia_lr needs at least {MIA_MIN_SAMPLES} forget and {MIA_MIN_SAMPLES} test losses, got {len(f)} and {len(t)}")
+        raise ValueError(f"mia_lr needs at least {MIA_MIN_SAMPLES} forget and {MIA_MIN_SAMPLES} test losses, "
+                         f"got {len(f)} and {len(t)}")
     t, f = _balanced(t, f, m, seed)
     xs = np.concatenate([t, f]).reshape(-1, 1)
     labels = np.concatenate([np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.int64)])

@@ -152,7 +152,8 @@ def tradeoff_curves(rows, path: str, title: str = "", x: str = "fraction",
     fig, axes = _grid_axes(len(keys), per_row=min(4, len(keys)), size=(3.2, 2.8))
     for ax, key in zip(axes, keys):
         for m in methods:
-            pts = sorted((float(r[x]), 100 * float(r[key])) for r in rows if r["method"] == m and r.get(key) is not None)
+            pts = sorted((float(r[x]), 100 * float(r[key])) for r in rows
+                         if r["method"] == m and r.get(key) is not None)
             if pts:
                 ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", ms=3,
                         ls="--" if m == "retrain" else "-", label=m)

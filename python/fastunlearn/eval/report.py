@@ -33,11 +33,11 @@ from fastunlearn.data.checkpoint import atomic_write_text
 from fastunlearn.data.io import as_tensors
 from fastunlearn.eval import plots
 from fastunlearn.eval.metrics import (
+    MIA_MIN_SAMPLES,
     accuracy,
     gap,
     inference_copy,
     mia_efficacy_from_confidence,
-    MIA_MIN_SAMPLES,
     mia_lr,
     per_class_accuracy,
     per_sample_loss,
