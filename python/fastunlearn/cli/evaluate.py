@@ -8,6 +8,7 @@ from fastunlearn.cli.common import add_common, add_data_args, device_of, metrics
 from fastunlearn.cli.provenance import apply_recorded, check_data
 from fastunlearn.cli.safety import check_output, say
 from fastunlearn.data.checkpoint import atomic_write_text, load_model
+from fastunlearn.data.classes import describe
 from fastunlearn.eval.metrics import evaluate, gap
 
 
@@ -31,7 +32,7 @@ def cmd_eval(args):
     if args.per_class:
         for label, m in rows.items():
             print(f"{label} per-class test accuracy: "
-                  + ", ".join(f"{c}: {100 * a:.1f}%" for c, a in m["per_class"]["test"].items()))
+                  + ", ".join(f"{describe(name, c)}: {100 * a:.1f}%" for c, a in m["per_class"]["test"].items()))
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2, default=str))
 

@@ -8,6 +8,7 @@ from fastunlearn.cli.common import add_common, add_data_args, device_of, prepare
 from fastunlearn.cli.provenance import apply_recorded, check_data, data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output_folder, say
 from fastunlearn.data.checkpoint import load_model
+from fastunlearn.data.classes import class_names
 from fastunlearn.eval.report import report
 from fastunlearn.runtime import manifest
 
@@ -32,7 +33,7 @@ def cmd_report(args):
         f"images{'' if args.no_tsne else ' (and a t-SNE, the slow part; --no-tsne skips it)'}")
     rep = report(models, f, r, test, out_dir=args.out, retrain="retrain" if args.retrain else None,
                  mean=meta0.get("mean"), std=meta0.get("std"), device=dev, title=args.title or "",
-                 tsne=not args.no_tsne, seed=args.seed)
+                 tsne=not args.no_tsne, seed=args.seed, class_names=class_names(data_name))
     prov = manifest.new("report", dev, data=data_record(args, data_name, train), forget=forget_record(args),
                         data_args=data_args(args), seeds={"report": args.seed},
                         counts={"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])},
@@ -47,7 +48,8 @@ def add_parser(sub, fmt):
     rp = sub.add_parser("report", help="one table + plots + markdown page comparing model files",
                         formatter_class=fmt, description="Score several model files on the same forget / remain / "
                         "test sets: accuracies (also per class), MIA-LR, MIA-efficacy, gap to a retrained model, "
-                        "time; write table.csv, metrics.json, mia_hist.png, tsne.png, report.md and manifest.json to --out. "
+                        "time; write table.csv, metrics.json, mia_hist.png, tsne.png, report.md and manifest.json to "
+                        "--out. "
                         "The training subset is the one the first model file records, unless --train-size is given.")
     rp.add_argument("--models", nargs="+", required=True, help="model files to compare (the original included)")
     rp.add_argument("--names", nargs="+", help="a row name per --models file (default: file names)")

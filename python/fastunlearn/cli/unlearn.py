@@ -28,6 +28,7 @@ from fastunlearn.cli.provenance import (
 from fastunlearn.cli.resume import add_resume_args, run_resumable
 from fastunlearn.cli.safety import check_output
 from fastunlearn.data.checkpoint import atomic_write_text, load_model, save_model
+from fastunlearn.data.classes import describe
 from fastunlearn.engine.distributed import init_from_env, world
 from fastunlearn.eval.metrics import evaluate
 from fastunlearn.runtime import manifest
@@ -58,7 +59,8 @@ def _unlearn(args, dev, is_main):
     if cfg.epochs < 1:
         raise SystemExit(f"error: --epochs must be >= 1, got {cfg.epochs} (0 would only copy the model)")
     if is_main:
-        print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name} "
+        classes = f" (class {', '.join(describe(name, c) for c in args.forget_class)})" if args.forget_class else ""
+        print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name}{classes} "
               f"({cfg.refresh_mode} search, {world()[1]} process(es))")
     mean, std = meta.get("mean"), meta.get("std")
     res = run_resumable(args, lambda **kw: unlearn(model, f, r, config=cfg, mean=mean, std=std, device=dev,
