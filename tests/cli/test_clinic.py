@@ -309,6 +309,16 @@ def test_every_flag_has_help_with_its_default_once():
         assert text.count("(default: cuda if available)") == 0
 
 
+def test_eval_and_report_show_progress(tmp_path, original, capsys):
+    shown = [a for a in DIGITS if a != "--no-progress"]
+    assert cli.main(["eval", "--model", original, "--forget-class", "3", *shown]) == 0
+    assert "evaluating model" in capsys.readouterr().err
+    assert cli.main(["report", "--models", original, "--forget-class", "3", "--no-tsne", "--test-size", "200",
+                     "--out", str(tmp_path / "rep"), *shown]) == 0
+    err = capsys.readouterr().err
+    assert "scoring 1 models" in err and "report:" in err, err
+
+
 def test_train_warns_before_a_long_cpu_job(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_cmd, "WARN_SECONDS", 0.0)
     assert cli.main(["train", "--arch", "smallcnn", "--width", "4", "--train-epochs", "1", "--train-size", "200",

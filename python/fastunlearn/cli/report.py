@@ -33,7 +33,8 @@ def cmd_report(args):
         f"images{'' if args.no_tsne else ' (and a t-SNE, the slow part; --no-tsne skips it)'}")
     rep = report(models, f, r, test, out_dir=args.out, retrain="retrain" if args.retrain else None,
                  mean=meta0.get("mean"), std=meta0.get("std"), device=dev, title=args.title or "",
-                 tsne=not args.no_tsne, seed=args.seed, class_names=class_names(data_name))
+                 tsne=not args.no_tsne, seed=args.seed, class_names=class_names(data_name),
+                 progress=not args.no_progress)
     prov = manifest.new("report", dev, data=data_record(args, data_name, train), forget=forget_record(args),
                         data_args=data_args(args), seeds={"report": args.seed},
                         counts={"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])},

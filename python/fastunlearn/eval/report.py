@@ -45,6 +45,7 @@ from fastunlearn.eval.metrics import (
     true_class_confidence,
 )
 from fastunlearn.nn.models import head_of
+from fastunlearn.runtime.progress import progress_bar
 
 # How a table shows a membership score that too few samples could not give (JSON: null).
 NOT_ENOUGH = f"n/a (needs >= {MIA_MIN_SAMPLES})"
@@ -109,12 +110,13 @@ def markdown_table(rows: dict, columns=TABLE_COLUMNS[1:]) -> str:
 def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optional[str] = "retrain", mean=None,
            std=None, device=None, title: str = "", notes: Optional[dict] = None, tsne: bool = True,
            tsne_points: int = 300, tradeoff: Optional[list] = None, class_names=None, seed: int = 0,
-           max_shadow: int = 2000, extra_figures: Optional[dict] = None) -> Report:
+           max_shadow: int = 2000, extra_figures: Optional[dict] = None, progress: bool = False) -> Report:
     """Score ``models`` ({name: model | (model, seconds) | result}) and write the report files.
 
     retrain: the key of the retrained reference among ``models`` (None: no gap column).
     tradeoff: rows for a trade-off figure (dicts with method, fraction and metric keys), drawn
     as tradeoff.png. extra_figures: {caption: png path} to link from the page as well.
+    progress: a bar on stderr that advances per model scored (and once more for the t-SNE).
     """
     if not models:
         raise ValueError("report: no models given")
@@ -137,6 +139,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     emb_y = torch.cat([ty[t_idx], fy[f_idx]]).numpy()
     emb_forget = np.r_[np.zeros(n_t, bool), np.ones(n_f, bool)]
 
+    bar = progress_bar(len(models) + int(tsne), progress, "report")
     for name, v in models.items():
         model, seconds = _model_and_seconds(v)
         net = inference_copy(model, device)
@@ -161,6 +164,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
         if tsne:
             emb, lg = _embed(model, emb_x, mean, std, device)
             panels[name] = dict(emb=emb, y=emb_y, pred=lg.argmax(1).numpy(), forget=emb_forget)
+        bar.update()
     if retrain is not None:
         for r in rows.values():
             r["gap"] = gap(r, rows[retrain])
@@ -185,6 +189,8 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
         paths["tsne"] = plots.tsne_regions(_tsne(panels, seed), os.path.join(out_dir, "tsne.png"),
                                            title="t-SNE of embeddings, decision regions of each model",
                                            class_names=class_names)
+        bar.update()
+    bar.close()
     if tradeoff:
         paths["tradeoff"] = plots.tradeoff_curves(tradeoff, os.path.join(out_dir, "tradeoff.png"),
                                                   title="unlearning a growing share of one class")
