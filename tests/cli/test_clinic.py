@@ -151,6 +151,19 @@ def test_contradicting_data_is_refused(tmp_path, original):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_contradicting_input_shape_is_refused(tmp_path, original):
+    # A data set known only by its folder name: the recorded image shape is what is compared.
+    model, meta = load_model(original)
+    foreign = str(tmp_path / "foreign.safetensors")
+    prov = dict(meta["provenance"], data=dict(meta["provenance"]["data"], dataset="scans", input_shape=[3, 8, 8]))
+    save_model(model, foreign, meta["arch"], mean=meta["mean"], std=meta["std"], dataset="scans", provenance=prov)
+    rc = cli.main(["eval", "--model", foreign, "--forget-class", "3", *DIGITS])
+    assert rc == 2
+    rc, _, err = cli_run(*unlearn_args(foreign, str(tmp_path / "o.safetensors"), "--forget-class", "3"))
+    assert rc == 2 and "[1, 8, 8]" in err and "[3, 8, 8]" in err, err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_eval_and_report_use_the_recorded_train_size(tmp_path, original):
     out = tmp_path / "rep"
     rc = cli.main(["report", "--models", original, "--forget-class", "3", "--no-tsne", "--test-size", "200",
