@@ -40,7 +40,7 @@ import torch.nn as nn
 from fastunlearn.compose import compose, finetune_on_remain, frozen_batchnorm, strip_frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
-from fastunlearn.engine.finetune import finetune
+from fastunlearn.engine.finetune import DivergedError, finetune
 from fastunlearn.engine.search import SearchResult, run_search
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
 from fastunlearn.nn.frozen import frozen_copy
@@ -222,6 +222,20 @@ def _val_scores(model, fv, rv, hv, mean, std, dev):
     return fa, ra, ha, diverged
 
 
+def _until_diverged(run, model: nn.Module, epochs, snapshots: dict, t_run: float) -> set:
+    """Call ``run`` (a fine-tune of ``model`` whose probe fills ``snapshots`` at the listed
+    ``epochs``). A fine-tune that diverges stops with DivergedError; the epoch counts it did
+    not reach then get the diverged model, and are returned to be marked diverged."""
+    try:
+        run()
+        return set()
+    except DivergedError:
+        missed = set(epochs) - set(snapshots)
+        for ep in missed:
+            snapshots[ep] = (strip_frozen_batchnorm(copy.deepcopy(model)).eval(), time.perf_counter() - t_run)
+        return missed
+
+
 def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float = 0.03,
           target_forget_acc: Union[None, float, str] = None, heldout=None, grid: Optional[dict] = None,
           base: Optional[UnlearnConfig] = None, mean=None, std=None, device=None, head_ft_epochs: int = 1,
@@ -343,8 +357,9 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
 
         ctx = frozen_batchnorm(trainable) if o["batchnorm"] == "frozen" else _null()
         with ctx:
-            finetune(trainable, fx, search, cfg, remain=(rx, ry), teacher=frozen, mean=mean_t, std=std_t,
-                     device=dev, progress=progress, probe=probe)
+            missed = _until_diverged(lambda: finetune(trainable, fx, search, cfg, remain=(rx, ry), teacher=frozen,
+                                                      mean=mean_t, std=std_t, device=dev, progress=progress,
+                                                      probe=probe), trainable, g["epochs"], snapshots, t_run)
         for ep in sorted(snapshots):
             m, secs = snapshots[ep]
             for mode in g["compose"]:
@@ -359,8 +374,8 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
                                               head_ft_lr, 128, mean_t, std_t, dev, base.seed, progress)
                 fa, ra, ha, diverged = _val_scores(out, fv, rv, hv, mean_t, std_t, dev)
                 settings = dict(o, epochs=ep, compose=mode)
-                consider(SweepPoint(settings, fa, ra, secs + time.perf_counter() - t0, len(points), ha, diverged),
-                         out)
+                consider(SweepPoint(settings, fa, ra, secs + time.perf_counter() - t0, len(points), ha,
+                                    diverged or ep in missed), out)
     chosen = best
     s = chosen.settings
     cfg = base.replace(gamma=float(s["gamma"]), relabel=s["relabel"] if s["relabel"] in
