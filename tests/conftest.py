@@ -1,4 +1,5 @@
 import os
+import secrets
 
 import pytest
 import torch
@@ -16,14 +17,23 @@ if not torch.cuda.is_available():
 os.environ["FASTUNLEARN_CPU_BF16"] = "0"
 
 
+def fresh_seed() -> int:
+    """FASTUNLEARN_TEST_SEED when set, else a fresh seed from the OS (the global torch
+    generator is left alone, so a replay draws exactly what the failing run drew)."""
+    given = os.environ.get("FASTUNLEARN_TEST_SEED")
+    return int(given) if given is not None else secrets.randbelow(2**31)
+
+
 @pytest.fixture
 def gen():
     """A fresh, randomly seeded generator: tests draw new inputs on every run.
 
-    The seed is printed so a failure can be replayed with FASTUNLEARN_TEST_SEED.
+    The seed is printed (pytest shows it with a failure) and also seeds the global torch
+    generator, so FASTUNLEARN_TEST_SEED=<seed> replays the test's inputs exactly.
     """
-    seed = int(os.environ.get("FASTUNLEARN_TEST_SEED", torch.seed() % 2**31))
-    print(f"test seed: {seed}")
+    seed = fresh_seed()
+    print(f"test seed: {seed} (replay with FASTUNLEARN_TEST_SEED={seed})")
+    torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 

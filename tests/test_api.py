@@ -116,12 +116,34 @@ def test_bad_input_is_refused_before_work(gen, case, monkeypatch):
         fu.unlearn(model, config=FAST, progress=False, **kwargs)
 
 
-def test_data_on_other_device_than_model(gen):
+def test_data_on_other_device_than_model(gen, monkeypatch):
+    # Images on the meta device cannot be read: any work before the check would raise torch's
+    # own error instead of this one. The model probe is made loud as well.
+    import fastunlearn.data.validate as validate
+
+    monkeypatch.setattr(validate, "num_classes", lambda *a, **k: pytest.fail("the model ran before the device check"))
     x, y = data(gen)
-    model = small_model()
-    meta_x = x.to("meta")
-    with pytest.raises((ValueError, NotImplementedError, RuntimeError), match="meta|device"):
-        fu.unlearn(model, (meta_x, y), config=FAST, progress=False)
+    with pytest.raises(ValueError, match=r"forget images is on meta but the model is on cpu"):
+        fu.unlearn(small_model(), (x.to("meta"), y), config=FAST, progress=False)
+    with pytest.raises(ValueError, match=r"remain images is on meta but the model is on cpu"):
+        fu.unlearn(small_model(), (x, y), (x.to("meta"), y), config=FAST.replace(remain_reg=1.0), progress=False)
+    with pytest.raises(ValueError, match=r"forget images is on meta but the model is on cpu"):
+        fu.boundary_relabel(small_model(), x.to("meta"), y, config=FAST)
+
+
+def test_device_check_names_both_devices():
+    # No second device needed: the check reads only .device.
+    from types import SimpleNamespace
+
+    from fastunlearn.data.validate import check_devices
+
+    model = small_model().to("meta")
+    on_gpu1 = SimpleNamespace(device=torch.device("cuda", 1))
+    with pytest.raises(ValueError, match=r"forget images is on cuda:1 but the model is on meta"):
+        check_devices(model, None, **{"forget images": on_gpu1})
+    # Host data is streamed to the model's device chunk by chunk; device= overrides the model's.
+    assert check_devices(model, None, **{"forget images": torch.zeros(1)}) == torch.device("meta")
+    assert check_devices(model, "cpu", **{"forget images": on_gpu1}) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("field,value,pattern", [

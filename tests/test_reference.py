@@ -95,15 +95,24 @@ def test_std_chain_rule(gen):
     assert torch.allclose(out, (u + alpha * d.sign()).clamp(0, 1), atol=1e-6)
 
 
+# Every bound is 5 standard errors of its statistic over N_STAT draws: a correct generator fails
+# one check in about 1.7 million (two-sided normal tail), and the seed is printed for a replay.
+N_STAT = 200_000
+FIVE_SE = 5 / math.sqrt(N_STAT)  # five standard errors of the mean of a unit-variance draw
+CAUCHY_QUARTILE_SE = FIVE_SE * math.sqrt(3 / 16) * 2 * math.pi  # sqrt(p (1 - p)) / density at the quartile
+
+
 @pytest.mark.parametrize("kind,check", [
-    ("normal", lambda z: (abs(z.mean()) < 0.01, abs(z.var() - 1) < 0.02)),
-    ("laplace", lambda z: (abs(z.mean()) < 0.015, abs(z.var() - 2) < 0.05)),
-    ("uniform", lambda z: (abs(z.mean()) < 0.01, abs(z.var() - 1 / 3) < 0.01, z.min() > -1, z.max() < 1)),
-    ("cauchy", lambda z: (abs(z.median()) < 0.015, abs(z.quantile(0.25) + 1) < 0.03, abs(z.quantile(0.75) - 1) < 0.03)),
+    ("normal", lambda z: (abs(z.mean()) < FIVE_SE, abs(z.var() - 1) < FIVE_SE * math.sqrt(2))),
+    ("laplace", lambda z: (abs(z.mean()) < FIVE_SE * math.sqrt(2), abs(z.var() - 2) < FIVE_SE * math.sqrt(20))),
+    ("uniform", lambda z: (abs(z.mean()) < FIVE_SE * math.sqrt(1 / 3),
+                           abs(z.var() - 1 / 3) < FIVE_SE * math.sqrt(4 / 45), z.min() > -1, z.max() < 1)),
+    ("cauchy", lambda z: (abs(z.median()) < FIVE_SE * math.pi / 2, abs(z.quantile(0.25) + 1) < CAUCHY_QUARTILE_SE,
+                          abs(z.quantile(0.75) - 1) < CAUCHY_QUARTILE_SE)),
 ])
-def test_noise_statistics(kind, check):
-    seed = int(torch.randint(0, 2**62, (1,)))
-    z = R.philox_noise(200_000, kind, seed, offset=int(torch.randint(0, 2**40, (1,))))
+def test_noise_statistics(kind, check, gen):
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    z = R.philox_noise(N_STAT, kind, seed, offset=int(torch.randint(0, 2**40, (1,), generator=gen)))
     assert all(bool(c) for c in check(z)), (kind, seed)
 
 
@@ -116,11 +125,8 @@ def test_noise_offsets_are_positions_in_one_stream():
     assert not torch.equal(R.philox_noise(1000, "normal", 4, offset=0), a)
 
 
-def test_lamda_schedules():
-    assert R.lamda_at(2.0, "constant", 5, 10) == 2.0
-    assert R.lamda_at(2.0, "inverse", 3, 10) == pytest.approx(0.5)
-    assert R.lamda_at(2.0, "exponential", 0, 10) == pytest.approx(2.0 * math.exp(-0.01))
-    assert R.lamda_at(2.0, "linear", 4, 10) == pytest.approx(2.0 * 0.5)
+def test_unknown_lamda_schedule_is_refused():
+    # The values are checked against DESIGN.md by hand in test_oracles.py.
     with pytest.raises(ValueError, match="lamda_schedule"):
         R.lamda_at(1.0, "cosine", 0, 1)
 

@@ -116,6 +116,9 @@ class Unlearner:
     def _check(self, forget, remain):
         pairs = validate.pairs(forget=forget, remain=remain)
         fx = pairs["forget"][0]
+        # Before anything runs the model on the data: a mismatch is the user's to fix, named as such.
+        validate.check_devices(self._trainable, self.device if self._device_given else None,
+                               **{f"{k} images": p[0] for k, p in pairs.items() if p is not None})
         if self._channels is None:
             self._channels = fx.shape[1]
             mean, std = validate.mean_std(*self._mean_std_raw, fx.shape[1])
@@ -125,8 +128,6 @@ class Unlearner:
         elif fx.shape[1] != self._channels:
             raise ValueError(f"forget images must have {self._channels} channels like this session's first "
                              f"revision, got {fx.shape[1]}")
-        validate.check_devices(self._trainable, self.device if self._device_given else None,
-                               **{f"{k} images": p[0] for k, p in pairs.items() if p is not None})
         for k, p in pairs.items():
             if p is None:
                 continue

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from conftest import fresh_seed
 
 import fastunlearn as fu
 from fastunlearn.engine.checkpoint import load_checkpoint
@@ -139,8 +140,8 @@ def run_ranks(fn, tmp_dir, *args, timeout=600):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    seed = int(os.environ.get("FASTUNLEARN_TEST_SEED", torch.seed() % 2**31))
-    print(f"test seed: {seed}")
+    seed = fresh_seed()
+    print(f"test seed: {seed} (replay with FASTUNLEARN_TEST_SEED={seed})")
     out_dir = tmp_path_factory.mktemp("ranks")
     run_ranks(_rank_main, str(out_dir), str(out_dir), seed)
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

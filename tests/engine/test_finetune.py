@@ -118,6 +118,9 @@ def test_bf16_step_on_cpu_tracks_the_fp32_reference(gen):
         # The update direction survives bf16: the update is mostly the same numbers.
         cos = torch.nn.functional.cosine_similarity(step32.flatten(), step16.flatten(), dim=0)
         assert cos > 0.98, f"{name}: cosine {cos:.4f} between the fp32 and bf16 updates"
+        # ... and its size: a direction check alone passes an update scaled by any factor.
+        ratio = float(step16.norm() / step32.norm())
+        assert abs(ratio - 1) < 0.05, f"{name}: the bf16 update is {ratio:.4f} x the fp32 one"
 
 
 def test_auto_precision_follows_native_bf16(monkeypatch):

@@ -52,10 +52,12 @@ def test_report_writes_every_file_with_the_right_columns(gen, tmp_path):
             assert 0 <= float(r[c]) <= 1, (c, r[c])
     assert float(rows[1]["gap"]) == 0.0, "the retrained model's gap to itself is zero"
     assert rows[0]["seconds"] == "" and float(rows[1]["seconds"]) == 12.5
+    assert rows[0]["x_retrain"] == "" and float(rows[1]["x_retrain"]) == 1.0
+    assert float(rows[2]["x_retrain"]) == pytest.approx(0.7 / 12.5)
     for key in ("mia_hist", "tsne", "tradeoff"):
         assert is_png(rep.paths[key]), key
     md = open(rep.paths["markdown"]).read()
-    assert md == rep.markdown and "| unlearned |" in md
+    assert md == rep.markdown and "| unlearned |" in md and "| 0.06x |" in md
     for key in ("mia_hist", "tsne", "tradeoff"):
         assert f"]({os.path.basename(rep.paths[key])})" in md
     meta = json.load(open(rep.paths["json"]))

@@ -5,7 +5,7 @@ import torch
 
 import fastunlearn as fu
 from fastunlearn.engine.search import run_search
-from fastunlearn.eval.sweep import SweepPoint, derive_targets, pareto_front, select
+from fastunlearn.eval.sweep import SweepPoint, apply, derive_targets, pareto_front, select
 from fastunlearn.nn.models import SmallCNN
 
 
@@ -87,8 +87,14 @@ def test_sweep_runs_the_grid_and_returns_the_selected_point(gen):
             "remain_target": ["labels"], "lr": [0.05], "epochs": [1, 2], "batchnorm": ["frozen", "train"],
             "compose": [None, "head_ft"]}
     base = fu.UnlearnConfig(batch_size=16, backend="torch")
-    res = fu.sweep(model, forget, remain, max_forget_acc=0.5, grid=grid, base=base, mean=[0.5], std=[0.25])
-    assert len(res.points) == 2 * 2 * 2 * 2
+    res = fu.sweep(model, forget, remain, max_forget_acc=0.5, grid=grid, base=base, mean=[0.5], std=[0.25], keep=1.0)
+    plain = [p for p in res.points if p.settings["compose"] is None]
+    assert len(plain) == 2 * 2 * 2, "keep=1 runs every fine-tune to every epoch count"
+    # The head re-fit runs only for snapshots on the front of the un-composed points.
+    front = {(tuple(sorted(p.settings.items()))) for p in pareto_front(plain)}
+    composed = [p for p in res.points if p.settings["compose"] is not None]
+    assert 1 <= len(composed) <= len(front) + 1
+    assert res.spent["runs_per_rung"] == [4, 4] and res.spent["fine_tune_epochs"] == 4 * 2
     assert res.searches == 1, "one search serves every relabel mode and fine-tune setting"
     assert res.chosen is select(res.points, max_forget_acc=0.5)
     assert set(id(p) for p in res.front) <= set(id(p) for p in res.points)
@@ -171,3 +177,39 @@ def test_sweep_scores_each_point_on_the_heldout_images(gen):
         fu.sweep(*args, target_forget_acc="heldout", grid=grid, base=base)
     with pytest.raises(ValueError, match="target_forget_acc"):
         fu.sweep(*args, target_forget_acc="retrain", grid=grid, base=base)
+
+
+def test_halving_sweep_continues_only_the_best_runs_and_resumes_exactly(gen):
+    model, x, y = tiny(gen, n=96)
+    f = y == 0
+    forget, remain = (x[f], y[f]), (x[~f], y[~f])
+    grid = {"relabel": ["nearest_incorrect", "soft_incorrect", "argmax"], "remain_reg": [1.0, 3.0],
+            "remain_target": ["labels"], "lr": [0.05], "epochs": [1, 3], "batchnorm": ["train"], "compose": [None]}
+    base = fu.UnlearnConfig(batch_size=8, backend="torch")
+    res = fu.sweep(model, forget, remain, max_forget_acc=0.5, grid=grid, base=base, keep=1 / 3)
+    assert res.spent["runs_per_rung"] == [6, 2]
+    assert res.spent["fine_tune_epochs"] == 6 * 1 + 2 * 2
+    assert res.chosen is select(res.points, max_forget_acc=0.5)
+    # The epoch-3 points were stopped at epoch 1, scored, and resumed: they must equal a
+    # run made for 3 epochs in one go.
+    for p in [q for q in res.points if q.settings["epochs"] == 3]:
+        settings = {k: v for k, v in p.settings.items() if k != "gamma"}
+        m, _ = apply(model, forget, remain, settings, base=base)
+        ev = fu.evaluate(m, forget, remain, mia=False)
+        assert ev["forget_acc"] == pytest.approx(p.forget_acc, abs=1e-12)
+        assert ev["remain_acc"] == pytest.approx(p.remain_acc, abs=1e-12)
+
+
+def test_sweep_budget_in_fine_tune_epochs_is_respected(gen):
+    model, x, y = tiny(gen, n=60)
+    f = y == 0
+    forget, remain = (x[f], y[f]), (x[~f], y[~f])
+    grid = {"relabel": ["nearest_incorrect", "soft_incorrect"], "remain_reg": [1.0, 3.0], "remain_target": ["labels"],
+            "lr": [0.05], "epochs": [1, 2, 4], "batchnorm": ["train"], "compose": [None]}
+    base = fu.UnlearnConfig(batch_size=16, backend="torch")
+    res = fu.sweep(model, forget, remain, grid=grid, base=base, keep=0.5, budget={"work": 5})
+    assert res.spent["fine_tune_epochs"] <= 5
+    assert res.spent["stopped_by_budget"]
+    assert len(res.points) == 5  # four runs to epoch 1, then one of the two kept to epoch 2
+    with pytest.raises(ValueError, match="budget"):
+        fu.sweep(model, forget, remain, grid=grid, base=base, budget={"epochs": 3})

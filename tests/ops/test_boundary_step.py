@@ -22,6 +22,7 @@ import fastunlearn
 from fastunlearn import reference
 from fastunlearn.ops import boundary_step
 from fastunlearn.ops._dispatch import _available
+from fastunlearn.runtime import backends as _backends
 
 HAS_CUDA = torch.cuda.is_available()
 NOISES = reference.NOISE_KINDS
@@ -49,6 +50,12 @@ def test_backends_available_here():
     # skip would hide a broken build.
     assert _available("boundary_step", "cpu", torch.device("cpu")), fastunlearn.backends()
     assert _available("boundary_step", "triton", device_of("triton")), fastunlearn.backends()
+    # Every native op the build compiles: a build without one would skip its tests, not fail them.
+    native_ops = ("boundary_step", "relabel_check", "batch_norm_relu")
+    missing = [op for op in native_ops if not _backends.has_cpu_op(op)]
+    if HAS_CUDA and _backends.has_cuda_op("boundary_step"):
+        missing += [f"{op} (cuda)" for op in native_ops if not _backends.has_cuda_op(op)]
+    assert not missing, f"native build without {missing}: {fastunlearn.backends()}"
 
 
 # ------------------------------------------------------------------ comparison helpers
@@ -288,11 +295,12 @@ def test_reference_noise_statistics(kind, gen):
             cdf = lambda x: torch.where(x < 0, 0.5 * torch.exp(x), 1 - 0.5 * torch.exp(-x))  # noqa: E731
         else:
             cdf = lambda x: ((x + 1) / 2).clamp(0, 1)  # noqa: E731
-    # Kolmogorov-Smirnov distance; 1.95 / sqrt(n) is the 0.1% critical value.
+    # Kolmogorov-Smirnov distance; 2.69 / sqrt(n) is the 1e-6 critical value (2 exp(-2 x^2) = 1e-6),
+    # so a correct generator fails about once in a million seeds.
     zs = torch.sort(z).values
     emp = torch.arange(1, n + 1, dtype=torch.float64) / n
     ks = torch.maximum((emp - cdf(zs)).abs(), (emp - 1 / n - cdf(zs)).abs()).max()
-    assert ks < 1.95 * se, f"{kind}: KS distance {ks:.4g}"
+    assert ks < 2.69 * se, f"{kind}: KS distance {ks:.4g} (seed {seed})"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -50,8 +50,11 @@ def test_first_use_finds_what_only_the_first_call_pays():
     res = first_use(fn, "cpu")
     assert len(calls) == 2
     first, second = res["first"], res["second"]
-    assert first["wall_s"] >= 0.03 > second["wall_s"]
-    assert first["phases"]["setup"] >= 0.03 > second["phases"]["setup"]
+    # Only the first call sleeps (30 ms, a lower bound whatever the load); the rest is the same
+    # work in both calls, so the checks compare the two calls instead of timing either.
+    assert first["wall_s"] >= first["phases"]["setup"] >= 0.03
+    assert second["wall_s"] >= second["phases"]["setup"]
+    assert first["phases"]["setup"] > second["phases"]["setup"]
     assert first["ops"]["first_only"][0] >= 30.0 and "first_only" not in second["ops"]
     assert first["ops"]["aten::mm"][2] == second["ops"]["aten::mm"][2] == 1
     text = format_first_use(res).splitlines()

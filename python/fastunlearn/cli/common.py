@@ -144,7 +144,7 @@ def config_from_args(args):
     fields = {k: getattr(args, k) for k in ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule",
                                              "relabel", "topk", "refresh", "epochs", "lr", "batch_size",
                                              "remain_reg", "remain_target", "seed", "precision", "backend",
-                                             "recheck_margin", "search_compile", "augment")
+                                             "recheck_margin", "search_compile", "augment", "batchnorm")
               if getattr(args, k, None) is not None}
     if getattr(args, "fuse_batch_norm", None) is not None:
         fields["fuse_batch_norm"] = {"auto": "auto", "on": True, "off": False}[args.fuse_batch_norm]
@@ -179,6 +179,8 @@ def add_config_args(p, defaults=None):
     g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
     g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target,
                    help="remain-set term: the true labels, or the original model's outputs (distill)")
+    g.add_argument("--batchnorm", choices=("train", "frozen"), default=d.batchnorm,
+                   help="fine-tune: BatchNorm with batch statistics (train) or the running ones, kept (frozen)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
                    help="arithmetic of the search and fine-tune (auto: bf16 where the hardware has it, else fp32)")
     g.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default=d.backend,

@@ -42,6 +42,7 @@ file is complete, so all ranks can resume from the same path.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -54,6 +55,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from fastunlearn.compose import frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data.augment import augment_mode, crop_at, flip_where
 from fastunlearn.data.io import as_tensors
@@ -455,6 +457,10 @@ class FinetuneEngine:
         # On CPU every step frees and reallocates its activations: keep them in the heap.
         # The BatchNorm layers run fused only for the run: the model the caller gets back
         # (and any copy of it) has its own forward methods.
+        # batchnorm="frozen": hooks set before the fusion, which leaves a hooked layer unfused.
+        frozen = contextlib.ExitStack()
+        if self.config.batchnorm == "frozen":
+            frozen.enter_context(frozen_batchnorm(self.model))
         undo = fuse_batch_norm_relu(self.model) if self.batch_norm_fused else (lambda: None)
         try:
             with reuse_freed_memory(self.device.type == "cpu"):
@@ -463,6 +469,7 @@ class FinetuneEngine:
                                  on_step=on_step, max_steps=max_steps)
         finally:
             undo()
+            frozen.close()
 
     def _run(self, forget_x, search, remain, *, progress, probe, checkpoint_dir, checkpoint_every, resume,
              on_step, max_steps) -> list:

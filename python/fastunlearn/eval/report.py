@@ -49,7 +49,8 @@ from fastunlearn.runtime.progress import progress_bar
 
 # How a table shows a membership score that too few samples could not give (JSON: null).
 NOT_ENOUGH = f"n/a (needs >= {MIA_MIN_SAMPLES})"
-TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds")
+TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds",
+                 "x_retrain")
 
 
 @dataclass
@@ -90,6 +91,8 @@ def _fmt(k, v):
         return NOT_ENOUGH if k == "mia_lr" else "-"
     if k == "seconds":
         return f"{v:.2f}"
+    if k == "x_retrain":
+        return f"{v:.2f}x"
     if k in ("mia_lr", "mia_efficacy"):
         return f"{v:.3f}"
     return f"{100 * v:.2f}"
@@ -98,7 +101,8 @@ def _fmt(k, v):
 def markdown_table(rows: dict, columns=TABLE_COLUMNS[1:]) -> str:
     """The rows as a markdown table: accuracies and gap in %, MIA scores as fractions."""
     head = {"forget_acc": "forget %", "remain_acc": "remain %", "test_acc": "test %", "mia_lr": "MIA-LR",
-            "mia_efficacy": "MIA-eff", "gap": "gap to retrain (pts)", "seconds": "time (s)"}
+            "mia_efficacy": "MIA-eff", "gap": "gap to retrain (pts)", "seconds": "time (s)",
+            "x_retrain": "x retrain"}
     cols = [c for c in columns if any(c in r for r in rows.values())]
     lines = ["| method | " + " | ".join(head.get(c, c.replace("test_acc_c", "test % c")) for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
@@ -166,8 +170,12 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
             panels[name] = dict(emb=emb, y=emb_y, pred=lg.argmax(1).numpy(), forget=emb_forget)
         bar.update()
     if retrain is not None:
+        # Cost against the retrain: seconds / the retrain's seconds, when both were timed.
+        t_retrain = rows[retrain].get("seconds")
         for r in rows.values():
             r["gap"] = gap(r, rows[retrain])
+            if t_retrain and r.get("seconds") is not None:
+                r["x_retrain"] = r["seconds"] / t_retrain
 
     per_class_cols = [f"test_acc_c{c}" for c in range(k_classes)]
     columns = list(TABLE_COLUMNS) + per_class_cols

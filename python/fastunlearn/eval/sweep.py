@@ -10,9 +10,10 @@ is read off that one result:
     soft               the softmax itself
     soft_incorrect     the softmax with the true class removed, renormalised
 
-Epochs cost nothing extra either: one fine-tune runs to the largest epoch count and the
-model is scored after each epoch the grid names (the learning rate is constant, so epoch k
-of a long run is the k-epoch run).
+Epochs cost nothing extra either: each fine-tune is one run, stopped at each epoch count the
+grid names, scored, and resumed from its checkpoint (the learning rate is constant, so epoch
+k of a long run is the k-epoch run). Successive halving (eval.halving) decides which runs go
+on: all of them reach the smallest epoch count, the best ``keep`` fraction the next, and so on.
 
 Selection (``select``): with ``target_forget_acc`` (partial-class forgetting, where a
 retrained model still recognises most of the class), the point maximising
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -37,11 +40,12 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from fastunlearn.compose import compose, finetune_on_remain, frozen_batchnorm, strip_frozen_batchnorm
+from fastunlearn.compose import compose, finetune_on_remain, strip_frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
-from fastunlearn.engine.finetune import DivergedError, finetune
+from fastunlearn.engine.finetune import DivergedError, FinetuneEngine
 from fastunlearn.engine.search import SearchResult, run_search
+from fastunlearn.eval.halving import Budget, successive_halving
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.models import head_of
@@ -54,15 +58,21 @@ GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", 
 SEARCH_KEYS = ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule", "quantize", "early_exit",
                "random_start", "seed", "precision", "backend", "recheck_margin", "search_compile")
 
+# The neighbourhood of UnlearnConfig.recommended() that bench/study_recipe.py found worth
+# searching: frozen BatchNorm won everywhere; the relabel mode and the remain target changed
+# places between models; remain_reg 10 won on most models but made a weak one collapse, where 3
+# did not (lr 1e-3 made more models collapse and is left out). With BatchNorm frozen the head
+# re-fit (compose="head_ft") rarely helped, and its pass over the remain set costs more than a
+# fine-tune epoch: it is left to grid=.
 DEFAULT_GRID = {
-    "relabel": ["nearest_incorrect", "soft_incorrect", "argmax"],
+    "relabel": ["nearest_incorrect", "soft_incorrect"],
     "gamma": [0.0],
-    "remain_reg": [1.0, 3.0],
+    "remain_reg": [3.0, 10.0],
     "remain_target": ["labels", "distill"],
-    "lr": [1e-3],
-    "epochs": [2, 5],
-    "batchnorm": ["frozen", "train"],
-    "compose": [None, "head_ft"],
+    "lr": [3e-4],
+    "epochs": [1, 2, 4],
+    "batchnorm": ["frozen"],
+    "compose": [None],
 }
 
 
@@ -102,6 +112,7 @@ class SweepResult:
     seconds: float
     searches: int = 1
     rule: dict = field(default_factory=dict)
+    spent: dict = field(default_factory=dict)
 
     @property
     def configs(self) -> list:
@@ -222,25 +233,11 @@ def _val_scores(model, fv, rv, hv, mean, std, dev):
     return fa, ra, ha, diverged
 
 
-def _until_diverged(run, model: nn.Module, epochs, snapshots: dict, t_run: float) -> set:
-    """Call ``run`` (a fine-tune of ``model`` whose probe fills ``snapshots`` at the listed
-    ``epochs``). A fine-tune that diverges stops with DivergedError; the epoch counts it did
-    not reach then get the diverged model, and are returned to be marked diverged."""
-    try:
-        run()
-        return set()
-    except DivergedError:
-        missed = set(epochs) - set(snapshots)
-        for ep in missed:
-            snapshots[ep] = (strip_frozen_batchnorm(copy.deepcopy(model)).eval(), time.perf_counter() - t_run)
-        return missed
-
-
 def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float = 0.03,
           target_forget_acc: Union[None, float, str] = None, heldout=None, grid: Optional[dict] = None,
           base: Optional[UnlearnConfig] = None, mean=None, std=None, device=None, head_ft_epochs: int = 1,
           head_ft_lr: float = 1e-2, head_ft_samples: Optional[int] = None, progress: bool = False,
-          log=None) -> SweepResult:
+          log=None, budget: Union[None, float, dict, Budget] = None, keep: float = 1 / 3) -> SweepResult:
     """Run a grid of unlearning settings on ``model`` and keep the best on the validation split.
 
     forget / remain: (x, y) pairs or Datasets, as in fu.unlearn. val: (forget_val, remain_val),
@@ -261,12 +258,19 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     head_ft_epochs / head_ft_lr / head_ft_samples: the remain fine-tune of "head_ft" and "full_ft",
     on at most head_ft_samples remain images (a seeded subset; None: all).
     log: optional callable(str) told about each point.
+    budget / keep: the fine-tunes run by successive halving (eval.halving) over the grid's
+    epoch counts: every run is trained to the smallest, scored, and only the best ``keep``
+    fraction is continued (from where it stopped) to the next; keep=1 runs every point. budget:
+    seconds (a number) or {"seconds": s, "work": w}, w counted in fine-tune epochs. The
+    composition points are made only for the un-composed snapshots on the Pareto front (and the
+    best one). ``res.spent`` says what ran: fine-tune epochs, runs per rung, seconds.
     """
     t_start = time.perf_counter()
     validate.check_model(model)
     validate.check_distinct(forget, remain)
     if not 0 <= max_forget_acc <= 1:
         raise ValueError(f"max_forget_acc must be in [0, 1], got {max_forget_acc!r}")
+    budget = Budget.of(budget)
     if heldout is not None and target_forget_acc is None:
         target_forget_acc = "heldout"
     if isinstance(target_forget_acc, str):
@@ -331,67 +335,128 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
             seen.add(key)
             runs.append(o)
 
-    for o in runs:
-        cfg = base.replace(gamma=float(o["gamma"]), relabel="soft", remain_reg=float(o["remain_reg"]),
-                           remain_target=o["remain_target"], lr=float(o["lr"]), epochs=max_epochs)
-        refreshes = 1 if cfg.refresh_mode == "once" else max_epochs
-        skey = (tuple(getattr(cfg, k) for k in SEARCH_KEYS), refreshes)
-        if skey not in searches:
+    rungs = sorted(set(g["epochs"]))
+    composes = [c for c in g["compose"] if c is not None]
+    held = {}  # (run, epochs) -> (point, model) of the un-composed snapshots
+
+    def composed(o, ep, m, secs):
+        for mode in composes:
             t0 = time.perf_counter()
-            searches[skey] = run_search(model, fx, fy, cfg, mean=mean_t, std=std_t, device=dev,
-                                        refreshes=refreshes, progress=progress, frozen=frozen)
-            search_seconds += time.perf_counter() - t0
-        search = derive_targets(searches[skey], fy, o["relabel"])
-        snapshots = {}
-        t_run = time.perf_counter()
+            if mode == "backbone":
+                out = compose(model, m, head_name=head_name).to(dev)
+            else:
+                out = finetune_on_remain(copy.deepcopy(m), head_name, hx, hy, "head" if mode == "head_ft" else "full",
+                                          head_ft_epochs, head_ft_lr, 128, mean_t, std_t, dev, base.seed, progress)
+            fa, ra, ha, diverged = _val_scores(out, fv, rv, hv, mean_t, std_t, dev)
+            consider(SweepPoint(dict(o, epochs=ep, compose=mode), fa, ra, secs + time.perf_counter() - t0,
+                                len(points), ha, diverged), out)
 
-        # The defaults bind this grid point's state when the probe is defined.
-        def probe(m, _epochs=set(g["epochs"]), _snap=snapshots, _count=[0]):  # noqa: B006
-            _count[0] += 1
-            if _count[0] in _epochs:
-                _snap[_count[0]] = (strip_frozen_batchnorm(copy.deepcopy(m)).eval(), time.perf_counter() - t_run)
-            return {}
+    with tempfile.TemporaryDirectory(prefix="fastunlearn-sweep-") as tmp:
+        staged = _StagedRuns(runs, base, model, frozen, fx, fy, (rx, ry), mean_t, std_t, dev, max_epochs, rungs, tmp,
+                             progress, searches)
 
-        trainable = copy.deepcopy(model).to(dev)
-        trainable.requires_grad_(True)
+        def advance(i, ep):
+            m, secs = staged.advance(i, ep)
+            fa, ra, ha, diverged = _val_scores(m, fv, rv, hv, mean_t, std_t, dev)
+            p = SweepPoint(dict(runs[i], epochs=ep, compose=None), fa, ra, secs, len(points), ha,
+                           diverged or i in staged.diverged)
+            if None in g["compose"]:
+                consider(p, m)
+                if composes:
+                    held[(i, ep)] = (p, m)
+            else:  # only the composed points are candidates: compose every snapshot
+                composed(runs[i], ep, m, secs)
+            return _key(p, max_forget_acc, target_forget_acc)
 
-        ctx = frozen_batchnorm(trainable) if o["batchnorm"] == "frozen" else _null()
-        with ctx:
-            missed = _until_diverged(lambda: finetune(trainable, fx, search, cfg, remain=(rx, ry), teacher=frozen,
-                                                      mean=mean_t, std=std_t, device=dev, progress=progress,
-                                                      probe=probe), trainable, g["epochs"], snapshots, t_run)
-        for ep in sorted(snapshots):
-            m, secs = snapshots[ep]
-            for mode in g["compose"]:
-                t0 = time.perf_counter()
-                if mode is None:
-                    out = m
-                elif mode == "backbone":
-                    out = compose(model, m, head_name=head_name).to(dev)
-                else:
-                    out = finetune_on_remain(copy.deepcopy(m), head_name, hx, hy,
-                                              "head" if mode == "head_ft" else "full", head_ft_epochs,
-                                              head_ft_lr, 128, mean_t, std_t, dev, base.seed, progress)
-                fa, ra, ha, diverged = _val_scores(out, fv, rv, hv, mean_t, std_t, dev)
-                settings = dict(o, epochs=ep, compose=mode)
-                consider(SweepPoint(settings, fa, ra, secs + time.perf_counter() - t0, len(points), ha,
-                                    diverged or ep in missed), out)
+        halving = successive_halving(range(len(runs)), rungs, advance, keep=keep, budget=budget)
+        search_seconds = staged.search_seconds
+    if None in g["compose"] and composes:
+        # The head re-fit only for snapshots on the front: a dominated one cannot beat them on both.
+        on_front = {id(p) for p in pareto_front([p for p, _ in held.values()])}
+        for (i, ep), (p, m) in held.items():
+            if id(p) in on_front or p is best:
+                composed(runs[i], ep, m, p.seconds)
+    spent = {"fine_tune_epochs": halving.work, "runs": len(runs), "rungs": rungs, "keep": keep,
+             "stopped_by_budget": halving.stopped_by_budget,
+             "runs_per_rung": [sum(halving.reached(i) >= r for i in range(len(runs))) for r in rungs]}
     chosen = best
     s = chosen.settings
     cfg = base.replace(gamma=float(s["gamma"]), relabel=s["relabel"] if s["relabel"] in
                        ("argmax", "nearest_incorrect", "soft") else "soft", remain_reg=float(s["remain_reg"]),
-                       remain_target=s["remain_target"], lr=float(s["lr"]), epochs=int(s["epochs"]))
+                       remain_target=s["remain_target"], lr=float(s["lr"]), epochs=int(s["epochs"]),
+                       batchnorm=s["batchnorm"])
+    spent["seconds"] = time.perf_counter() - t_start
     return SweepResult(best_state.to(dev).eval(), chosen, cfg, points, pareto_front(points), search_seconds,
-                       time.perf_counter() - t_start, len(searches),
-                       {"max_forget_acc": max_forget_acc, "target_forget_acc": target_forget_acc})
+                       spent["seconds"], len(searches),
+                       {"max_forget_acc": max_forget_acc, "target_forget_acc": target_forget_acc}, spent)
 
 
-class _null:
-    def __enter__(self):
-        return None
+class _StagedRuns:
+    """The grid's fine-tunes, each stoppable and resumable at an epoch boundary.
 
-    def __exit__(self, *exc):
-        return False
+    A run is made for the grid's largest epoch count; advance(i, k) resumes it from its
+    checkpoint, runs it on to epoch k (max_steps) and leaves a checkpoint there, so a run
+    continued from epoch j to k is the run one call would have made for k epochs (the
+    learning rate is constant).
+    The searches are shared (one per distinct search setting).
+    """
+
+    def __init__(self, runs, base, model, frozen, fx, fy, remain, mean, std, dev, max_epochs, rungs, tmp,
+                 progress, searches):
+        self.runs, self.base, self.model, self.frozen = runs, base, model, frozen
+        self.fx, self.fy, self.remain, self.mean, self.std, self.dev = fx, fy, remain, mean, std, dev
+        self.max_epochs, self.tmp, self.progress, self.searches = max_epochs, tmp, progress, searches
+        self.last = max(rungs)
+        self.state = {}  # run index -> (checkpoint folder, epochs reached, fine-tune seconds)
+        self.search_seconds = 0.0
+        self.diverged = {}  # run index -> (its diverged model, seconds): every later rung of it is that model
+
+    def config(self, o: dict) -> UnlearnConfig:
+        return self.base.replace(gamma=float(o["gamma"]), relabel="soft", remain_reg=float(o["remain_reg"]),
+                                 remain_target=o["remain_target"], lr=float(o["lr"]), epochs=self.max_epochs,
+                                 batchnorm=o["batchnorm"])
+
+    def search(self, cfg: UnlearnConfig) -> SearchResult:
+        refreshes = 1 if cfg.refresh_mode == "once" else self.max_epochs
+        key = (tuple(getattr(cfg, k) for k in SEARCH_KEYS), refreshes)
+        if key not in self.searches:
+            t0 = time.perf_counter()
+            self.searches[key] = run_search(self.model, self.fx, self.fy, cfg, mean=self.mean, std=self.std,
+                                            device=self.dev, refreshes=refreshes, progress=self.progress,
+                                            frozen=self.frozen)
+            self.search_seconds += time.perf_counter() - t0
+        return self.searches[key]
+
+    def advance(self, i: int, epochs: int):
+        """(model at epoch ``epochs`` of run i, hook-free and in eval mode; its fine-tune seconds)."""
+        if i in self.diverged:
+            return self.diverged[i]
+        o = self.runs[i]
+        cfg = self.config(o)
+        search = derive_targets(self.search(cfg), self.fy, o["relabel"])
+        folder, reached, seconds = self.state.get(i, (os.path.join(self.tmp, str(i)), 0, 0.0))
+        os.makedirs(folder, exist_ok=True)
+        t0 = time.perf_counter()
+        # A fresh engine each time: only the checkpoint stays between calls, so the runs
+        # waiting for the next rung hold no model or optimiser in memory.
+        trainable = copy.deepcopy(self.model).to(self.dev)
+        trainable.requires_grad_(True)
+        engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev, teacher=self.frozen)
+        per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
+        try:
+            engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
+                       # One checkpoint, where this call stops (the first multiple of its step count
+                       # past the resumed step); none after the last rung.
+                       checkpoint_every=0 if epochs == self.last else per_epoch * epochs,
+                       max_steps=epochs * per_epoch,
+                       resume=os.path.join(folder, "checkpoint.pt") if reached else None)
+        except DivergedError:  # the fine-tune stopped at a non-finite loss or weight
+            self.diverged[i] = (strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(),
+                                seconds + time.perf_counter() - t0)
+            return self.diverged[i]
+        seconds += time.perf_counter() - t0
+        self.state[i] = (folder, epochs, seconds)
+        return strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(), seconds
 
 
 def apply(model: nn.Module, forget, remain, settings: dict, *, base: Optional[UnlearnConfig] = None, mean=None,
@@ -414,5 +479,5 @@ def apply(model: nn.Module, forget, remain, settings: dict, *, base: Optional[Un
     one.update(settings)
     res = sweep(model, forget, remain, None, max_forget_acc=1.0, grid={k: [v] for k, v in one.items()}, base=base,
                 mean=mean, std=std, device=device, head_ft_epochs=head_ft_epochs, head_ft_lr=head_ft_lr,
-                head_ft_samples=head_ft_samples, progress=progress)
+                head_ft_samples=head_ft_samples, progress=progress, keep=1.0)
     return res.model, res.search_seconds + res.chosen.seconds

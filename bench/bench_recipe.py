@@ -1,0 +1,137 @@
+"""UnlearnConfig.recommended() and fu.sweep against a fair retrain: quality and cost, one table.
+
+For each case (data:arch:what, as in study_recipe.py) a seeded 10 % of the training split is held
+out as the validation split; the original model trains on the rest and the retrained one on its
+remain set, with the same recipe, seed and epochs (the retrain's wall time is the reference; it
+is timed --reps times). Then, in the same process, at the same precision (fp32) and thread count:
+
+  recipe  fu.unlearn(original, forget, remain, config=UnlearnConfig.recommended(forget_size=...,
+          remain_size=...)), timed --reps times (the model of the first run is scored)
+  sweep   fu.sweep(original, forget, remain, val=...) with its default grid and successive halving,
+          selecting on the validation split: for a whole class, val = (the class's val images, the
+          others'); otherwise heldout = the val images of the forgotten kind (each point's own target)
+
+Every model is scored on the forget set, a seeded --eval-remain subset of the remain set and the
+test split. Timings are only meaningful alone on the machine:
+
+    flock -x /tmp/fastunlearn-cpu.lock .venv/bin/python bench/bench_recipe.py --out runs/recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import device_name  # noqa: E402
+from study_recipe import forget_mask, load, scores, timed_train  # noqa: E402
+
+import fastunlearn as fu  # noqa: E402
+from fastunlearn.cli.common import subset  # noqa: E402
+from fastunlearn.data import forget  # noqa: E402
+from fastunlearn.data import io as data  # noqa: E402
+
+DEFAULT_CASES = ("digits28:usernet:class,digits:allcnn:class,mnist:usernet:class,fashion:allcnn:class,"
+                 "digits28:usernet:subgroup,retina:allcnn:subgroup")
+
+
+def holdout(train, fraction: float, seed: int):
+    """(rest, val) with a seeded ``fraction`` of ``train`` held out."""
+    n = len(train[1])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))
+    k = int(round(fraction * n))
+    v, t = perm[:k].sort().values, perm[k:].sort().values
+    return (train[0][t], train[1][t]), (train[0][v], train[1][v])
+
+
+def run_case(spec: str, args) -> dict:
+    name, arch, what = spec.split(":")
+    full, test, classes, epochs = load(name, args)
+    train, val = holdout(full, 0.1, args.seed)
+    f, r = forget.split(train[0], train[1], forget_mask(name, what, train[1], classes, args))
+    # The val images of the forgotten kind: the class itself, or the same rule on the val split.
+    vmask = forget_mask(name, what, val[1], classes, argparse.Namespace(**{**vars(args), "seed": args.seed + 1}))
+    fv, rv = forget.split(val[0], val[1], vmask)
+    mean, std = data.channel_stats(train[0])
+    original, _ = timed_train(arch, train, epochs, classes, mean, std, args, "original")
+    retrain_s = []
+    for _ in range(args.reps):
+        retrain, secs = timed_train(arch, r, epochs, classes, mean, std, args, "retrain")
+        retrain_s.append(secs)
+    t_rt = statistics.median(retrain_s)
+    sets = {"forget": f, "remain": subset(r, args.eval_remain, args.seed), "test": test}
+    rows = {"retrain": dict(scores(retrain, sets, mean, std), seconds=retrain_s)}
+    cfg = fu.UnlearnConfig.recommended(forget_size=len(f[1]), remain_size=len(r[1])).replace(precision="fp32",
+                                                                                              seed=args.seed)
+    recipe_s, model = [], None
+    for _ in range(args.reps):
+        res = fu.unlearn(original, f, r, config=cfg, mean=mean, std=std, progress=False)
+        recipe_s.append(res.seconds)
+        model = model or res.model
+    rows["recipe"] = dict(scores(model, sets, mean, std), seconds=recipe_s)
+    if not args.no_sweep:
+        kw = dict(val=(fv, rv)) if what == "class" else dict(val=(f, rv), heldout=fv)
+        t0 = time.perf_counter()
+        sw = fu.sweep(original, f, r, base=fu.UnlearnConfig(precision="fp32", seed=args.seed), mean=mean, std=std,
+                      **kw)
+        rows["sweep"] = dict(scores(sw.model, sets, mean, std), seconds=[time.perf_counter() - t0],
+                             chosen=sw.chosen.settings, spent=sw.spent)
+    for row in rows.values():
+        row["x_retrain"] = statistics.median(row["seconds"]) / t_rt
+        row["gap"] = statistics.fmean(abs(row[m] - rows["retrain"][m]) for m in ("forget", "remain", "test")) * 100
+    return dict(case=spec, n_train=len(train[1]), n_forget=len(f[1]), forget_share=len(f[1]) / len(train[1]),
+                config=cfg.to_dict(), rows=rows)
+
+
+def table(results: list) -> str:
+    out = ["| case | forget share | path | forget % | remain % | test % | gap to retrain | seconds (each rep) | "
+           "x retrain |", "|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for k, row in res["rows"].items():
+            secs = ", ".join(f"{s:.2f}" for s in row["seconds"])
+            out.append(f"| {res['case']} | {100 * res['forget_share']:.0f} % | {k} | {100 * row['forget']:.1f} | "
+                       f"{100 * row['remain']:.1f} | {100 * row['test']:.1f} | {row['gap']:.2f} | {secs} | "
+                       f"{row['x_retrain']:.2f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/recipe")
+    p.add_argument("--cases", default=DEFAULT_CASES)
+    p.add_argument("--width", type=float, default=0.125)
+    p.add_argument("--fashion-size", type=int, default=6000)
+    p.add_argument("--forget-class", type=int, default=3)
+    p.add_argument("--eval-remain", type=int, default=1000)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for spec in args.cases.split(","):
+        results.append(run_case(spec, args))
+        print(table(results[-1:]), flush=True)
+    head = (f"device: {device_name(torch.device('cpu'))}, {args.threads} thread(s); date {datetime.date.today()}; "
+            f"commit {os.environ.get('FASTUNLEARN_COMMIT', '?')}; torch {torch.__version__}\n\n")
+    text = head + table(results) + "\n"
+    for name, payload in (("table.md", text), ("results.json", json.dumps(results, indent=2, default=str))):
+        path = os.path.join(args.out, name)
+        with open(path + ".tmp", "w") as fh:
+            fh.write(payload)
+        os.replace(path + ".tmp", path)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
