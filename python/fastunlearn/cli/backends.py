@@ -11,5 +11,7 @@ def cmd_backends(args):
 
 
 def add_parser(sub, fmt):
-    b = sub.add_parser("backends", help="which fused-op backends are available, and why not")
+    b = sub.add_parser("backends", help="which fused-op backends are available, and why not", formatter_class=fmt,
+                       description="List the backends of the fused ops (torch, cpu, cuda, triton), each with "
+                       "whether it can run here and, if not, why. `--backend auto` picks the fastest available.")
     b.set_defaults(func=cmd_backends)

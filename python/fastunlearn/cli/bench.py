@@ -101,6 +101,6 @@ def add_parser(sub, fmt):
                         "revision, a trace of one warm revision per case with its top ops; for cold_start, the first "
                         "call's trace and the table of what it paid more than the second.")
     bn.add_argument("--profile", metavar="DIR", help="write trace.json and roofline.txt/json to DIR")
-    bn.add_argument("name", choices=BENCHES)
+    bn.add_argument("name", choices=BENCHES, help="which benchmark to run (bench/bench_NAME.py)")
     bn.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     bn.set_defaults(func=cmd_bench)

@@ -7,9 +7,11 @@ import os
 
 import torch
 
+from fastunlearn.cli.safety import as_flags
 from fastunlearn.config import TRAIN_PRECISIONS, UnlearnConfig
 from fastunlearn.data import forget as forget_sets
 from fastunlearn.data import io as data
+from fastunlearn.eval.report import NOT_ENOUGH
 from fastunlearn.reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
 
 
@@ -46,7 +48,8 @@ def add_data_args(p, forget=True):
                    "(default: auto = FashionMNIST if installed, else sklearn digits)")
     g.add_argument("--data-dir", help="where the dataset files are (default: $FASTUNLEARN_DATA, Debian's "
                    "/usr/share/datasets/fashion-mnist)")
-    g.add_argument("--train-size", type=int, help="use only the first N training images (seeded shuffle)")
+    g.add_argument("--train-size", type=int, help="use a seeded subset of N training images (when not given: "
+                   "the subset the model file records, else all)")
     if forget:
         f = p.add_argument_group("forget set (pick one; selected from the training split)")
         f.add_argument("--forget-class", type=int, nargs="+", help="forget every sample of these classes")
@@ -68,12 +71,29 @@ def select_forget(args, y):
             return forget_sets.fraction_of_class(y, args.forget_class, args.forget_fraction, seed=args.seed)
         return forget_sets.by_class(y, args.forget_class)
     if args.forget_indices:
-        with open(args.forget_indices) as f:
-            idx = [int(t) for t in f.read().replace(",", " ").split()]
-        return forget_sets.by_indices(len(y), idx)
+        return forget_sets.by_indices(len(y), read_indices(args.forget_indices))
     if not args.metadata:
         raise SystemExit("error: --forget-rule needs --metadata CSV")
     return forget_sets.by_metadata(args.metadata, args.forget_rule, n=len(y))
+
+
+def read_indices(path: str) -> list[int]:
+    """Training-set indices from a file: integers separated by commas, spaces or newlines;
+    blank lines and lines starting with # are skipped. A bad entry names the file and line."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --forget-indices {path}: no such file")
+    out = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.lstrip().startswith("#"):
+                continue
+            for token in line.replace(",", " ").split():
+                try:
+                    out.append(int(token))
+                except ValueError:
+                    raise SystemExit(f"error: --forget-indices {path} line {number}: {token!r} is not an integer "
+                                     "index (expected integers separated by commas, spaces or newlines)") from None
+    return out
 
 
 def subset(pair, n, seed):
@@ -83,10 +103,17 @@ def subset(pair, n, seed):
     return pair[0][idx], pair[1][idx]
 
 
+def train_seed(args) -> int:
+    """The seed of the training subset: the one a model file recorded (see cli.provenance), else --seed."""
+    recorded = getattr(args, "train_seed", None)
+    return args.seed if recorded is None else recorded
+
+
 def prepare_data(args):
     name, splits = load_splits(args.data, args.data_dir)
-    train = subset(splits["train"], args.train_size, args.seed)
+    train = subset(splits["train"], args.train_size, train_seed(args))
     idx = select_forget(args, train[1])
+    args.forget_index = idx  # for the provenance: its SHA-256 and count
     f, r = forget_sets.split(train[0], train[1], idx)
     return name, splits, train, f, r, splits["test"]
 
@@ -101,7 +128,9 @@ def metrics_table(rows: dict, keys=("forget_acc", "remain_acc", "test_acc", "mia
         cells = []
         for k in keys:
             v = m.get(k)
-            if v is None:
+            if v is None and k == "mia_lr" and k in m:
+                cells.append(f" {NOT_ENOUGH}")
+            elif v is None:
                 cells.append("-".rjust(10))
             elif k.endswith("_acc"):
                 cells.append(f"{100 * v:9.2f}%")
@@ -122,7 +151,7 @@ def config_from_args(args):
     try:
         return UnlearnConfig(**fields)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(as_flags(f"error: {e}")) from None
 
 
 def add_config_args(p, defaults=None):
@@ -134,7 +163,8 @@ def add_config_args(p, defaults=None):
     g.add_argument("--gamma", type=float, default=d.gamma, help="noise scale")
     g.add_argument("--noise", choices=NOISE_KINDS, default=d.noise, help="noise law")
     g.add_argument("--lamda", type=float, default=d.lamda, help="pull towards the original image")
-    g.add_argument("--lamda-schedule", choices=LAMDA_SCHEDULES, default=d.lamda_schedule)
+    g.add_argument("--lamda-schedule", choices=LAMDA_SCHEDULES, default=d.lamda_schedule,
+                   help="how the pull --lamda changes over the search steps")
     g.add_argument("--relabel", choices=RELABEL_MODES, default=d.relabel, help="how the new label is chosen")
     g.add_argument("--topk", type=int, default=d.topk, help="k for --relabel topk")
     g.add_argument("--refresh", choices=("auto", "epoch", "once"), default=d.refresh,
@@ -147,10 +177,12 @@ def add_config_args(p, defaults=None):
                    help="augment the fine-tune's images on the device, afresh each epoch (the search sees them "
                         "unshifted)")
     g.add_argument("--remain-reg", type=float, default=d.remain_reg, help="weight rho of the remain-set term")
-    g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target)
+    g.add_argument("--remain-target", choices=("labels", "distill"), default=d.remain_target,
+                   help="remain-set term: the true labels, or the original model's outputs (distill)")
     g.add_argument("--batchnorm", choices=("train", "frozen"), default=d.batchnorm,
                    help="fine-tune: BatchNorm with batch statistics (train) or the running ones, kept (frozen)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision)
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d.precision,
+                   help="arithmetic of the search and fine-tune (auto: bf16 where the hardware has it, else fp32)")
     g.add_argument("--backend", choices=("auto", "torch", "cpu", "cuda", "triton"), default=d.backend,
                    help="backend of the fused ops (see `fastunlearn backends`)")
     g.add_argument("--fuse-batch-norm", choices=("auto", "on", "off"),
@@ -172,7 +204,7 @@ def add_train_precision(p, what):
 
 
 def add_common(p):
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (when not given: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed for data subsets, noise and batch order")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

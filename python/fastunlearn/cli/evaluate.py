@@ -5,16 +5,25 @@ from __future__ import annotations
 import json
 
 from fastunlearn.cli.common import add_common, add_data_args, device_of, metrics_table, prepare_data
+from fastunlearn.cli.provenance import apply_recorded, check_data
+from fastunlearn.cli.safety import check_output, say
 from fastunlearn.data.checkpoint import atomic_write_text, load_model
+from fastunlearn.data.classes import describe
 from fastunlearn.eval.metrics import evaluate, gap
 
 
 def cmd_eval(args):
     dev = device_of(args)
-    _, _, _, f, r, test = prepare_data(args)
+    if args.json:
+        check_output(args.json, [args.model, args.retrain], flag="--json")
+    files = [("model", args.model)] + ([("retrain", args.retrain)] if args.retrain else [])
+    loaded = {label: (path, *load_model(path, dev)) for label, path in files}
+    apply_recorded(args, loaded["model"][2], args.model)
+    name, _, train, f, r, test = prepare_data(args)
     rows = {}
-    for label, path in [("model", args.model)] + ([("retrain", args.retrain)] if args.retrain else []):
-        model, meta = load_model(path, dev)
+    for label, (path, model, meta) in loaded.items():
+        check_data(meta, path, name, train[0])
+        say(args, f"evaluating {label} ({path}) on {len(f[1])} forget, {len(r[1])} remain, {len(test[1])} test images")
         rows[label] = evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev,
                                per_class=args.per_class, max_shadow=5000)
     if args.retrain:
@@ -23,7 +32,7 @@ def cmd_eval(args):
     if args.per_class:
         for label, m in rows.items():
             print(f"{label} per-class test accuracy: "
-                  + ", ".join(f"{c}: {100 * a:.1f}%" for c, a in m["per_class"]["test"].items()))
+                  + ", ".join(f"{describe(name, c)}: {100 * a:.1f}%" for c, a in m["per_class"]["test"].items()))
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2, default=str))
 
@@ -33,7 +42,8 @@ def add_parser(sub, fmt):
                        formatter_class=fmt, description="Evaluate a model on the forget, remain and test sets. "
                        "MIA-LR: logistic regression on per-sample loss, test vs forget (0.5 = indistinguishable). "
                        "MIA-eff: fraction of forget samples an SVC on confidence calls non-members.")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="the model file to score; its recorded training subset "
+                   "(--train-size) is used unless given")
     e.add_argument("--retrain", help="a model retrained without the forget set, to report the gap")
     e.add_argument("--per-class", action="store_true", help="also print per-class test accuracy")
     e.add_argument("--json", help="write the metrics as JSON here")

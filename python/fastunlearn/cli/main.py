@@ -1,11 +1,13 @@
-"""The `fastunlearn` command: demo, train, unlearn, eval, compose, backends, bench, tune."""
+"""The `fastunlearn` command: demo, train, retrain, unlearn, eval, compose, report, verify, backends, bench, tune."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from fastunlearn.cli import backends, bench, compose, demo, evaluate, report, train, tune, unlearn
+from fastunlearn.cli import backends, bench, compose, demo, evaluate, report, train, tune, unlearn, verify
+from fastunlearn.cli.resume import Interrupted
+from fastunlearn.cli.safety import as_flags
 
 DESCRIPTION = """\
 Targeted unlearning of image classifiers: make a trained model forget a class, part of
@@ -32,7 +34,17 @@ examples:
 """
 
 
-COMMANDS = (demo, train, unlearn, evaluate, compose, report, backends, bench, tune)
+COMMANDS = (demo, train, unlearn, evaluate, compose, report, verify, backends, bench, tune)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once: not when the help already says it, nor when it is None or off."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or "when not given" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def build_parser():
@@ -40,7 +52,7 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(sub, argparse.ArgumentDefaultsHelpFormatter)
+        command.add_parser(sub, HelpFormatter)
     return p
 
 
@@ -50,12 +62,25 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rc = args.func(args)
+    except Interrupted as e:
+        print(e.message, file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr)  # a refusal: "error: ..." in one line
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"interrupted: fastunlearn {args.command} stopped; nothing more was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError) as e:
+        # One line, the flags as the user typed them; never a traceback for bad input.
+        print(as_flags(f"error: {e}"), file=sys.stderr)
+        return 2
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,41 +1,130 @@
-"""`fastunlearn train`: train an original model and save it with its mean / std."""
+"""`fastunlearn train` and `fastunlearn retrain`: train a model (retrain: without a forget set)
+and save it with its mean / std and provenance."""
 
 from __future__ import annotations
 
-from fastunlearn.cli.common import add_common, add_data_args, add_train_precision, device_of, load_splits, subset
+import copy
+import math
+import sys
+import time
+
+import torch
+
+from fastunlearn.cli.common import (
+    add_common,
+    add_data_args,
+    add_train_precision,
+    device_of,
+    load_splits,
+    select_forget,
+    subset,
+    train_seed,
+)
+from fastunlearn.cli.provenance import data_args, data_record, forget_record
+from fastunlearn.cli.safety import check_output
+from fastunlearn.data import forget as forget_sets
 from fastunlearn.data import io as data
 from fastunlearn.data.checkpoint import save_model
 from fastunlearn.engine.train import train_classifier
 from fastunlearn.eval.metrics import evaluate
 from fastunlearn.nn.models import create_model
+from fastunlearn.runtime import manifest
+
+BATCH = 128
+# A CPU job estimated to take longer than this gets a warning before it starts.
+WARN_SECONDS = 300
+
+
+def estimate_seconds(model, x, epochs: int, device) -> float:
+    """Seconds the training will take, from three timed steps on one batch (CPU only)."""
+    net = copy.deepcopy(model).to(device).train()
+    batch = x[:BATCH].to(device).float() / (255.0 if x.dtype == torch.uint8 else 1.0)
+    labels = torch.zeros(batch.shape[0], dtype=torch.long, device=device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(batch), labels).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return min(times) * math.ceil(len(x) / BATCH) * epochs
+
+
+def _warn_if_long(model, x, args, dev):
+    if dev.type != "cpu" or args.no_time_estimate:
+        return
+    seconds = estimate_seconds(model, x, args.train_epochs, dev)
+    if seconds > WARN_SECONDS:
+        print(f"note: this training will take about {seconds / 60:.0f} minutes on this CPU ({len(x)} images x "
+              f"{args.train_epochs} epochs). To make it smaller: --train-size 6000, --width 0.25 (allcnn), "
+              "--arch smallcnn, fewer --train-epochs, or a GPU (--device cuda)", file=sys.stderr, flush=True)
 
 
 def cmd_train(args):
+    check_output(args.out, [], args.force)
+    if args.train_epochs < 1:
+        raise SystemExit(f"error: --train-epochs must be >= 1, got {args.train_epochs}")
+    if not (args.train_lr > 0 and math.isfinite(args.train_lr)):
+        raise SystemExit(f"error: --train-lr must be a finite number > 0, got {args.train_lr}")
+    dev = device_of(args)
     name, splits = load_splits(args.data, args.data_dir)
-    train = subset(splits["train"], args.train_size, args.seed)
+    train = subset(splits["train"], args.train_size, train_seed(args))
+    retrain = args.command == "retrain"
+    if retrain:
+        idx = select_forget(args, train[1])
+        args.forget_index = idx
+        _, train = forget_sets.split(train[0], train[1], idx)  # train on the remain set only
     x, y = train
     mean, std = data.channel_stats(x)
-    arch = {"name": args.arch, "in_channels": int(x.shape[1]), "num_classes": int(y.max()) + 1}
+    arch = {"name": args.arch, "in_channels": int(x.shape[1]), "num_classes": int(splits["train"][1].max()) + 1}
     if args.width is not None:
         arch["width"] = args.width if args.arch == "allcnn" else int(args.width)
     model = create_model(**arch)
+    _warn_if_long(model, x, args, dev)
+    t0 = time.perf_counter()
     model = train_classifier(model, train, epochs=args.train_epochs, lr=args.train_lr, mean=mean, std=std,
-                             device=device_of(args), seed=args.seed, progress=not args.no_progress,
+                             device=dev, seed=args.seed, progress=not args.no_progress,
                              precision=args.train_precision)
-    save_model(model, args.out, arch, mean=mean, std=std, dataset=name)
-    m = evaluate(model, remain=train, test=splits["test"], mean=mean, std=std, device=device_of(args), mia=False)
-    print(f"saved {args.out}: train {100 * m['remain_acc']:.2f}%, test {100 * m['test_acc']:.2f}%")
+    seconds = time.perf_counter() - t0
+    m = evaluate(model, remain=train, test=splits["test"], mean=mean, std=std, device=dev, mia=False)
+    record = data_record(args, name, subset(splits["train"], args.train_size, train_seed(args)))
+    prov = manifest.new(args.command, dev, data=record, data_args=data_args(args),
+                        forget=forget_record(args) if retrain else None,
+                        config={"arch": arch, "train_epochs": args.train_epochs, "train_lr": args.train_lr,
+                                "train_precision": args.train_precision, "batch_size": BATCH},
+                        seeds={"train": args.seed}, counts={"train": len(y), "test": len(splits["test"][1])},
+                        timings={"train": seconds}, metrics={"train_acc": m["remain_acc"], "test_acc": m["test_acc"]},
+                        parents=[])
+    save_model(model, args.out, arch, mean=mean, std=std, dataset=name, provenance=prov)
+    written = manifest.write_beside(args.out, prov)
+    print(f"saved {args.out} and {written}: train {100 * m['remain_acc']:.2f}%, test {100 * m['test_acc']:.2f}%")
+
+
+def _add_train_args(t):
+    t.add_argument("--arch", default="allcnn", help="allcnn | smallcnn | resnet18 | resnet34 | resnet50")
+    t.add_argument("--width", type=float, help="allcnn: width multiplier (1 = 96/192 filters; when not given: 1); "
+                   "smallcnn: channels")
+    t.add_argument("--train-epochs", type=int, default=5, help="passes over the training images")
+    t.add_argument("--train-lr", type=float, default=0.05, help="peak SGD learning rate of the one-cycle schedule")
+    add_train_precision(t, "the training")
+    t.add_argument("--out", required=True, help="output model file (.safetensors); its folder must exist")
+    t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    t.add_argument("--no-time-estimate", action="store_true",
+                   help="skip the timed trial steps that warn before a long CPU job")
+    add_common(t)
+    t.set_defaults(func=cmd_train)
 
 
 def add_parser(sub, fmt):
     t = sub.add_parser("train", help="train an original model on a dataset", formatter_class=fmt,
-                       description="Train a classifier and save it (with its mean/std) as a model file.")
+                       description="Train a classifier and save it (with its mean/std and provenance: data set, "
+                       "training subset, seed) as a model file, with a manifest JSON beside it.")
     add_data_args(t, forget=False)
-    t.add_argument("--arch", default="allcnn", help="allcnn | smallcnn | resnet18 | resnet34 | resnet50")
-    t.add_argument("--width", type=float, help="allcnn: width multiplier (1 = 96/192 filters); smallcnn: channels")
-    t.add_argument("--train-epochs", type=int, default=5)
-    t.add_argument("--train-lr", type=float, default=0.05)
-    add_train_precision(t, "the training")
-    t.add_argument("--out", required=True, help="output model file (.safetensors)")
-    add_common(t)
-    t.set_defaults(func=cmd_train)
+    _add_train_args(t)
+    r = sub.add_parser("retrain", help="train a model without a forget set (the gold standard a report compares with)",
+                       formatter_class=fmt, description="Train a classifier from scratch on the training images "
+                       "less the forget set (chosen as `unlearn` chooses it): the model an exact unlearning would "
+                       "give, for `report --retrain` and `eval --retrain`.")
+    add_data_args(r, forget=True)
+    _add_train_args(r)

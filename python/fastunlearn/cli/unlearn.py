@@ -16,9 +16,22 @@ from fastunlearn.cli.common import (
     metrics_table,
     prepare_data,
 )
+from fastunlearn.cli.provenance import (
+    apply_recorded,
+    check_data,
+    data_args,
+    data_record,
+    forget_record,
+    inherited_meta,
+    parent_record,
+)
+from fastunlearn.cli.resume import add_resume_args, run_resumable
+from fastunlearn.cli.safety import check_output
 from fastunlearn.data.checkpoint import atomic_write_text, load_model, save_model
+from fastunlearn.data.classes import describe
 from fastunlearn.engine.distributed import init_from_env, world
 from fastunlearn.eval.metrics import evaluate
+from fastunlearn.runtime import manifest
 
 
 def cmd_unlearn(args):
@@ -35,25 +48,41 @@ def cmd_unlearn(args):
 
 
 def _unlearn(args, dev, is_main):
+    check_output(args.out, [args.model, args.forget_indices, args.metadata], args.force)
+    if args.json:
+        check_output(args.json, [args.model, args.out], False, flag="--json")
     model, meta = load_model(args.model, dev)
-    name, splits, _, f, r, test = prepare_data(args)
+    apply_recorded(args, meta, args.model)
+    name, splits, train, f, r, test = prepare_data(args)
+    check_data(meta, args.model, name, train[0])
     cfg = config_from_args(args)
+    if cfg.epochs < 1:
+        raise SystemExit(f"error: --epochs must be >= 1, got {cfg.epochs} (0 would only copy the model)")
     if is_main:
-        print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name} "
+        classes = f" (class {', '.join(describe(name, c) for c in args.forget_class)})" if args.forget_class else ""
+        print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name}{classes} "
               f"({cfg.refresh_mode} search, {world()[1]} process(es))")
-    res = unlearn(model, f, r, config=cfg, mean=meta.get("mean"), std=meta.get("std"), device=dev,
-                  progress=not args.no_progress)
+    mean, std = meta.get("mean"), meta.get("std")
+    res = run_resumable(args, lambda **kw: unlearn(model, f, r, config=cfg, mean=mean, std=std, device=dev,
+                                                   progress=not args.no_progress, **kw), len(f[1]), cfg)
     if not is_main:
         return
-    meta_out = {k: v for k, v in meta.items() if k != "arch"}
-    save_model(res.model, args.out, meta["arch"], **meta_out, unlearned_from=os.path.basename(args.model),
-               config=cfg.to_dict())
-    rows = {"original": evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev, max_shadow=5000),
-            "unlearned": dict(evaluate(res.model, f, r, test, meta.get("mean"), meta.get("std"), dev,
-                                       max_shadow=5000), seconds=res.seconds)}
+    # Compute, evaluate, then write: a failure before this point leaves no file behind.
+    rows = {"original": evaluate(model, f, r, test, mean, std, dev, max_shadow=5000),
+            "unlearned": dict(evaluate(res.model, f, r, test, mean, std, dev, max_shadow=5000), seconds=res.seconds)}
+    prov = manifest.new("unlearn", dev, data=data_record(args, name, train), forget=forget_record(args),
+                        data_args=data_args(args), config=cfg.to_dict(), seeds={"unlearn": cfg.seed},
+                        counts={"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])},
+                        timings=res.timings, metrics=rows, parents=parent_record(args.model, meta),
+                        input_model={"path": os.path.abspath(args.model),
+                                     "sha256": manifest.sha256_file(args.model)})
+    save_model(res.model, args.out, meta["arch"], **inherited_meta(meta), dataset=name,
+               unlearned_from=os.path.basename(args.model), config=cfg.to_dict(), provenance=prov)
+    written = manifest.write_beside(args.out, prov)
     print(metrics_table(rows))
-    print(f"saved {args.out} (search {res.timings['search']:.2f}s, fine-tune {res.timings['finetune']:.2f}s, "
-          f"backend {res.backend}; {100 * float(res.success.float().mean()):.1f}% of the forget set crossed)")
+    print(f"saved {args.out} and {written} (search {res.timings['search']:.2f}s, fine-tune "
+          f"{res.timings['finetune']:.2f}s, backend {res.backend}; "
+          f"{100 * float(res.success.float().mean()):.1f}% of the forget set crossed)")
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=2))
 
@@ -62,10 +91,13 @@ def add_parser(sub, fmt):
     u = sub.add_parser("unlearn", help="make a model forget a set of training samples", formatter_class=fmt,
                        description="Search each forget sample's nearest decision boundary with perturbed sign "
                        "gradients, relabel it there, fine-tune a copy of the model on the relabelled set "
-                       "(optionally regularised on the remain set), save it, and print before/after metrics.")
+                       "(optionally regularised on the remain set), evaluate it, save it with its provenance (and a "
+                       "manifest JSON beside it), and print before/after metrics.")
     u.add_argument("--model", required=True, help="model file written by `fastunlearn train`")
     u.add_argument("--out", required=True, help="output model file (.safetensors), written atomically")
     u.add_argument("--json", help="also write the metrics as JSON here")
+    u.add_argument("--force", action="store_true", help="allow --out to overwrite an input file")
+    add_resume_args(u)
     add_data_args(u)
     add_config_args(u)
     add_common(u)

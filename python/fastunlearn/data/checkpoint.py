@@ -24,11 +24,20 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; the finished file gets the mode any new file gets here.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -48,22 +57,37 @@ def save_model(model: nn.Module, path: str, arch: Optional[dict] = None, **meta)
 
 
 def read_header(path: str) -> tuple[dict, dict]:
-    with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
+    """(arch, meta) of a model file; a ValueError naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error type for every unreadable file
+        raise ValueError(f"{path} is not a safetensors model file ({_one_line(e)}); a torch .pt file, text "
+                         "or a truncated copy cannot be read here") from None
     if header.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fastunlearn model file (no '{FORMAT}' header); "
                          "load your own architecture and use the Python API instead")
-    return json.loads(header["arch"]), json.loads(header["meta"])
+    try:
+        return json.loads(header["arch"]), json.loads(header["meta"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path} has a damaged fastunlearn header ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, meta) from a file written by save_model."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model file {path} does not exist")
     arch, meta = read_header(path)
     if not arch:
         raise ValueError(f"{path} records no architecture; it cannot be rebuilt here")
     kwargs = dict(arch)
     model = create_model(kwargs.pop("name"), **kwargs)
-    model.load_state_dict(load_file(path))
+    try:
+        model.load_state_dict(load_file(path))
+    except Exception as e:  # a truncated file, or weights that do not fit the recorded architecture
+        raise ValueError(f"{path}: its weights cannot be loaded ({_one_line(e)})") from None
     return model.to(device).eval(), {"arch": arch, **meta}

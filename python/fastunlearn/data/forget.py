@@ -103,6 +103,11 @@ def _parse_rule(rule: str):
         raise ValueError(f"cannot parse rule {rule!r}; expected 'column OP value' with OP one of "
                          f"{', '.join(_OPS[:6])}, e.g. 'device == Topcon NW400' or 'thickness >= 12'")
     col, op, val = m.group("col").strip(), m.group("op"), m.group("val").strip()
+    stray = len(col) - len(col.rstrip("~!<>=^*%&|"))
+    if stray:
+        # "device ~= A" parses as column "device ~" and "=": the operator is what is wrong.
+        written = col[-stray:] + op
+        raise ValueError(f"rule {rule!r}: {written!r} is not an operator; use one of {', '.join(_OPS[:6])}")
     if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
         val = val[1:-1]
         number = None  # quoted values compare as text

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
 import warnings
@@ -82,6 +83,20 @@ from fastunlearn.runtime.precision import resolve_precision
 
 class StopRun(Exception):
     """Raise from an on_step callback to stop a run; the last checkpoint stays on disk."""
+
+
+class DivergedError(ValueError):
+    """The fine-tune's loss or weights became non-finite: the run has no usable model."""
+
+
+def diverged(config: UnlearnConfig, what: str) -> DivergedError:
+    """The error for a run whose ``what`` (loss at epoch k, weights) is non-finite, naming the
+    settings that most likely caused it."""
+    likely = f"config.lr={config.lr!r}"
+    if config.remain_reg > 0:
+        likely += f" or config.remain_reg={config.remain_reg!r}"
+    return DivergedError(f"the fine-tune diverged: {what} is not finite, so no model is returned or written; "
+                         f"{likely} is the likely cause: lower it and run again")
 
 
 def resolve_compile(setting) -> bool:
@@ -601,6 +616,8 @@ class FinetuneEngine:
                 while len(pending) > keep:
                     number, mean_losses, carried, seconds, extra = pending.pop(0)
                     sums = mean_losses.tolist()
+                    if not all(math.isfinite(v) for v in sums):
+                        raise diverged(cfg, f"the loss of epoch {number}")
                     row = {"epoch": number, "loss": sums[0], "forget_loss": sums[1], "seconds": carried + seconds()}
                     if use_remain:
                         row["remain_loss"] = sums[2]
@@ -680,10 +697,9 @@ class FinetuneEngine:
                         extra = probe(self.model)
                         self.model.train()
                     pending.append((epoch + 1, acc / per_epoch, epoch_seconds, seconds, extra))
-                    if show_bar:
-                        # The bar shows the last epoch but one: reading it does not stall
-                        # the device, whose queue still holds this epoch.
-                        read_rows(keep=1)
+                    # The last epoch but one is read (and checked for divergence) now: reading
+                    # it does not stall the device, whose queue still holds this epoch.
+                    read_rows(keep=1)
                     epoch, batch, perm, remain_idx = epoch + 1, 0, None, None
                     acc = torch.zeros(3, dtype=torch.float64, device=dev)
                     epoch_seconds = 0.0
@@ -696,6 +712,8 @@ class FinetuneEngine:
             read_rows()
             if sharded:
                 sync_buffers()
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise diverged(cfg, "a weight")
         return history
 
 

@@ -17,6 +17,10 @@ from fastunlearn.nn.layout import channels_last_input, model_is_channels_last
 GAP_KEYS = ("forget_acc", "remain_acc", "test_acc", "mia_lr")
 
 
+# The fewest forget (and test) samples mia_lr's five-fold split can score.
+MIA_MIN_SAMPLES = 5
+
+
 def _channel(v, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
     if v is None:
         return None
@@ -129,8 +133,9 @@ def mia_lr(forget_losses, test_losses, n_splits: int = 5, seed: int = 0, test_si
     f = _as_1d(forget_losses, "forget_losses")
     t = _as_1d(test_losses, "test_losses")
     m = min(len(f), len(t))
-    if m < 5:
-        raise ValueError(f"mia_lr needs at least 5 forget and 5 test losses, got {len(f)} and {len(t)}")
+    if m < MIA_MIN_SAMPLES:
+        raise ValueError(f"mia_lr needs at least {MIA_MIN_SAMPLES} forget and {MIA_MIN_SAMPLES} test losses, "
+                         f"got {len(f)} and {len(t)}")
     t, f = _balanced(t, f, m, seed)
     xs = np.concatenate([t, f]).reshape(-1, 1)
     labels = np.concatenate([np.zeros(m, dtype=np.int64), np.ones(m, dtype=np.int64)])
@@ -252,8 +257,11 @@ def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, de
         labels[name] = y.cpu()
     out = {f"{k}_acc": accuracy(logits[k], labels[k]) for k in sets}
     if mia and "forget" in sets and "test" in sets:
+        # Too few samples for the attack's cross-validation: None ("n/a"), never an error,
+        # so that a one-image forget set still gets its accuracies.
+        enough = min(len(labels["forget"]), len(labels["test"])) >= MIA_MIN_SAMPLES
         out["mia_lr"] = mia_lr(per_sample_loss(logits["forget"], labels["forget"]),
-                               per_sample_loss(logits["test"], labels["test"]), seed=seed)
+                               per_sample_loss(logits["test"], labels["test"]), seed=seed) if enough else None
         if "remain" in sets:
             conf = {k: true_class_confidence(logits[k], labels[k]) for k in sets}
             out["mia_efficacy"] = mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"],
@@ -265,7 +273,8 @@ def evaluate(model, forget=None, remain=None, test=None, mean=None, std=None, de
 
 def gap(metrics: dict, retrain_metrics: dict, keys: Sequence[str] = GAP_KEYS) -> float:
     """Mean |metrics[k] - retrain_metrics[k]| over the keys present in both."""
-    common = [k for k in keys if k in metrics and k in retrain_metrics]
+    # A score that too few samples could not give (None) is left out, as if absent.
+    common = [k for k in keys if metrics.get(k) is not None and retrain_metrics.get(k) is not None]
     if not common:
         raise ValueError(f"gap: none of {list(keys)} is in both metric dicts (have {sorted(metrics)} and "
                          f"{sorted(retrain_metrics)})")

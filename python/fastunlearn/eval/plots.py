@@ -31,7 +31,7 @@ def metrics_bars(rows: dict, path: str, title: str = "",
     plt = _plt()
     names = {"forget_acc": "forget acc", "remain_acc": "remain acc", "test_acc": "test acc", "mia_lr": "MIA-LR",
              "mia_efficacy": "MIA-efficacy"}
-    keys = [k for k in keys if all(k in m for m in rows.values())]
+    keys = [k for k in keys if all(m.get(k) is not None for m in rows.values())]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(keys), 3.4))
     width = 0.8 / max(1, len(rows))
     for i, (label, m) in enumerate(rows.items()):
@@ -152,7 +152,8 @@ def tradeoff_curves(rows, path: str, title: str = "", x: str = "fraction",
     fig, axes = _grid_axes(len(keys), per_row=min(4, len(keys)), size=(3.2, 2.8))
     for ax, key in zip(axes, keys):
         for m in methods:
-            pts = sorted((float(r[x]), 100 * float(r[key])) for r in rows if r["method"] == m and key in r)
+            pts = sorted((float(r[x]), 100 * float(r[key])) for r in rows
+                         if r["method"] == m and r.get(key) is not None)
             if pts:
                 ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", ms=3,
                         ls="--" if m == "retrain" else "-", label=m)

@@ -33,6 +33,7 @@ from fastunlearn.data.checkpoint import atomic_write_text
 from fastunlearn.eval import plots
 from fastunlearn.eval.attack_report import attack_section
 from fastunlearn.eval.metrics import (
+    MIA_MIN_SAMPLES,
     accuracy,
     evaluation_set,
     gap,
@@ -46,7 +47,10 @@ from fastunlearn.eval.metrics import (
 )
 from fastunlearn.eval.representation import features
 from fastunlearn.eval.seeds import report_over_seeds
+from fastunlearn.runtime.progress import progress_bar
 
+# How a table shows a membership score that too few samples could not give (JSON: null).
+NOT_ENOUGH = f"n/a (needs >= {MIA_MIN_SAMPLES})"
 TABLE_COLUMNS = ("method", "forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap", "seconds",
                  "x_retrain")
 
@@ -79,7 +83,7 @@ def _embed(model, x, mean, std, device, batch_size=512):
 
 def _fmt(k, v):
     if v is None:
-        return "-"
+        return NOT_ENOUGH if k == "mia_lr" else "-"
     if k == "seconds":
         return f"{v:.2f}"
     if k == "x_retrain":
@@ -127,7 +131,7 @@ def _score(model, seconds, sets: dict, mean, std, device, seed: int, max_shadow:
          "test_acc": accuracy(logits["test"], ty)}
     fl = per_sample_loss(logits["forget"], fy)
     tl = per_sample_loss(logits["test"], ty)
-    r["mia_lr"] = mia_lr(fl, tl, seed=seed)
+    r["mia_lr"] = mia_lr(fl, tl, seed=seed) if min(len(fl), len(tl)) >= MIA_MIN_SAMPLES else None
     conf = {k: true_class_confidence(logits[k], sets[k][1]) for k in sets}
     r["mia_efficacy"] = mia_efficacy_from_confidence(conf["remain"], conf["test"], conf["forget"], seed=seed,
                                                      max_shadow=max_shadow)
@@ -153,7 +157,7 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
            std=None, device=None, title: str = "", notes: Optional[dict] = None, tsne: bool = True,
            tsne_points: int = 300, tradeoff: Optional[list] = None, class_names=None, seed: int = 0,
            max_shadow: int = 2000, extra_figures: Optional[dict] = None, attacks: Optional[str] = None,
-           attack_kw: Optional[dict] = None, seeds: Optional[list] = None) -> Report:
+           attack_kw: Optional[dict] = None, seeds: Optional[list] = None, progress: bool = False) -> Report:
     """Score ``models`` ({name: model | (model, seconds) | result}) and write the report files.
 
     retrain: the key of the retrained reference among ``models`` (None: no gap column).
@@ -166,13 +170,14 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     seeds: one report per seed in out_dir/seed_<s>/ and mean +- std in out_dir (eval.seeds);
     each model is then a callable seed -> model, a list with one model per seed, or one model
     for every seed.
+    progress: a bar on stderr that advances per model scored (and once more for the t-SNE).
     """
     if seeds is not None:
         return report_over_seeds(report, models, forget, remain, test, seeds=seeds, out_dir=out_dir, retrain=retrain,
                                  mean=mean, std=std, device=device, title=title, notes=notes, tsne=tsne,
                                  tsne_points=tsne_points, tradeoff=tradeoff, class_names=class_names,
                                  max_shadow=max_shadow, extra_figures=extra_figures, attacks=attacks,
-                                 attack_kw=attack_kw)
+                                 attack_kw=attack_kw, progress=progress)
     if not models:
         raise ValueError("report: no models given")
     if retrain is not None and retrain not in models:
@@ -183,12 +188,14 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     k_classes = None
     rows, losses, panels = {}, {}, {}
     emb_x, emb_y, emb_forget = _tsne_sample(sets, tsne_points, seed)
+    bar = progress_bar(len(models) + int(tsne), progress, "report")
     for name, v in models.items():
         model, seconds = _model_and_seconds(v)
         rows[name], losses[name], k_classes = _score(model, seconds, sets, mean, std, device, seed, max_shadow)
         if tsne:
             emb, lg = _embed(model, emb_x, mean, std, device)
             panels[name] = dict(emb=emb, y=emb_y, pred=lg.argmax(1).numpy(), forget=emb_forget)
+        bar.update()
     if retrain is not None:
         # Cost against the retrain: seconds / the retrain's seconds, when both were timed.
         t_retrain = rows[retrain].get("seconds")
@@ -217,6 +224,8 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
         paths["tsne"] = plots.tsne_regions(_tsne(panels, seed), os.path.join(out_dir, "tsne.png"),
                                            title="t-SNE of embeddings, decision regions of each model",
                                            class_names=class_names)
+        bar.update()
+    bar.close()
     if tradeoff:
         paths["tradeoff"] = plots.tradeoff_curves(tradeoff, os.path.join(out_dir, "tradeoff.png"),
                                                   title="unlearning a growing share of one class")

@@ -43,7 +43,7 @@ import torch.nn as nn
 from fastunlearn.compose import compose, finetune_on_remain, strip_frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
-from fastunlearn.engine.finetune import FinetuneEngine
+from fastunlearn.engine.finetune import DivergedError, FinetuneEngine
 from fastunlearn.engine.search import SearchResult, run_search
 from fastunlearn.eval.halving import Budget, successive_halving
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
@@ -370,7 +370,8 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
         def advance(i, ep):
             m, secs = staged.advance(i, ep)
             fa, ra, ha, diverged = _val_scores(m, fv, rv, hv, mean_t, std_t, dev)
-            p = SweepPoint(dict(runs[i], epochs=ep, compose=None), fa, ra, secs, len(points), ha, diverged)
+            p = SweepPoint(dict(runs[i], epochs=ep, compose=None), fa, ra, secs, len(points), ha,
+                           diverged or i in staged.diverged)
             if None in g["compose"]:
                 consider(p, m)
                 if composes:
@@ -420,6 +421,7 @@ class _StagedRuns:
         self.last = max(rungs)
         self.state = {}  # run index -> (checkpoint folder, epochs reached, fine-tune seconds)
         self.search_seconds = 0.0
+        self.diverged = {}  # run index -> (its diverged model, seconds): every later rung of it is that model
 
     def config(self, o: dict) -> UnlearnConfig:
         return self.base.replace(gamma=float(o["gamma"]), relabel="soft", remain_reg=float(o["remain_reg"]),
@@ -439,6 +441,8 @@ class _StagedRuns:
 
     def advance(self, i: int, epochs: int):
         """(model at epoch ``epochs`` of run i, hook-free and in eval mode; its fine-tune seconds)."""
+        if i in self.diverged:
+            return self.diverged[i]
         o = self.runs[i]
         cfg = self.config(o)
         search = derive_targets(self.search(cfg), self.fy, o["relabel"])
@@ -451,12 +455,17 @@ class _StagedRuns:
         trainable.requires_grad_(True)
         engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev, teacher=self.frozen)
         per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
-        engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
-                   # One checkpoint, where this call stops (the first multiple of its step count
-                   # past the resumed step); none after the last rung.
-                   checkpoint_every=0 if epochs == self.last else per_epoch * epochs,
-                   max_steps=epochs * per_epoch,
-                   resume=os.path.join(folder, "checkpoint.pt") if reached else None)
+        try:
+            engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
+                       # One checkpoint, where this call stops (the first multiple of its step count
+                       # past the resumed step); none after the last rung.
+                       checkpoint_every=0 if epochs == self.last else per_epoch * epochs,
+                       max_steps=epochs * per_epoch,
+                       resume=os.path.join(folder, "checkpoint.pt") if reached else None)
+        except DivergedError:  # the fine-tune stopped at a non-finite loss or weight
+            self.diverged[i] = (strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(),
+                                seconds + time.perf_counter() - t0)
+            return self.diverged[i]
         seconds += time.perf_counter() - t0
         self.state[i] = (folder, epochs, seconds)
         return strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(), seconds
