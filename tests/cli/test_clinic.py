@@ -273,12 +273,21 @@ def test_ctrl_c_prints_one_line(tmp_path, original):
     ck.mkdir()
     p = subprocess.Popen([sys.executable, "-m", "fastunlearn.cli", *unlearn_args(
         original, str(tmp_path / "c.safetensors"), "--forget-class", "3", "--checkpoint-dir", str(ck),
-        "--checkpoint-every", "1"), "--epochs", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (ck / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+        "--checkpoint-every", "1"), "--epochs", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A test runner's worker may ignore SIGINT, and an ignored signal stays ignored across exec:
+        # the child gets the default disposition, as a command typed in a terminal has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 300
+        while not (ck / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert (ck / "checkpoint.pt").exists(), "no checkpoint within 300 s"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     lines = err.strip().splitlines()
     assert p.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
     assert "interrupted at step" in lines[0] and "--resume" in lines[0]
