@@ -22,7 +22,7 @@ MAX_FUNCTION_LINES = 100
 # Known exceptions still to be split. The test below also fails when one of them has come under
 # its limit, so that the list only shrinks.
 OVERSIZED_MODULES: set = set()
-OVERSIZED_FUNCTIONS = {"fastunlearn.eval.sweep.sweep"}
+OVERSIZED_FUNCTIONS: set = set()
 
 
 def _modules() -> dict[str, Path]:
