@@ -381,7 +381,7 @@ def test_cuda_device_gets_its_index(monkeypatch):
 def test_gather_takes_the_indices_where_the_rows_are(gen):
     """Staged rows are gathered with the device's indices; rows in host memory with the
     host's, never by copying indices across (which would stall every step)."""
-    from fastunlearn.engine.finetune import _gather
+    from fastunlearn.engine.batches import gather as _gather
 
     src = torch.randint(0, 256, (10, 1, 3, 3), generator=gen, dtype=torch.uint8)
     host_idx = torch.randperm(10, generator=gen)[:4]

@@ -38,65 +38,35 @@ statistics (the usual data-parallel equivalence, not the one-process numbers; ru
 statistics follow rank 0's slices, which DDP broadcasts at each forward), and dropout
 draws its masks per rank. Only rank 0 writes checkpoints, and every rank waits until the
 file is complete, so all ranks can resume from the same path.
+
+This module holds the engine and its train step; a run's state and epoch loop are in
+engine.loop, batch gathering and augmentation in engine.batches, the per-epoch probe in
+engine.probe.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
-import math
-import os
 import time
 import warnings
-import zlib
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from fastunlearn.compose import frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
-from fastunlearn.data.augment import augment_mode, crop_at, flip_where
-from fastunlearn.data.io import as_tensors
-from fastunlearn.data.streaming import DatasetRows
 from fastunlearn.data.validate import resolve_device
 from fastunlearn.engine import distributed, losses
-from fastunlearn.engine.checkpoint import (
-    CHECKPOINT_FORMAT,
-    RESUME_FREE,
-    check_resumable,
-    load_checkpoint,
-    save_checkpoint,
-    search_to_dict,
-    to_cpu,
-)
-from fastunlearn.engine.prefetch import plan_epoch
+from fastunlearn.engine.errors import DivergedError as DivergedError  # re-exported: part of this module's API
+from fastunlearn.engine.errors import StopRun as StopRun
+from fastunlearn.engine.loop import run_finetune
 from fastunlearn.engine.search import SearchResult
-from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
 from fastunlearn.nn.fuse import batch_norm_fusion_on, fuse_batch_norm_relu
 from fastunlearn.nn.layout import channels_last_input, default_channels_last
 from fastunlearn.runtime.heap import reuse_freed_memory
 from fastunlearn.runtime.phases import phase
 from fastunlearn.runtime.precision import resolve_precision
-
-
-class StopRun(Exception):
-    """Raise from an on_step callback to stop a run; the last checkpoint stays on disk."""
-
-
-class DivergedError(ValueError):
-    """The fine-tune's loss or weights became non-finite: the run has no usable model."""
-
-
-def diverged(config: UnlearnConfig, what: str) -> DivergedError:
-    """The error for a run whose ``what`` (loss at epoch k, weights) is non-finite, naming the
-    settings that most likely caused it."""
-    likely = f"config.lr={config.lr!r}"
-    if config.remain_reg > 0:
-        likely += f" or config.remain_reg={config.remain_reg!r}"
-    return DivergedError(f"the fine-tune diverged: {what} is not finite, so no model is returned or written; "
-                         f"{likely} is the likely cause: lower it and run again")
 
 
 def resolve_compile(setting) -> bool:
@@ -129,53 +99,6 @@ class _GraphedStep:
                 static.copy_(new)
         self.graph.replay()
         return self.out.clone()
-
-
-def stage(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Put a data tensor where the train step gathers from: on the device when it fits in a
-    quarter of the free memory, else pinned host memory (batches are copied asynchronously).
-    device carries its index (validate.canonical_device), as tensors' devices do. A
-    DatasetRows (a Dataset read in batches) stays where it is."""
-    if isinstance(x, DatasetRows) or x.device == device:
-        return x
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if x.numel() * x.element_size() < free // 4:
-            return x.to(device, non_blocking=True)
-        return x.pin_memory() if not x.is_pinned() else x
-    return x.to(device)
-
-
-class _Probe:
-    """Forget / remain accuracy on probe sets after each epoch, or a user callable."""
-
-    def __init__(self, probe, mean, std, device):
-        self.fn = None
-        self.sets = {}
-        if probe is None:
-            return
-        if callable(probe):
-            self.fn = probe
-            return
-        if not isinstance(probe, (tuple, list)) or len(probe) != 2:
-            raise TypeError("probe must be a callable model -> dict, or (forget_probe, remain_probe) with each an "
-                            f"(x, y) pair or None, got {type(probe).__name__}")
-
-        for name, data in zip(("forget", "remain"), probe):
-            if data is not None:
-                self.sets[name] = as_tensors(data, f"probe {name}")
-        self.mean, self.std, self.device = mean, std, device
-
-    def __call__(self, model) -> dict:
-        if self.fn is not None:
-            return dict(self.fn(model))
-
-        net = inference_copy(model, self.device)
-        return {f"probe_{k}_acc": accuracy(predict_logits(net, x, self.mean, self.std, device=self.device), y)
-                for k, (x, y) in self.sets.items()}
-
-    def __bool__(self):
-        return self.fn is not None or bool(self.sets)
 
 
 class FinetuneEngine:
@@ -468,336 +391,12 @@ class FinetuneEngine:
         undo = fuse_batch_norm_relu(self.model) if self.batch_norm_fused else (lambda: None)
         try:
             with reuse_freed_memory(self.device.type == "cpu"):
-                return self._run(forget_x, search, remain, progress=progress, probe=probe,
-                                 checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-                                 on_step=on_step, max_steps=max_steps)
+                return run_finetune(self, forget_x, search, remain, progress=progress, probe=probe,
+                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+                                    on_step=on_step, max_steps=max_steps)
         finally:
             undo()
             frozen.close()
-
-    def _run(self, forget_x, search, remain, *, progress, probe, checkpoint_dir, checkpoint_every, resume,
-             on_step, max_steps) -> list:
-        cfg = self.config
-        dev = self.device
-        n = forget_x.shape[0]
-        if distributed.world()[1] != self.world:
-            raise RuntimeError(f"this engine was built for {self.world} process(es), the process group now has "
-                               f"{distributed.world()[1]}: build a new engine")
-        sharded = self.world > 1
-        use_remain = cfg.remain_reg > 0
-        if use_remain and remain is None:
-            raise ValueError(f"config.remain_reg={cfg.remain_reg} needs a remain set: pass remain=(x, y)")
-        if use_remain and cfg.remain_target == "distill" and self.teacher is None:
-            raise ValueError("remain_target='distill' needs the original model as teacher")
-        if checkpoint_every and not checkpoint_dir:
-            raise ValueError("checkpoint_every needs checkpoint_dir")
-        if checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-        if cfg.augment is not None and forget_x.dim() != 4:
-            raise ValueError(f"config.augment={cfg.augment!r} needs (N, C, H, W) images, got shape "
-                             f"{tuple(forget_x.shape)}")
-        probe = _Probe(probe, self.mean, self.std, dev)
-
-        fx = stage(forget_x, dev)
-        targets = [stage(search.train_targets(r), dev) for r in range(search.refreshes)]
-        if use_remain:
-            rx, ry = stage(remain[0], dev), stage(remain[1], dev)
-            n_remain = rx.shape[0]
-        # The published loop draws a remain batch every iteration, used or not, from the
-        # same random stream as the forget batches; compat="authors" draws the same batches.
-        authors = cfg.compat == "authors"
-        draw_remain = use_remain or (authors and remain is not None)
-        if draw_remain and not use_remain:
-            n_remain = len(remain[1])
-        bs = cfg.batch_size
-        per_epoch = (n + bs - 1) // bs
-        aug_pad = max(1, fx.shape[-1] // 8) if fx.dim() == 4 else 0
-        total = cfg.epochs * per_epoch
-        if sharded:
-            distributed.check_same_on_every_rank(
-                dev, forget_samples=n, remain_samples=n_remain if use_remain else 0, refreshes=search.refreshes,
-                config_crc=zlib.crc32(repr(sorted((k, v) for k, v in cfg.to_dict().items()
-                                                     if k not in RESUME_FREE)).encode()),
-                max_steps=-1 if max_steps is None else max_steps, checkpoint_every=checkpoint_every,
-                resume=int(resume is not None))
-
-        forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=forked):
-            # The global RNG (dropout, anything stochastic in the model) starts from the seed;
-            # each rank from its own, so that ranks do not draw the same dropout masks.
-            torch.manual_seed(cfg.seed + self.rank)
-            gen = torch.Generator().manual_seed(cfg.seed)
-            remain_gen = gen if authors else torch.Generator().manual_seed(cfg.seed + 1)
-            aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-            aug_f = aug_r = None
-            remain_queue: list = []
-            history: list = []
-            epoch, batch, step = 0, 0, 0
-            perm = remain_idx = None
-            acc = torch.zeros(3, dtype=torch.float64, device=dev)
-            epoch_seconds = 0.0
-            if resume is not None:
-                state = load_checkpoint(resume) if isinstance(resume, str) else resume
-                check_resumable(state, cfg, n)
-                self.model.load_state_dict(state["model"])
-                self.opt.load_state_dict(state["optimizer"])
-                self.drop_graphs()  # the loaded state lives at new addresses
-                gen.set_state(state["gen"])
-                remain_gen.set_state(state["remain_gen"])
-                if cfg.augment is not None:
-                    aug_gen.set_state(state["aug_gen"])
-                    aug_f, aug_r = state["aug_f"], state["aug_r"]
-                remain_queue = list(state["remain_queue"])
-                history = list(state["history"])
-                epoch, batch, step = state["epoch"], state["batch"], state["step"]
-                perm, remain_idx = state["perm"], state["remain_idx"]
-                acc = state["acc"].to(dev)
-                if sharded and self.rank != 0:
-                    # The checkpoint holds the loss sums of all ranks; rank 0 carries them on,
-                    # so that the epoch's all-reduce counts them once.
-                    acc = torch.zeros_like(acc)
-                epoch_seconds = state.get("epoch_seconds", 0.0)
-                torch.set_rng_state(_rank_rng(state, "torch_rng", self.rank, self.world))
-                if forked and state.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(_rank_rng(state, "cuda_rng", self.rank, self.world), dev)
-            if sharded:
-                # DDP synchronised the weights when it was built; reset() and resume loaded
-                # them since, on each rank from its own copy.
-                distributed.broadcast_state(self.model, dev)
-
-            def next_remain():
-                nonlocal remain_queue
-                if not remain_queue:
-                    remain_queue = list(torch.randperm(n_remain, generator=remain_gen).split(bs))
-                return remain_queue.pop(0)
-
-            def snapshot(rank_rngs):
-                return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "n": n,
-                        "epoch": epoch, "batch": batch, "step": step, "perm": perm, "remain_idx": remain_idx,
-                        "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                        "optimizer": to_cpu(self.opt.state_dict()),
-                        "gen": gen.get_state(), "remain_gen": remain_gen.get_state(),
-                        "remain_queue": [t.clone() for t in remain_queue], "history": list(history),
-                        "aug_gen": aug_gen.get_state(), "aug_f": aug_f, "aug_r": aug_r,
-                        "acc": acc.cpu(), "epoch_seconds": epoch_seconds, "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(dev) if forked else None,
-                        "search": search_to_dict(search), **rank_rngs}
-
-            def write_checkpoint():
-                nonlocal acc
-                read_rows()
-                rank_rngs = {}
-                if sharded:
-                    acc = distributed.all_reduce_sum(acc, dev)
-                    rank_rngs["torch_rng_ranks"] = distributed.gather_states(torch.get_rng_state(), dev)
-                    if forked:
-                        rank_rngs["cuda_rng_ranks"] = distributed.gather_states(torch.cuda.get_rng_state(dev), dev)
-                if self.rank == 0:
-                    save_checkpoint(os.path.join(checkpoint_dir, "checkpoint.pt"), snapshot(rank_rngs))
-                if sharded:
-                    if self.rank != 0:
-                        acc = torch.zeros_like(acc)  # rank 0 now carries the sums (see resume)
-                    # Nobody goes on (and possibly stops) before the file is complete.
-                    distributed.barrier(dev)
-
-            def sync_buffers():
-                # DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the start
-                # of each forward, so after the last one each rank holds its own; the probe
-                # and the result take rank 0's, as the next forward would.
-                distributed.broadcast_state(self.model, dev, buffers_only=True)
-
-            # Epoch rows wait on the device until they are read: at the end, before a
-            # checkpoint, or one epoch late for the progress bar. Reading each at once would
-            # stall the host at every epoch end, once per batch in a small revision.
-            pending: list = []
-            clock = _Clock(dev)
-
-            def read_rows(keep: int = 0):
-                while len(pending) > keep:
-                    number, mean_losses, carried, seconds, extra = pending.pop(0)
-                    sums = mean_losses.tolist()
-                    if not all(math.isfinite(v) for v in sums):
-                        raise diverged(cfg, f"the loss of epoch {number}")
-                    row = {"epoch": number, "loss": sums[0], "forget_loss": sums[1], "seconds": carried + seconds()}
-                    if use_remain:
-                        row["remain_loss"] = sums[2]
-                    row.update(extra)
-                    history.append(row)
-                    bar.set_postfix(epoch=number, loss=f"{sums[0]:.4f}", refresh=False)
-
-            show_bar = progress and self.rank == 0
-            bar = _bar(total, show_bar, initial=step)
-            self.model.train()
-            try:
-                while epoch < cfg.epochs:
-                    if perm is None:
-                        # Drawn at the start of each epoch, whatever happens later, so the
-                        # generators advance the same way in a resumed run.
-                        perm = torch.randperm(n, generator=gen)
-                        remain_idx = [next_remain() for _ in range(per_epoch)] if draw_remain else None
-                        if cfg.augment is not None:
-                            # Per sample, not per batch position: every rank slices the same
-                            # draws, so the augmentation does not depend on the world size.
-                            aug_f = _draw_augment(cfg.augment, n, aug_pad, aug_gen)
-                            aug_r = _draw_augment(cfg.augment, n_remain, aug_pad, aug_gen) if use_remain else None
-                    # The epoch's indices go to the device once: a per-batch copy from
-                    # host memory would make every step wait for the device.
-                    perm_dev = perm.to(dev, non_blocking=True)
-                    remain_host = remain_at = None
-                    if use_remain:
-                        remain_host = torch.cat(remain_idx)
-                        remain_dev = remain_host.to(dev, non_blocking=True)
-                        remain_at = [0, *itertools.accumulate(r.shape[0] for r in remain_idx)]
-                    plan_epoch(fx, rx if use_remain else None, perm, remain_host, remain_at, batch, per_epoch, bs,
-                               self.rank, self.world)
-                    aug_f_dev, aug_r_dev = _params_on(aug_f, dev), _params_on(aug_r, dev)
-                    tgt = targets[epoch % len(targets)]
-                    clock.start()
-                    while batch < per_epoch:
-                        if max_steps is not None and step >= max_steps:
-                            raise StopRun(f"stopped after max_steps={max_steps}")
-                        rows = slice(batch * bs, min(n, (batch + 1) * bs))
-                        shares = None
-                        if sharded:
-                            rows, share_f = distributed.rank_rows(rows, self.rank, self.world)
-                            shares = (share_f, 1.0)
-                        idx, host_idx = perm_dev[rows], perm[rows]
-                        xf, tf = _gather(fx, idx, host_idx, dev), _gather(tgt, idx, host_idx, dev)
-                        if aug_f_dev is not None:
-                            xf = _apply_augment(xf, aug_f_dev, idx, aug_pad)
-                        if use_remain:
-                            rrows = slice(remain_at[batch], remain_at[batch + 1])
-                            if sharded:
-                                rrows, share_r = distributed.rank_rows(rrows, self.rank, self.world)
-                                shares = (share_f, share_r)
-                            ridx, host_ridx = remain_dev[rrows], remain_host[rrows]
-                            xr, yr = _gather(rx, ridx, host_ridx, dev), _gather(ry, ridx, host_ridx, dev)
-                            if aug_r_dev is not None:
-                                xr = _apply_augment(xr, aug_r_dev, ridx, aug_pad)
-                            acc += self.step(xf, tf, xr, yr, shares=shares)
-                        else:
-                            acc += self.step(xf, tf, shares=shares)
-                        batch += 1
-                        step += 1
-                        bar.update(1)
-                        if checkpoint_every and step % checkpoint_every == 0:
-                            epoch_seconds += clock.stop()()
-                            write_checkpoint()
-                            clock.start()
-                        if on_step is not None:
-                            on_step(step, {"epoch": epoch, "batch": batch, "total": total})
-                    seconds = clock.stop()
-                    if sharded:
-                        acc = distributed.all_reduce_sum(acc, dev)
-                    if sharded:
-                        sync_buffers()
-                    extra = {}
-                    if probe:
-                        self.model.eval()
-                        extra = probe(self.model)
-                        self.model.train()
-                    pending.append((epoch + 1, acc / per_epoch, epoch_seconds, seconds, extra))
-                    # The last epoch but one is read (and checked for divergence) now: reading
-                    # it does not stall the device, whose queue still holds this epoch.
-                    read_rows(keep=1)
-                    epoch, batch, perm, remain_idx = epoch + 1, 0, None, None
-                    acc = torch.zeros(3, dtype=torch.float64, device=dev)
-                    epoch_seconds = 0.0
-            except StopRun:
-                pass
-            finally:
-                bar.close()
-                self.opt.zero_grad(set_to_none=True)
-                self.model.eval()
-            read_rows()
-            if sharded:
-                sync_buffers()
-            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-                raise diverged(cfg, "a weight")
-        return history
-
-
-class _Clock:
-    """Seconds of a stretch of steps. On CUDA from events, so that stopping the clock does
-    not wait for the device: ``stop`` returns a function that reads the time when called."""
-
-    def __init__(self, dev: torch.device):
-        self.dev = dev
-        self.cuda = dev.type == "cuda"
-        self.t0 = self.ev0 = None
-
-    def _event(self):
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record(torch.cuda.current_stream(self.dev))  # the engine's device, not the current one
-        return ev
-
-    def start(self):
-        if self.cuda:
-            self.ev0 = self._event()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> Callable[[], float]:
-        if not self.cuda:
-            dt = time.perf_counter() - self.t0
-            return lambda: dt
-        ev0, ev1 = self.ev0, self._event()
-
-        def read():
-            ev1.synchronize()
-            return ev0.elapsed_time(ev1) / 1e3
-
-        return read
-
-
-def _draw_augment(mode: str, count: int, pad: int, gen: torch.Generator) -> dict:
-    """One epoch's crop offsets and flips for ``count`` samples (CPU tensors)."""
-    crop, flip = augment_mode(mode)
-    out = {}
-    if crop:
-        out["oy"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
-        out["ox"] = torch.randint(0, 2 * pad + 1, (count,), generator=gen)
-    if flip:
-        out["flip"] = torch.rand(count, generator=gen) < 0.5
-    return out
-
-
-def _params_on(params: Optional[dict], dev: torch.device) -> Optional[dict]:
-    return None if params is None else {k: v.to(dev, non_blocking=True) for k, v in params.items()}
-
-
-def _apply_augment(x: torch.Tensor, params: dict, idx: torch.Tensor, pad: int) -> torch.Tensor:
-    """The batch x (rows idx of its set) with those rows' crops and flips; params on x's device."""
-    idx = idx.to(x.device)
-    if "oy" in params:
-        x = crop_at(x, pad, params["oy"][idx], params["ox"][idx])
-    if "flip" in params:
-        x = flip_where(x, params["flip"][idx])
-    return x
-
-
-def _rank_rng(state: dict, key: str, rank: int, world: int) -> torch.Tensor:
-    """The RNG state this rank saved, or rank 0's when the checkpoint was written by another
-    number of processes (or by one)."""
-    per_rank = state.get(key + "_ranks")
-    if per_rank is not None and per_rank.shape[0] == world:
-        return per_rank[rank].clone()
-    return state[key]
-
-
-# ---------------------------------------------------------------- checkpoints
-def _gather(src: torch.Tensor, idx: torch.Tensor, host_idx: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Rows of src on dev: src is staged on dev (gathered there with idx, the indices on the
-    device) or, too big for it, in pinned host memory (gathered with the same indices on the
-    host, host_idx). Neither path copies indices between host and device: that would make
-    every step wait for the device."""
-    if src.device.type == "cpu" and dev.type != "cpu":
-        return src[host_idx].to(dev, non_blocking=True)
-    return src[idx]
-
-
-def _bar(total, enabled, initial=0):
-    return tqdm(total=total, initial=initial, desc="fine-tune", disable=not enabled, leave=False)
 
 
 def finetune(model: nn.Module, forget_x: torch.Tensor, search: SearchResult, config: UnlearnConfig, *,

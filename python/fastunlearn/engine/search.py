@@ -29,8 +29,8 @@ noise is keyed by sample index, so a redone sample gets the fp32 search's result
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -52,7 +52,7 @@ from fastunlearn.runtime.precision import resolve_precision, small_search_in_fp3
 from fastunlearn.runtime.progress import progress_bar
 
 
-@dataclass
+@dataclasses.dataclass
 class SearchResult:
     """O(N) outputs of a search (rows follow the forget set's order).
 
@@ -197,9 +197,10 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
                 stop = min(n, start + chunk)
                 xc, yc = src.rows(start, stop)
                 try:
-                    lab, ok, margin, targets, took, unsure = _search_rows(
-                        frozen, norm, xc, yc, config, alpha, steps, r, n_total or n, index_base + start, per_sample,
-                        autocast, recheck, device, refreshes=refreshes)
+                    p = _ChunkParams(frozen=frozen, norm=norm, cfg=config, alpha=alpha, steps=steps, refresh=r,
+                                     refreshes=refreshes, n_total=n_total or n, per_sample=per_sample)
+                    lab, ok, margin, targets, took, unsure = _search_rows(p, xc, yc, index_base + start, autocast,
+                                                                          recheck, device)
                 except torch.OutOfMemoryError:
                     if stop - start == 1:
                         raise
@@ -224,26 +225,39 @@ def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, 
     return SearchResult(out_lab, out_ok, out_margin, out_targets, out_steps, out_rechecked)
 
 
-def _search_rows(frozen, norm, xc, yc, config, alpha, steps, refresh, n_total, first, per_sample, autocast,
-                 recheck, device, refreshes=1):
-    """One chunk: the search, then (low precision with recheck) its unsure rows redone in fp32.
-    Returns (relabels, success, margin, targets, steps taken, unsure rows or None)."""
+@dataclasses.dataclass(frozen=True)
+class _ChunkParams:
+    """What every chunk of one search pass (one refresh) shares."""
+    frozen: nn.Module
+    norm: object  # a Normalizer; with compat="authors", (attack normaliser, data normaliser) until split
+    cfg: UnlearnConfig
+    alpha: float
+    steps: int
+    refresh: int
+    refreshes: int
+    n_total: int  # samples in the whole forget set: the noise of a sample is keyed by its index there
+    per_sample: int
+
+
+def _search_rows(p: _ChunkParams, xc, yc, first, autocast, recheck, device):
+    """One chunk (rows first.. of the forget set): the search, then (low precision with recheck)
+    its unsure rows redone in fp32. Returns (relabels, success, margin, targets, steps taken,
+    unsure rows or None)."""
     u0 = as_pixels(xc, device)
     x_loader = None
-    if isinstance(norm, tuple):  # compat="authors": (attack normaliser, data normaliser)
-        norm, data_norm = norm
+    if isinstance(p.norm, tuple):  # compat="authors": (attack normaliser, data normaliser)
+        norm, data_norm = p.norm
         x_loader = data_norm(u0)  # their first input: the loader's image, not a round trip
         u0 = compat.to_attack_space(u0, data_norm, norm)
+        p = dataclasses.replace(p, norm=norm)
     yc = yc.to(device)
-    lab, ok, margin, targets, took, doubt = _search_chunk(frozen, norm, u0, yc, config, alpha, steps, refresh,
-                                                          n_total, first, per_sample, autocast, track_doubt=recheck,
-                                                          refreshes=refreshes, first_input=x_loader)
+    lab, ok, margin, targets, took, doubt = _search_chunk(p, u0, yc, first, autocast, track_doubt=recheck,
+                                                          first_input=x_loader)
     unsure = None
     if recheck:
         with phase("search/recheck"):
-            unsure = doubt.unsure(config.recheck_margin, torch.finfo(autocast).eps, per_sample)
-            _redo_in_fp32(torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), frozen, norm, u0, yc,
-                          config, alpha, steps, refresh, n_total, first, per_sample, refreshes=refreshes)
+            unsure = doubt.unsure(p.cfg.recheck_margin, torch.finfo(autocast).eps, p.per_sample)
+            _redo_in_fp32(p, torch.nonzero(unsure).flatten(), (lab, ok, margin, targets, took), u0, yc, first)
     return lab, ok, margin, targets, took, unsure
 
 
@@ -272,33 +286,45 @@ def _forward(frozen, norm, u, autocast, need_grad, nu=None):
     return logits, nu
 
 
-def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh, n_total, first, per_sample,
-                  autocast, track_doubt=False, refreshes=1, first_input=None):
+class _ChunkOut:
+    """A chunk's results, filled in as rows stop searching."""
+
+    def __init__(self, m: int, steps: int, dev: torch.device):
+        self.m, self.dev = m, dev
+        self.lab = torch.empty(m, dtype=torch.int64, device=dev)
+        self.ok = torch.empty(m, dtype=torch.bool, device=dev)
+        self.margin = torch.empty(m, dtype=torch.float32, device=dev)
+        self.took = torch.full((m,), steps, dtype=torch.int32, device=dev)
+        self.targets = None
+
+    def record(self, rows, rc: reference.RelabelResult, t: int) -> None:
+        """Rows ``rows`` stopped at step t with the relabel check rc."""
+        self.lab[rows] = rc.relabel
+        self.ok[rows] = rc.success
+        self.margin[rows] = rc.margin
+        self.took[rows] = t
+        if rc.targets is not None:
+            if self.targets is None:
+                self.targets = torch.zeros(self.m, rc.targets.shape[1], dtype=torch.float32, device=self.dev)
+            self.targets[rows] = rc.targets
+
+
+def _search_chunk(p: _ChunkParams, u0, y, first, autocast, track_doubt=False, first_input=None):
+    """The search of the rows u0 (rows first.. of the forget set, labels y). Returns (relabels,
+    success, margin, targets, steps taken, Doubt or None)."""
+    frozen, norm, cfg, steps, refresh, n_total, per_sample = (p.frozen, p.norm, p.cfg, p.steps, p.refresh,
+                                                              p.n_total, p.per_sample)
     m = u0.shape[0]
     dev = u0.device
     u = u0.clone()
     if cfg.random_start:
         start = reference.noise_offset(refresh, steps, steps, n_total, first, per_sample)
         u = reference.random_start_point(u0, cfg.eps, cfg.quantize, cfg.seed, start)
-    lab = torch.empty(m, dtype=torch.int64, device=dev)
-    ok = torch.empty(m, dtype=torch.bool, device=dev)
-    margin = torch.empty(m, dtype=torch.float32, device=dev)
-    took = torch.full((m,), steps, dtype=torch.int32, device=dev)
-    targets = None
+    out = _ChunkOut(m, steps, dev)
+    record = out.record
     active = torch.arange(m, device=dev)
     mean_std = dict(mean=norm.mean, std=norm.std) if norm.mean is not None else {}
     doubt = Doubt(m, dev) if track_doubt else None
-
-    def record(rows, rc, t):
-        nonlocal targets
-        lab[rows] = rc.relabel
-        ok[rows] = rc.success
-        margin[rows] = rc.margin
-        took[rows] = t
-        if rc.targets is not None:
-            if targets is None:
-                targets = torch.zeros(m, rc.targets.shape[1], dtype=torch.float32, device=dev)
-            targets[rows] = rc.targets
 
     for t in range(steps + 1):
         last = t == steps
@@ -339,14 +365,14 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
         if cfg.compat == "authors":
             rows = torch.arange(first, first + m, device=dev)
             g = compat.batch_mean_grad(logits, y[active], nu, rows, n_total, cfg.batch_size)
-            lam = compat.iteration_lamdas(cfg, refresh, refreshes, rows, n_total) if cfg.lamda > 0 else 0.0
+            lam = compat.iteration_lamdas(cfg, refresh, p.refreshes, rows, n_total) if cfg.lamda > 0 else 0.0
         else:
             if logits is not None:
                 (g,) = torch.autograd.grad(logits, nu, grad_outputs=dlogits.to(logits.dtype))
             lam = reference.lamda_at(cfg.lamda, cfg.lamda_schedule,
-                                     *reference.schedule_index(t, steps, refresh, refreshes), rate=cfg.lamda_rate)
+                                     *reference.schedule_index(t, steps, refresh, p.refreshes), rate=cfg.lamda_rate)
         offset = reference.noise_offset(refresh, t, steps, n_total, first, per_sample)
-        step_kw = dict(eps=cfg.eps, alpha=alpha, lamda=lam, gamma=cfg.gamma, noise=cfg.noise,
+        step_kw = dict(eps=cfg.eps, alpha=p.alpha, lamda=lam, gamma=cfg.gamma, noise=cfg.noise,
                        quantize=cfg.quantize, seed=cfg.seed, offset=offset, backend=cfg.backend, **mean_std)
         if cfg.compat == "authors":
             step_kw.update(compat=cfg.compat, nu=nu.detach())
@@ -361,11 +387,10 @@ def _search_chunk(frozen, norm, u0, y, cfg: UnlearnConfig, alpha, steps, refresh
             full[active] = g.to(u.dtype)
             stepped = boundary_step(u, u0, full, **step_kw)
             u[active] = stepped[active]
-    return lab, ok, margin, targets, took, doubt
+    return out.lab, out.ok, out.margin, out.targets, out.took, doubt
 
 
-def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n_total, first, per_sample,
-                  refreshes=1):
+def _redo_in_fp32(p: _ChunkParams, rows, outs, u0, y, first):
     """Search ``rows`` of a chunk again in fp32 and overwrite their results in ``outs``.
 
     The noise of a row is keyed by its index in the whole forget set, so a redo over a run
@@ -375,7 +400,7 @@ def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n
     """
     if rows.numel() == 0:
         return
-    if cfg.deterministic_search:
+    if p.cfg.deterministic_search:
         runs = [rows]
     else:
         breaks = torch.nonzero(rows[1:] != rows[:-1] + 1).flatten() + 1
@@ -383,9 +408,7 @@ def _redo_in_fp32(rows, outs, frozen, norm, u0, y, cfg, alpha, steps, refresh, n
     lab, ok, margin, targets, took = outs
     with strict_fp32(u0.device, enabled=RECHECK_FP32 == "ieee"):
         for run in runs:
-            r_lab, r_ok, r_margin, r_targets, r_took, _ = _search_chunk(
-                frozen, norm, u0[run], y[run], cfg, alpha, steps, refresh, n_total, first + int(run[0]), per_sample,
-                None, refreshes=refreshes)
+            r_lab, r_ok, r_margin, r_targets, r_took, _ = _search_chunk(p, u0[run], y[run], first + int(run[0]), None)
             lab[run], ok[run], margin[run], took[run] = r_lab, r_ok, r_margin, r_took
             if targets is not None:
                 targets[run] = r_targets

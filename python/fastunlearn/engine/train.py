@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -42,17 +43,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
     batch_norm_relu op, faster than plain PyTorch (bench/bench_train_eval.py measures it).
     The model comes back in the default (contiguous) layout.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if precision not in TRAIN_PRECISIONS:
-        raise ValueError(f"precision must be one of {TRAIN_PRECISIONS} (fp16 would need loss scaling), "
-                         f"got {precision!r}")
+    _check_train_args(epochs, lr, batch_size, schedule, precision)
     crop, flip = augment_mode(augment)
     x, y = as_tensors(train, "train")
     n = x.shape[0]
@@ -76,13 +67,8 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
         steps_per_epoch -= 1
     total = steps_per_epoch * epochs
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
-    elif schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    else:
-        sched = None
-    pad = max(1, x.shape[-1] // 8)
+    sched = _scheduler(opt, schedule, lr, total)
+    batches = _Batches(x, y, dev, batch_size, crop, flip, max(1, x.shape[-1] // 8), mean, std, channels_last)
 
     forked = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
@@ -93,39 +79,89 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
         undo = fuse_batch_norm_relu(net) if fuse else (lambda: None)
         try:
             for epoch in range(epochs):
-                order = torch.randperm(n, generator=g)
-                seen = correct = 0
-                loss_sum = 0.0
-                for s in range(steps_per_epoch):
-                    idx = order[s * batch_size:(s + 1) * batch_size]
-                    xb = x[idx.to(x.device)].to(dev, non_blocking=True)
-                    yb = y[idx.to(y.device)].to(dev, non_blocking=True)
-                    xb = prepare(xb)
-                    if crop:
-                        xb = random_crop(xb, pad, g)
-                    if flip:
-                        xb = random_flip(xb, g)
-                    xb = prepare(xb, mean, std)
-                    if channels_last:
-                        xb = channels_last_input(xb)
-                    with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                        logits = net(xb)
-                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                    if progress:
-                        seen += yb.shape[0]
-                        loss_sum += float(loss.detach()) * yb.shape[0]
-                        correct += int((logits.argmax(1) == yb).sum())
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}",
-                                        acc=f"{correct / seen:.3f}", refresh=False)
-                    bar.update(1)
+                _train_epoch(net, batches, torch.randperm(n, generator=g), steps_per_epoch, g, opt, sched,
+                             autocast, label_smoothing, bar if progress else None, epoch)
         finally:
             undo()
             bar.close()
     if channels_last:
         net = net.to(memory_format=torch.contiguous_format)
     return net.eval()
+
+
+def _check_train_args(epochs, lr, batch_size, schedule, precision) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"precision must be one of {TRAIN_PRECISIONS} (fp16 would need loss scaling), "
+                         f"got {precision!r}")
+
+
+def _scheduler(opt, schedule: str, lr: float, total: int):
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return None
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """The training set and how a batch of it becomes model input on the device."""
+    x: torch.Tensor
+    y: torch.Tensor
+    dev: torch.device
+    batch_size: int
+    crop: bool
+    flip: bool
+    pad: int
+    mean: object
+    std: object
+    channels_last: bool
+
+    def take(self, order: torch.Tensor, s: int, g: torch.Generator):
+        """Batch s of the epoch's order: (input, labels), augmented with g's draws."""
+        idx = order[s * self.batch_size:(s + 1) * self.batch_size]
+        xb = self.x[idx.to(self.x.device)].to(self.dev, non_blocking=True)
+        yb = self.y[idx.to(self.y.device)].to(self.dev, non_blocking=True)
+        xb = prepare(xb)
+        if self.crop:
+            xb = random_crop(xb, self.pad, g)
+        if self.flip:
+            xb = random_flip(xb, g)
+        xb = prepare(xb, self.mean, self.std)
+        if self.channels_last:
+            xb = channels_last_input(xb)
+        return xb, yb
+
+
+def _train_epoch(net, batches: _Batches, order, steps: int, g, opt, sched, autocast, label_smoothing, bar,
+                 epoch: int) -> None:
+    """One epoch of SGD steps in the given order; bar (None: no progress) shows the running loss
+    and accuracy."""
+    dev = batches.dev
+    seen = correct = 0
+    loss_sum = 0.0
+    for s in range(steps):
+        xb, yb = batches.take(order, s, g)
+        with torch.autocast(dev.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = net(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if bar is not None:
+            seen += yb.shape[0]
+            loss_sum += float(loss.detach()) * yb.shape[0]
+            correct += int((logits.argmax(1) == yb).sum())
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}",
+                            acc=f"{correct / seen:.3f}", refresh=False)
+            bar.update(1)

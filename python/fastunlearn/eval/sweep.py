@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -40,24 +39,22 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from fastunlearn.compose import compose, finetune_on_remain, strip_frozen_batchnorm
+from fastunlearn.compose import compose, finetune_on_remain
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
-from fastunlearn.engine.finetune import DivergedError, FinetuneEngine
-from fastunlearn.engine.search import SearchResult, run_search
 from fastunlearn.eval.halving import Budget, successive_halving
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
 from fastunlearn.eval.seeds import sweep_over_seeds
+from fastunlearn.eval.staged import SEARCH_KEYS as SEARCH_KEYS  # re-exported: part of this module's API
+from fastunlearn.eval.staged import SWEEP_RELABELS, StagedRuns
+from fastunlearn.eval.staged import derive_targets as derive_targets
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.models import head_of
 
-SWEEP_RELABELS = ("argmax", "nearest_incorrect", "soft", "soft_incorrect")
 BATCHNORM_MODES = ("train", "frozen")
 COMPOSE_MODES = (None, "backbone", "head_ft", "full_ft")
 # Keys of the grid; anything else is an UnlearnConfig field held fixed at ``base``.
 GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", "batchnorm", "compose")
-SEARCH_KEYS = ("eps", "steps", "alpha", "gamma", "lamda", "noise", "lamda_schedule", "quantize", "early_exit",
-               "random_start", "seed", "precision", "backend", "recheck_margin", "search_compile")
 
 # The neighbourhood of UnlearnConfig.recommended() that bench/study_recipe.py found worth
 # searching: frozen BatchNorm won everywhere; the relabel mode and the remain target changed
@@ -172,30 +169,6 @@ def pareto_front(points: Sequence[SweepPoint]) -> list:
 
 
 # -------------------------------------------------------------- relabel modes
-def derive_targets(search: SearchResult, y: torch.Tensor, mode: str) -> SearchResult:
-    """A SearchResult for relabel ``mode`` from one run with soft targets (``relabel="soft"``)."""
-    if mode not in SWEEP_RELABELS:
-        raise ValueError(f"relabel must be one of {SWEEP_RELABELS}, got {mode!r}")
-    if search.targets is None:
-        raise ValueError("derive_targets needs a search run with relabel='soft' (it has no soft targets)")
-    p = search.targets
-    y = y.reshape(1, -1, 1).expand(p.shape[0], -1, 1)
-    if mode == "soft":
-        return search
-    if mode == "argmax":
-        return SearchResult(search.relabels, search.success, search.margin, None, search.steps)
-    others = p.scatter(2, y, 0.0)
-    if mode == "nearest_incorrect":
-        masked = p.scatter(2, y, -1.0)
-        return SearchResult(masked.argmax(2), search.success, search.margin, None, search.steps)
-    # soft_incorrect: the boundary neighbourhood's distribution over the other classes.
-    norm = others.sum(2, keepdim=True)
-    uniform = torch.ones_like(others).scatter(2, y, 0.0)
-    uniform = uniform / uniform.sum(2, keepdim=True)
-    targets = torch.where(norm > 1e-12, others / norm.clamp_min(1e-12), uniform)
-    return SearchResult(search.relabels, search.success, search.margin, targets, search.steps)
-
-
 # ---------------------------------------------------------------- the sweep
 def _grid(grid: Optional[dict]) -> dict:
     g = {k: list(v) for k, v in DEFAULT_GRID.items()}
@@ -283,6 +256,20 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     if not 0 <= max_forget_acc <= 1:
         raise ValueError(f"max_forget_acc must be in [0, 1], got {max_forget_acc!r}")
     budget = Budget.of(budget)
+    target_forget_acc = _selection_target(target_forget_acc, heldout)
+    base = UnlearnConfig() if base is None else base
+    if not isinstance(base, UnlearnConfig):
+        raise TypeError(f"base must be an UnlearnConfig, got {type(base).__name__}")
+    g = _grid(grid)
+    inputs = _Inputs.of(model, forget, remain, val, heldout, mean, std, device, head_ft_samples, base.seed)
+    run = _Sweep(model, inputs, g, base, (max_forget_acc, target_forget_acc), log, (head_ft_epochs, head_ft_lr),
+                 progress)
+    halving, search_seconds = run.run(keep, budget)
+    return run.result(halving, search_seconds, keep, t_start)
+
+
+def _selection_target(target_forget_acc, heldout):
+    """target_forget_acc checked against heldout; "heldout" when heldout is given without one."""
     if heldout is not None and target_forget_acc is None:
         target_forget_acc = "heldout"
     if isinstance(target_forget_acc, str):
@@ -295,46 +282,52 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
             raise ValueError("give either heldout (each point's own target) or a fixed target_forget_acc, not both")
         if isinstance(target_forget_acc, bool) or not 0 <= target_forget_acc <= 1:
             raise ValueError(f"target_forget_acc must be None, 'heldout' or in [0, 1], got {target_forget_acc!r}")
-    base = UnlearnConfig() if base is None else base
-    if not isinstance(base, UnlearnConfig):
-        raise TypeError(f"base must be an UnlearnConfig, got {type(base).__name__}")
-    g = _grid(grid)
-    fx, fy = validate.pair(forget, "forget")
-    rx, ry = validate.pair(remain, "remain")
-    validate.check_same_data(fx, rx)
-    if val is None:
-        fv, rv = (fx, fy), (rx, ry)
-    else:
-        if not isinstance(val, (tuple, list)) or len(val) != 2:
-            raise ValueError("val must be (forget_val, remain_val), each an (x, y) pair or a Dataset")
-        fv, rv = validate.pair(val[0], "forget_val"), validate.pair(val[1], "remain_val")
-    hv = None if heldout is None else validate.pair(heldout, "heldout")
-    dev = validate.check_devices(model, device, forget=fx, remain=rx)
-    mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])
-    frozen = frozen_copy(model, dev)
+    return target_forget_acc
 
-    head_name = head_of(model)[0] if any(c is not None for c in g["compose"]) else None
 
-    hx, hy = rx, ry
-    if head_ft_samples is not None and head_ft_samples < rx.shape[0]:
-        pick = torch.randperm(rx.shape[0], generator=torch.Generator().manual_seed(base.seed))[:head_ft_samples]
-        hx, hy = rx[pick], ry[pick]
-    max_epochs = max(g["epochs"])
-    searches, search_seconds = {}, 0.0
-    points: list = []
-    best, best_state = None, None
+@dataclass(frozen=True)
+class _Inputs:
+    """The sweep's data, checked: the fine-tune sets, the scoring sets, the head re-fit's set."""
+    fx: torch.Tensor
+    fy: torch.Tensor
+    rx: torch.Tensor
+    ry: torch.Tensor
+    fv: tuple  # scored forget set
+    rv: tuple  # scored remain set
+    hv: Optional[tuple]  # held-out images of the forgotten kind, or None
+    hx: torch.Tensor  # the remain images the head_ft / full_ft re-fit trains on
+    hy: torch.Tensor
+    dev: torch.device
+    mean: object
+    std: object
 
-    def consider(p: SweepPoint, m: nn.Module):
-        nonlocal best, best_state
-        points.append(p)
-        if log is not None:
-            held = "" if p.heldout_acc is None else f", held-out {100 * p.heldout_acc:.2f}%"
-            log(f"[{p.index}] {p.settings} -> forget {100 * p.forget_acc:.2f}%, remain {100 * p.remain_acc:.2f}%"
-                f"{held}{' (diverged)' if p.diverged else ''} ({p.seconds:.1f}s)")
-        if best is None or _key(p, max_forget_acc, target_forget_acc) > _key(best, max_forget_acc,
-                                                                              target_forget_acc):
-            best, best_state = p, copy.deepcopy(m).cpu()
+    @classmethod
+    def of(cls, model, forget, remain, val, heldout, mean, std, device, head_ft_samples, seed) -> "_Inputs":
+        fx, fy = validate.pair(forget, "forget")
+        rx, ry = validate.pair(remain, "remain")
+        validate.check_same_data(fx, rx)
+        if val is None:
+            fv, rv = (fx, fy), (rx, ry)
+        else:
+            if not isinstance(val, (tuple, list)) or len(val) != 2:
+                raise ValueError("val must be (forget_val, remain_val), each an (x, y) pair or a Dataset")
+            fv, rv = validate.pair(val[0], "forget_val"), validate.pair(val[1], "remain_val")
+        hv = None if heldout is None else validate.pair(heldout, "heldout")
+        dev = validate.check_devices(model, device, forget=fx, remain=rx)
+        mean_t, std_t = validate.mean_std(mean, std, fx.shape[1])
+        hx, hy = rx, ry
+        if head_ft_samples is not None and head_ft_samples < rx.shape[0]:
+            pick = torch.randperm(rx.shape[0], generator=torch.Generator().manual_seed(seed))[:head_ft_samples]
+            hx, hy = rx[pick], ry[pick]
+        return cls(fx=fx, fy=fy, rx=rx, ry=ry, fv=fv, rv=rv, hv=hv, hx=hx, hy=hy, dev=dev, mean=mean_t, std=std_t)
 
+    def scores(self, model):
+        """(forget acc, remain acc, held-out acc or None, diverged) of ``model``."""
+        return _val_scores(model, self.fv, self.rv, self.hv, self.mean, self.std, self.dev)
+
+
+def _runs(g: dict) -> list:
+    """The grid's distinct fine-tunes (every setting but epochs and compose)."""
     outer = [dict(zip(("gamma", "relabel", "remain_reg", "remain_target", "lr", "batchnorm"), v)) for v in
              itertools.product(g["gamma"], g["relabel"], g["remain_reg"], g["remain_target"], g["lr"], g["batchnorm"])]
     # remain_target only matters with a remain term; drop the duplicates it would create.
@@ -346,129 +339,104 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
         if key not in seen:
             seen.add(key)
             runs.append(o)
+    return runs
 
-    rungs = sorted(set(g["epochs"]))
-    composes = [c for c in g["compose"] if c is not None]
-    held = {}  # (run, epochs) -> (point, model) of the un-composed snapshots
 
-    def composed(o, ep, m, secs):
-        for mode in composes:
+class _Sweep:
+    """One sweep: its inputs, the runs, the points scored so far and the best of them."""
+
+    def __init__(self, model, inputs: _Inputs, g: dict, base: UnlearnConfig, rule: tuple, log, head_ft: tuple,
+                 progress: bool):
+        self.model, self.inputs, self.g, self.base, self.log, self.progress = model, inputs, g, base, log, progress
+        self.max_forget_acc, self.target_forget_acc = rule
+        self.head_ft_epochs, self.head_ft_lr = head_ft
+        self.frozen = frozen_copy(model, inputs.dev)
+        self.head_name = head_of(model)[0] if any(c is not None for c in g["compose"]) else None
+        self.searches: dict = {}
+        self.points: list = []
+        self.best, self.best_state = None, None
+        self.runs = _runs(g)
+        self.rungs = sorted(set(g["epochs"]))
+        self.composes = [c for c in g["compose"] if c is not None]
+        self.held: dict = {}  # (run, epochs) -> (point, model) of the un-composed snapshots
+        self.staged: Optional[StagedRuns] = None
+
+    def key(self, p: SweepPoint):
+        return _key(p, self.max_forget_acc, self.target_forget_acc)
+
+    def consider(self, p: SweepPoint, m: nn.Module) -> None:
+        """Record a scored point; keep a copy of its model when it is the best so far."""
+        self.points.append(p)
+        if self.log is not None:
+            held = "" if p.heldout_acc is None else f", held-out {100 * p.heldout_acc:.2f}%"
+            self.log(f"[{p.index}] {p.settings} -> forget {100 * p.forget_acc:.2f}%, remain "
+                     f"{100 * p.remain_acc:.2f}%{held}{' (diverged)' if p.diverged else ''} ({p.seconds:.1f}s)")
+        if self.best is None or self.key(p) > self.key(self.best):
+            self.best, self.best_state = p, copy.deepcopy(m).cpu()
+
+    def composed(self, o: dict, ep: int, m: nn.Module, secs: float) -> None:
+        """Score the grid's compositions of a snapshot m (run o at ep epochs)."""
+        inp = self.inputs
+        for mode in self.composes:
             t0 = time.perf_counter()
             if mode == "backbone":
-                out = compose(model, m, head_name=head_name).to(dev)
+                out = compose(self.model, m, head_name=self.head_name).to(inp.dev)
             else:
-                out = finetune_on_remain(copy.deepcopy(m), head_name, hx, hy, "head" if mode == "head_ft" else "full",
-                                          head_ft_epochs, head_ft_lr, 128, mean_t, std_t, dev, base.seed, progress)
-            fa, ra, ha, diverged = _val_scores(out, fv, rv, hv, mean_t, std_t, dev)
-            consider(SweepPoint(dict(o, epochs=ep, compose=mode), fa, ra, secs + time.perf_counter() - t0,
-                                len(points), ha, diverged), out)
+                out = finetune_on_remain(copy.deepcopy(m), self.head_name, inp.hx, inp.hy,
+                                         "head" if mode == "head_ft" else "full", self.head_ft_epochs,
+                                         self.head_ft_lr, 128, inp.mean, inp.std, inp.dev, self.base.seed,
+                                         self.progress)
+            fa, ra, ha, diverged = inp.scores(out)
+            self.consider(SweepPoint(dict(o, epochs=ep, compose=mode), fa, ra, secs + time.perf_counter() - t0,
+                                     len(self.points), ha, diverged), out)
 
-    with tempfile.TemporaryDirectory(prefix="fastunlearn-sweep-") as tmp:
-        staged = _StagedRuns(runs, base, model, frozen, fx, fy, (rx, ry), mean_t, std_t, dev, max_epochs, rungs, tmp,
-                             progress, searches)
+    def advance(self, i: int, ep: int):
+        """Run i on to ep epochs and score it (successive halving's callback): its selection key."""
+        m, secs = self.staged.advance(i, ep)
+        fa, ra, ha, diverged = self.inputs.scores(m)
+        p = SweepPoint(dict(self.runs[i], epochs=ep, compose=None), fa, ra, secs, len(self.points), ha,
+                       diverged or i in self.staged.diverged)
+        if None in self.g["compose"]:
+            self.consider(p, m)
+            if self.composes:
+                self.held[(i, ep)] = (p, m)
+        else:  # only the composed points are candidates: compose every snapshot
+            self.composed(self.runs[i], ep, m, secs)
+        return self.key(p)
 
-        def advance(i, ep):
-            m, secs = staged.advance(i, ep)
-            fa, ra, ha, diverged = _val_scores(m, fv, rv, hv, mean_t, std_t, dev)
-            p = SweepPoint(dict(runs[i], epochs=ep, compose=None), fa, ra, secs, len(points), ha,
-                           diverged or i in staged.diverged)
-            if None in g["compose"]:
-                consider(p, m)
-                if composes:
-                    held[(i, ep)] = (p, m)
-            else:  # only the composed points are candidates: compose every snapshot
-                composed(runs[i], ep, m, secs)
-            return _key(p, max_forget_acc, target_forget_acc)
+    def run(self, keep: float, budget: Budget):
+        """The fine-tunes by successive halving, then the compositions. Returns (halving, search seconds)."""
+        inp = self.inputs
+        with tempfile.TemporaryDirectory(prefix="fastunlearn-sweep-") as tmp:
+            self.staged = StagedRuns(self.runs, self.base, self.model, self.frozen, inp.fx, inp.fy, (inp.rx, inp.ry),
+                                     inp.mean, inp.std, inp.dev, max(self.g["epochs"]), self.rungs, tmp,
+                                     self.progress, self.searches)
+            halving = successive_halving(range(len(self.runs)), self.rungs, self.advance, keep=keep, budget=budget)
+            search_seconds = self.staged.search_seconds
+        if None in self.g["compose"] and self.composes:
+            # The head re-fit only for snapshots on the front: a dominated one cannot beat them on both.
+            on_front = {id(p) for p in pareto_front([p for p, _ in self.held.values()])}
+            for (i, ep), (p, m) in self.held.items():
+                if id(p) in on_front or p is self.best:
+                    self.composed(self.runs[i], ep, m, p.seconds)
+        return halving, search_seconds
 
-        halving = successive_halving(range(len(runs)), rungs, advance, keep=keep, budget=budget)
-        search_seconds = staged.search_seconds
-    if None in g["compose"] and composes:
-        # The head re-fit only for snapshots on the front: a dominated one cannot beat them on both.
-        on_front = {id(p) for p in pareto_front([p for p, _ in held.values()])}
-        for (i, ep), (p, m) in held.items():
-            if id(p) in on_front or p is best:
-                composed(runs[i], ep, m, p.seconds)
-    spent = {"fine_tune_epochs": halving.work, "runs": len(runs), "rungs": rungs, "keep": keep,
-             "stopped_by_budget": halving.stopped_by_budget,
-             "runs_per_rung": [sum(halving.reached(i) >= r for i in range(len(runs))) for r in rungs]}
-    chosen = best
-    s = chosen.settings
-    cfg = base.replace(gamma=float(s["gamma"]), relabel=s["relabel"] if s["relabel"] in
-                       ("argmax", "nearest_incorrect", "soft") else "soft", remain_reg=float(s["remain_reg"]),
-                       remain_target=s["remain_target"], lr=float(s["lr"]), epochs=int(s["epochs"]),
-                       batchnorm=s["batchnorm"])
-    spent["seconds"] = time.perf_counter() - t_start
-    return SweepResult(best_state.to(dev).eval(), chosen, cfg, points, pareto_front(points), search_seconds,
-                       spent["seconds"], len(searches),
-                       {"max_forget_acc": max_forget_acc, "target_forget_acc": target_forget_acc}, spent)
-
-
-class _StagedRuns:
-    """The grid's fine-tunes, each stoppable and resumable at an epoch boundary.
-
-    A run is made for the grid's largest epoch count; advance(i, k) resumes it from its
-    checkpoint, runs it on to epoch k (max_steps) and leaves a checkpoint there, so a run
-    continued from epoch j to k is the run one call would have made for k epochs (the
-    learning rate is constant).
-    The searches are shared (one per distinct search setting).
-    """
-
-    def __init__(self, runs, base, model, frozen, fx, fy, remain, mean, std, dev, max_epochs, rungs, tmp,
-                 progress, searches):
-        self.runs, self.base, self.model, self.frozen = runs, base, model, frozen
-        self.fx, self.fy, self.remain, self.mean, self.std, self.dev = fx, fy, remain, mean, std, dev
-        self.max_epochs, self.tmp, self.progress, self.searches = max_epochs, tmp, progress, searches
-        self.last = max(rungs)
-        self.state = {}  # run index -> (checkpoint folder, epochs reached, fine-tune seconds)
-        self.search_seconds = 0.0
-        self.diverged = {}  # run index -> (its diverged model, seconds): every later rung of it is that model
-
-    def config(self, o: dict) -> UnlearnConfig:
-        return self.base.replace(gamma=float(o["gamma"]), relabel="soft", remain_reg=float(o["remain_reg"]),
-                                 remain_target=o["remain_target"], lr=float(o["lr"]), epochs=self.max_epochs,
-                                 batchnorm=o["batchnorm"])
-
-    def search(self, cfg: UnlearnConfig) -> SearchResult:
-        refreshes = 1 if cfg.refresh_mode == "once" else self.max_epochs
-        key = (tuple(getattr(cfg, k) for k in SEARCH_KEYS), refreshes)
-        if key not in self.searches:
-            t0 = time.perf_counter()
-            self.searches[key] = run_search(self.model, self.fx, self.fy, cfg, mean=self.mean, std=self.std,
-                                            device=self.dev, refreshes=refreshes, progress=self.progress,
-                                            frozen=self.frozen)
-            self.search_seconds += time.perf_counter() - t0
-        return self.searches[key]
-
-    def advance(self, i: int, epochs: int):
-        """(model at epoch ``epochs`` of run i, hook-free and in eval mode; its fine-tune seconds)."""
-        if i in self.diverged:
-            return self.diverged[i]
-        o = self.runs[i]
-        cfg = self.config(o)
-        search = derive_targets(self.search(cfg), self.fy, o["relabel"])
-        folder, reached, seconds = self.state.get(i, (os.path.join(self.tmp, str(i)), 0, 0.0))
-        os.makedirs(folder, exist_ok=True)
-        t0 = time.perf_counter()
-        # A fresh engine each time: only the checkpoint stays between calls, so the runs
-        # waiting for the next rung hold no model or optimiser in memory.
-        trainable = copy.deepcopy(self.model).to(self.dev)
-        trainable.requires_grad_(True)
-        engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev, teacher=self.frozen)
-        per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
-        try:
-            engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,
-                       # One checkpoint, where this call stops (the first multiple of its step count
-                       # past the resumed step); none after the last rung.
-                       checkpoint_every=0 if epochs == self.last else per_epoch * epochs,
-                       max_steps=epochs * per_epoch,
-                       resume=os.path.join(folder, "checkpoint.pt") if reached else None)
-        except DivergedError:  # the fine-tune stopped at a non-finite loss or weight
-            self.diverged[i] = (strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(),
-                                seconds + time.perf_counter() - t0)
-            return self.diverged[i]
-        seconds += time.perf_counter() - t0
-        self.state[i] = (folder, epochs, seconds)
-        return strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(), seconds
+    def result(self, halving, search_seconds: float, keep: float, t_start: float) -> SweepResult:
+        runs, rungs = self.runs, self.rungs
+        spent = {"fine_tune_epochs": halving.work, "runs": len(runs), "rungs": rungs, "keep": keep,
+                 "stopped_by_budget": halving.stopped_by_budget,
+                 "runs_per_rung": [sum(halving.reached(i) >= r for i in range(len(runs))) for r in rungs]}
+        chosen = self.best
+        s = chosen.settings
+        cfg = self.base.replace(gamma=float(s["gamma"]), relabel=s["relabel"] if s["relabel"] in
+                                ("argmax", "nearest_incorrect", "soft") else "soft",
+                                remain_reg=float(s["remain_reg"]), remain_target=s["remain_target"],
+                                lr=float(s["lr"]), epochs=int(s["epochs"]), batchnorm=s["batchnorm"])
+        spent["seconds"] = time.perf_counter() - t_start
+        return SweepResult(self.best_state.to(self.inputs.dev).eval(), chosen, cfg, self.points,
+                           pareto_front(self.points), search_seconds, spent["seconds"], len(self.searches),
+                           {"max_forget_acc": self.max_forget_acc, "target_forget_acc": self.target_forget_acc},
+                           spent)
 
 
 def apply(model: nn.Module, forget, remain, settings: dict, *, base: Optional[UnlearnConfig] = None, mean=None,

@@ -11,11 +11,14 @@ class _NoBar:
     def update(self, k=1):
         pass
 
+    def set_postfix(self, *args, **kwargs):
+        pass
+
     def close(self):
         pass
 
 
-def progress_bar(total, enabled, desc):
+def progress_bar(total, enabled, desc, initial=0):
     if not enabled:
         return _NoBar()
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False)
