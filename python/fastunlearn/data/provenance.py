@@ -40,15 +40,12 @@ def file_record(path: str) -> dict:
     return {"path": os.path.abspath(path), "sha256": manifest.sha256_file(path)}
 
 
-def result_record(result, kind: str = "unlearn", *, input_model: Optional[str] = None, forget_indices=None,
-                  metrics: Optional[dict] = None, **fields) -> dict:
-    """The manifest of an unlearning run (an UnlearnResult, or anything with its fields): the
-    config, seeds, counts, timings, backend, and when given the SHA-256 of the input model file
-    and of the forget-index list, and the metrics. ``fields`` (data, forget, parents, ...) add
-    to it or replace its entries."""
-    record = {"config": result.config.to_dict(), "seeds": {"unlearn": result.config.seed},
-              "counts": {"forget": int(len(result.relabels)), "crossed": int(result.success.sum())},
-              "timings": dict(result.timings), "backend": result.backend}
+def run_record(kind: str, model: nn.Module, config, *, input_model: Optional[str] = None, forget_indices=None,
+               metrics: Optional[dict] = None, **fields) -> dict:
+    """The manifest of a run that made ``model`` with ``config`` (an UnlearnConfig): the config,
+    its seed, and when given the SHA-256 of the input model file and of the forget-index list,
+    and the metrics. ``fields`` (data, forget, counts, parents, ...) add to it or replace its entries."""
+    record = {"config": config.to_dict(), "seeds": {kind: config.seed}}
     if forget_indices is not None:
         record["forget"] = {"count": int(len(forget_indices)),
                             "indices_sha256": manifest.sha256_indices(forget_indices)}
@@ -56,5 +53,13 @@ def result_record(result, kind: str = "unlearn", *, input_model: Optional[str] =
         record["input_model"] = file_record(input_model)
     if metrics is not None:
         record["metrics"] = metrics
-    device = next(iter(result.model.parameters()), None)
-    return manifest.new(kind, None if device is None else device.device, **{**record, **fields})
+    param = next(iter(model.parameters()), None)
+    return manifest.new(kind, None if param is None else param.device, **{**record, **fields})
+
+
+def result_record(result, **kw) -> dict:
+    """run_record of an UnlearnResult: with the counts (forget samples, how many crossed), the
+    timings and the backend; entries in ``kw`` replace these."""
+    fields = {"counts": {"forget": int(len(result.relabels)), "crossed": int(result.success.sum())},
+              "timings": dict(result.timings), "backend": result.backend}
+    return run_record("unlearn", result.model, result.config, **{**fields, **kw})

@@ -34,7 +34,6 @@ import itertools
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -48,6 +47,7 @@ from fastunlearn.engine.search import SearchResult, run_search
 from fastunlearn.eval.halving import Budget, successive_halving
 from fastunlearn.eval.metrics import accuracy, inference_copy, predict_logits
 from fastunlearn.eval.seeds import sweep_over_seeds
+from fastunlearn.eval.sweep_result import SweepPoint, SweepResult
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.models import head_of
 
@@ -75,53 +75,6 @@ DEFAULT_GRID = {
     "batchnorm": ["frozen"],
     "compose": [None],
 }
-
-
-@dataclass
-class SweepPoint:
-    """One grid point: its settings and its validation scores (fractions in [0, 1])."""
-
-    settings: dict
-    forget_acc: float
-    remain_acc: float
-    seconds: float = 0.0
-    index: int = 0
-    heldout_acc: Optional[float] = None
-    diverged: bool = False
-
-    def as_row(self) -> dict:
-        row = dict(self.settings, forget_acc=self.forget_acc, remain_acc=self.remain_acc, seconds=self.seconds)
-        if self.heldout_acc is not None:
-            row["heldout_acc"] = self.heldout_acc
-        if self.diverged:
-            row["diverged"] = True
-        return row
-
-
-@dataclass
-class SweepResult:
-    """model: the chosen model (a new one). chosen: its point. points: every point, in run
-    order. front: the Pareto front (lower forget accuracy, higher remain accuracy), sorted by
-    forget accuracy. config: the UnlearnConfig of the chosen point's fine-tune."""
-
-    model: nn.Module
-    chosen: SweepPoint
-    config: UnlearnConfig
-    points: list
-    front: list
-    search_seconds: float
-    seconds: float
-    searches: int = 1
-    rule: dict = field(default_factory=dict)
-    spent: dict = field(default_factory=dict)
-    seed_summary: Optional[dict] = None  # sweep(seeds=[...]): mean +- std over seeds (eval.seeds)
-
-    @property
-    def configs(self) -> list:
-        return [p.settings for p in self.points]
-
-    def table(self) -> list:
-        return [p.as_row() for p in self.points]
 
 
 # ----------------------------------------------------------------- selection
@@ -400,7 +353,7 @@ def sweep(model: nn.Module, forget, remain, val=None, *, max_forget_acc: float =
     spent["seconds"] = time.perf_counter() - t_start
     return SweepResult(best_state.to(dev).eval(), chosen, cfg, points, pareto_front(points), search_seconds,
                        spent["seconds"], len(searches),
-                       {"max_forget_acc": max_forget_acc, "target_forget_acc": target_forget_acc}, spent)
+                       {"max_forget_acc": max_forget_acc, "target_forget_acc": target_forget_acc}, spent, grid=g)
 
 
 class _StagedRuns:
