@@ -59,11 +59,16 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_model(model: nn.Module, path: str, arch: Optional[dict] = None, **meta) -> None:
-    """Save weights (+ BatchNorm buffers) as safetensors. ``arch`` = {"name": ..., kwargs...}
-    lets load_model rebuild the module; ``meta`` (mean, std, dataset, ...) rides along."""
+    """Save weights (+ BatchNorm buffers) as safetensors, atomically. ``arch`` = {"name": ...,
+    kwargs...} lets load_model rebuild the module; ``meta`` (mean, std, dataset, ...) rides along."""
+    atomic_write(path, lambda tmp: write_model(model, tmp, arch, **meta))
+
+
+def write_model(model: nn.Module, path: str, arch: Optional[dict] = None, **meta) -> None:
+    """save_model's file written straight to ``path`` (a temporary path from ``staged``)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": FORMAT, "arch": json.dumps(arch or {}), "meta": json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    save_file(tensors, path, metadata=header)
 
 
 def read_header(path: str) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from fastunlearn.data.checkpoint import save_model, staged
+from fastunlearn.data import checkpoint
 from fastunlearn.runtime import manifest
 
 
@@ -27,8 +27,8 @@ def save_with_manifest(model: nn.Module, path: str, arch: Optional[dict], proven
     # What JSON cannot hold (a device, a dtype) is kept as text, the same in both copies.
     provenance = json.loads(manifest.dumps(provenance))
     target = manifest.manifest_path(path)
-    with staged(path) as tmp_model, staged(target) as tmp_manifest:
-        save_model(model, tmp_model, arch, provenance=provenance, **meta)
+    with checkpoint.staged(path) as tmp_model, checkpoint.staged(target) as tmp_manifest:
+        checkpoint.write_model(model, tmp_model, arch, provenance=provenance, **meta)
         record = manifest.record_beside(path, provenance, sha256=manifest.sha256_file(tmp_model))
         with open(tmp_manifest, "w") as f:
             f.write(manifest.dumps(record))
