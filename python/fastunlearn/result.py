@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from fastunlearn.config import UnlearnConfig
-from fastunlearn.data.checkpoint import save_model
+from fastunlearn.data.provenance import result_record, save_with_manifest
 from fastunlearn.engine.distributed import is_main
 from fastunlearn.engine.search import SearchResult
 
@@ -40,12 +40,23 @@ class UnlearnResult:
     timings: dict = field(default_factory=dict)
     step_mode: str = "eager"
 
-    def save(self, path: str, arch: Optional[dict] = None, **meta) -> None:
-        """Write the model as .safetensors (atomically), with the config in its header.
+    def save(self, path: str, arch: Optional[dict] = None, *, input_model: Optional[str] = None,
+             forget_indices=None, metrics: Optional[dict] = None, provenance: Optional[dict] = None,
+             **meta) -> Optional[str]:
+        """Write the model as .safetensors with its run manifest in the header and as JSON beside
+        it (x.safetensors -> x.manifest.json), both atomically; returns the manifest's path.
+
+        The manifest holds the config, seeds, counts, timings and software; input_model (the
+        file the model was loaded from), forget_indices (the forget set's indices in the
+        training set) and metrics add the SHA-256 of each and the scores, so that
+        ``fastunlearn verify --manifest`` can check them later. provenance: further manifest
+        entries (data, forget, parents, ...), replacing those of the same name.
 
         Under torch.distributed only rank 0 writes (every rank holds the same model); the
-        others return at once, so wait on a barrier before another rank reads the file.
+        others return None at once, so wait on a barrier before another rank reads the file.
         """
         if not is_main():
-            return
-        save_model(self.model, path, arch, config=self.config.to_dict(), **meta)
+            return None
+        record = result_record(self, input_model=input_model, forget_indices=forget_indices, metrics=metrics,
+                               **(provenance or {}))
+        return save_with_manifest(self.model, path, arch, record, config=self.config.to_dict(), **meta)

@@ -197,6 +197,27 @@ def test_verify_detects_a_changed_model_and_a_changed_forget_list(tmp_path, orig
     assert "MISMATCH output" in capsys.readouterr().out
 
 
+def test_verify_re_runs_the_metrics_of_a_report(tmp_path, original, capsys):
+    un = str(tmp_path / "u.safetensors")
+    assert cli.main(unlearn_args(original, un, "--forget-class", "3")) == 0
+    out = tmp_path / "rep"
+    assert cli.main(["report", "--models", original, un, "--forget-class", "3", "--no-tsne", "--test-size", "200",
+                     "--out", str(out), *DIGITS]) == 0
+    record = str(out / "manifest.json")
+    capsys.readouterr()
+    assert cli.main(["verify", "--manifest", record, "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    for what in ("ok       forget-index list", "ok       metric forget_acc of u", "ok       metric mia_lr of orig",
+                 "ok       model u"):
+        assert what in said, said
+    assert "not checked" not in said and "MISMATCH" not in said
+    rec = json.loads(open(record).read())
+    rec["metrics"]["u"]["remain_acc"] += 0.01
+    open(record, "w").write(json.dumps(rec))
+    assert cli.main(["verify", "--manifest", record, "--device", "cpu"]) == 1
+    assert "MISMATCH metric remain_acc of u: now" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["truncated", "text", "pt"])
 def test_bad_model_files_get_one_line(tmp_path, original, kind):
     bad = tmp_path / f"bad.{'pt' if kind == 'pt' else 'safetensors'}"

@@ -93,16 +93,16 @@ def _rank_main(rank, world, init_file, out_dir, seed):
             model, forget, remain = finetune_problem(seed)
             out[name] = outcome(fu.unlearn(model, forget, remain, config=cfg, mean=MEAN, std=STD, progress=False))
 
-        # Which files each rank writes: every file goes through atomic_write.
+        # Which files each rank writes: every file goes through checkpoint.staged.
         import fastunlearn.data.checkpoint as checkpoint
 
-        written, real_write = [], checkpoint.atomic_write
+        written, real_staged = [], checkpoint.staged
 
-        def recording_write(path, write):
+        def recording_staged(path):
             written.append(os.path.relpath(path, out_dir))
-            real_write(path, write)
+            return real_staged(path)
 
-        checkpoint.atomic_write = recording_write
+        checkpoint.staged = recording_staged
         cfg = resume_config(seed)
         model, forget, remain = finetune_problem(seed, batch_norm=True)
         kw = dict(config=cfg, mean=MEAN, std=STD, progress=False)
@@ -216,8 +216,9 @@ def test_only_rank_zero_writes_files(two_ranks):
     assert ranks[1]["written"] == []
     ckpt = os.path.join("run", "checkpoint.pt")
     assert ranks[0]["written"] == [ckpt] * (RESUME_STOP // RESUME_EVERY) + [
-        os.path.join("run", "model.safetensors"), "out.safetensors"]
-    assert sorted(os.listdir(out_dir / "run")) == ["checkpoint.pt", "model.safetensors"]
+        os.path.join("run", "model.safetensors"), os.path.join("run", "model.manifest.json"), "out.safetensors",
+        "out.manifest.json"]
+    assert sorted(os.listdir(out_dir / "run")) == ["checkpoint.pt", "model.manifest.json", "model.safetensors"]
     from safetensors.torch import load_file
 
     saved = load_file(str(out_dir / "out.safetensors"))

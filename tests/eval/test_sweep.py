@@ -213,3 +213,31 @@ def test_sweep_budget_in_fine_tune_epochs_is_respected(gen):
     assert len(res.points) == 5  # four runs to epoch 1, then one of the two kept to epoch 2
     with pytest.raises(ValueError, match="budget"):
         fu.sweep(model, forget, remain, grid=grid, base=base, budget={"epochs": 3})
+
+
+def test_sweep_result_save_writes_the_chosen_model_and_the_grid(gen, tmp_path):
+    import json
+
+    from fastunlearn.data.checkpoint import load_model
+    from fastunlearn.runtime import manifest
+
+    model, x, y = tiny(gen, n=40)
+    f = y == 0
+    grid = {"relabel": ["nearest_incorrect"], "remain_reg": [1.0], "remain_target": ["labels"], "lr": [0.05],
+            "epochs": [1, 2], "batchnorm": ["frozen"], "compose": [None]}
+    res = fu.sweep(model, (x[f], y[f]), (x[~f], y[~f]), max_forget_acc=0.5, grid=grid,
+                   base=fu.UnlearnConfig(batch_size=16, backend="torch"), mean=[0.5], std=[0.25], keep=1.0)
+    arch = {"name": "smallcnn", "in_channels": 1, "num_classes": 4, "width": 4}
+    written = res.save(str(tmp_path / "sw"), arch, forget_indices=torch.nonzero(f).flatten(), mean=[0.5])
+    path = str(tmp_path / "sw" / "model.safetensors")
+    assert written == str(tmp_path / "sw" / "model.manifest.json")
+    loaded, meta = load_model(path)
+    for k, v in res.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.cpu()), k
+    record = json.loads(open(written).read())
+    assert record["kind"] == "sweep" and record["grid"]["epochs"] == [1, 2] and len(record["points"]) == 2
+    assert record["metrics"]["forget_acc"] == res.chosen.forget_acc
+    assert record["config"] == res.config.to_dict() == meta["config"]
+    assert record["forget"]["count"] == int(f.sum())
+    assert record["output"]["sha256"] == manifest.sha256_file(path)
+    assert {k: v for k, v in record.items() if k != "output"} == meta["provenance"]

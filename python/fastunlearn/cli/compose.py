@@ -6,8 +6,8 @@ from fastunlearn.cli.common import add_common, add_data_args, device_of, prepare
 from fastunlearn.cli.provenance import inherited_meta, parent_record
 from fastunlearn.cli.safety import check_output
 from fastunlearn.compose import compose
-from fastunlearn.data.checkpoint import load_model, save_model
-from fastunlearn.runtime import manifest
+from fastunlearn.data.checkpoint import load_model
+from fastunlearn.data.provenance import save_with_manifest
 
 
 def cmd_compose(args):
@@ -24,9 +24,8 @@ def cmd_compose(args):
     # The data provenance is the backbone's; the head's file is a second parent.
     prov = dict(meta.get("provenance") or {}, kind="compose",
                 parents=parent_record(args.backbone, meta) + parent_record(args.head, meta_b))
-    save_model(out, args.out, meta["arch"], **inherited_meta(meta), dataset=meta.get("dataset"),
-               composed_from=[args.backbone, args.head], provenance=prov)
-    manifest.write_beside(args.out, prov)
+    save_with_manifest(out, args.out, meta["arch"], prov, **inherited_meta(meta), dataset=meta.get("dataset"),
+                       composed_from=[args.backbone, args.head])
     print(f"saved {args.out}")
 
 

@@ -9,8 +9,8 @@ from fastunlearn.cli.provenance import apply_recorded, check_data, data_args, da
 from fastunlearn.cli.safety import check_output_folder, say
 from fastunlearn.data.checkpoint import load_model
 from fastunlearn.data.classes import class_names
+from fastunlearn.data.provenance import file_record
 from fastunlearn.eval.report import report
-from fastunlearn.runtime import manifest
 
 
 def cmd_report(args):
@@ -31,16 +31,13 @@ def cmd_report(args):
         models[name] = model if name == "retrain" else (model, meta.get("seconds"))
     say(args, f"scoring {len(models)} models on {len(f[1])} forget, {len(r[1])} remain and {len(test[1])} test "
         f"images{'' if args.no_tsne else ' (and a t-SNE, the slow part; --no-tsne skips it)'}")
+    prov = {"data": data_record(args, data_name, train), "forget": forget_record(args), "data_args": data_args(args),
+            "test_subset": {"size": args.test_size, "seed": args.seed},
+            "models": {name: file_record(path) for name, path, _, _ in loaded}}
     rep = report(models, f, r, test, out_dir=args.out, retrain="retrain" if args.retrain else None,
                  mean=meta0.get("mean"), std=meta0.get("std"), device=dev, title=args.title or "",
                  tsne=not args.no_tsne, seed=args.seed, class_names=class_names(data_name),
-                 progress=not args.no_progress)
-    prov = manifest.new("report", dev, data=data_record(args, data_name, train), forget=forget_record(args),
-                        data_args=data_args(args), seeds={"report": args.seed},
-                        counts={"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])},
-                        models={name: {"path": os.path.abspath(path), "sha256": manifest.sha256_file(path)}
-                                for name, path, _, _ in loaded}, metrics=rep.rows)
-    manifest.write_beside(args.out, prov)
+                 progress=not args.no_progress, provenance=prov)
     print(rep.markdown.split("\n## ")[0])
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in rep.paths.values()))} to {args.out}")
 

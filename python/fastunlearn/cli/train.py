@@ -24,7 +24,7 @@ from fastunlearn.cli.provenance import data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output
 from fastunlearn.data import forget as forget_sets
 from fastunlearn.data import io as data
-from fastunlearn.data.checkpoint import save_model
+from fastunlearn.data.provenance import save_with_manifest
 from fastunlearn.engine.train import train_classifier
 from fastunlearn.eval.metrics import evaluate
 from fastunlearn.nn.models import create_model
@@ -96,8 +96,7 @@ def cmd_train(args):
                         seeds={"train": args.seed}, counts={"train": len(y), "test": len(splits["test"][1])},
                         timings={"train": seconds}, metrics={"train_acc": m["remain_acc"], "test_acc": m["test_acc"]},
                         parents=[])
-    save_model(model, args.out, arch, mean=mean, std=std, dataset=name, provenance=prov)
-    written = manifest.write_beside(args.out, prov)
+    written = save_with_manifest(model, args.out, arch, prov, mean=mean, std=std, dataset=name)
     print(f"saved {args.out} and {written}: train {100 * m['remain_acc']:.2f}%, test {100 * m['test_acc']:.2f}%")
 
 

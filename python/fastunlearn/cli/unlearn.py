@@ -27,11 +27,10 @@ from fastunlearn.cli.provenance import (
 )
 from fastunlearn.cli.resume import add_resume_args, run_resumable
 from fastunlearn.cli.safety import check_output
-from fastunlearn.data.checkpoint import atomic_write_text, load_model, save_model
+from fastunlearn.data.checkpoint import atomic_write_text, load_model
 from fastunlearn.data.classes import describe
 from fastunlearn.engine.distributed import init_from_env, world
 from fastunlearn.eval.metrics import evaluate
-from fastunlearn.runtime import manifest
 
 
 def cmd_unlearn(args):
@@ -70,15 +69,11 @@ def _unlearn(args, dev, is_main):
     # Compute, evaluate, then write: a failure before this point leaves no file behind.
     rows = {"original": evaluate(model, f, r, test, mean, std, dev, max_shadow=5000),
             "unlearned": dict(evaluate(res.model, f, r, test, mean, std, dev, max_shadow=5000), seconds=res.seconds)}
-    prov = manifest.new("unlearn", dev, data=data_record(args, name, train), forget=forget_record(args),
-                        data_args=data_args(args), config=cfg.to_dict(), seeds={"unlearn": cfg.seed},
-                        counts={"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])},
-                        timings=res.timings, metrics=rows, parents=parent_record(args.model, meta),
-                        input_model={"path": os.path.abspath(args.model),
-                                     "sha256": manifest.sha256_file(args.model)})
-    save_model(res.model, args.out, meta["arch"], **inherited_meta(meta), dataset=name,
-               unlearned_from=os.path.basename(args.model), config=cfg.to_dict(), provenance=prov)
-    written = manifest.write_beside(args.out, prov)
+    written = res.save(args.out, meta["arch"], input_model=args.model, metrics=rows,
+                       provenance={"data": data_record(args, name, train), "forget": forget_record(args),
+                                   "data_args": data_args(args), "parents": parent_record(args.model, meta),
+                                   "counts": {"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])}},
+                       **inherited_meta(meta), dataset=name, unlearned_from=os.path.basename(args.model))
     print(metrics_table(rows))
     print(f"saved {args.out} and {written} (search {res.timings['search']:.2f}s, fine-tune "
           f"{res.timings['finetune']:.2f}s, backend {res.backend}; "

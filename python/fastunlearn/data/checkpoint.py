@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -16,14 +17,17 @@ from fastunlearn.nn.models import create_model
 FORMAT = "fastunlearn-model-1"
 
 
-def atomic_write(path: str, write) -> None:
-    """Call write(tmp_path), then move the finished file into place: no half-written files."""
+@contextlib.contextmanager
+def staged(path: str):
+    """A temporary path beside ``path``, moved into place when the block ends without an error
+    and removed when it raises: no half-written files. Blocks may nest to publish several files
+    together (the innermost is moved first)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         # mkstemp makes the file 0600; the finished file gets the mode any new file gets here.
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
@@ -31,6 +35,12 @@ def atomic_write(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write(path: str, write) -> None:
+    """Call write(tmp_path), then move the finished file into place: no half-written files."""
+    with staged(path) as tmp:
+        write(tmp)
 
 
 def current_umask() -> int:
@@ -49,11 +59,16 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_model(model: nn.Module, path: str, arch: Optional[dict] = None, **meta) -> None:
-    """Save weights (+ BatchNorm buffers) as safetensors. ``arch`` = {"name": ..., kwargs...}
-    lets load_model rebuild the module; ``meta`` (mean, std, dataset, ...) rides along."""
+    """Save weights (+ BatchNorm buffers) as safetensors, atomically. ``arch`` = {"name": ...,
+    kwargs...} lets load_model rebuild the module; ``meta`` (mean, std, dataset, ...) rides along."""
+    atomic_write(path, lambda tmp: write_model(model, tmp, arch, **meta))
+
+
+def write_model(model: nn.Module, path: str, arch: Optional[dict] = None, **meta) -> None:
+    """save_model's file written straight to ``path`` (a temporary path from ``staged``)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": FORMAT, "arch": json.dumps(arch or {}), "meta": json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    save_file(tensors, path, metadata=header)
 
 
 def read_header(path: str) -> tuple[dict, dict]:

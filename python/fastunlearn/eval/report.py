@@ -14,6 +14,7 @@ metrics.gap). Files written to out_dir:
     mia_hist.png   forget vs test loss histograms per model (what MIA-LR separates)
     tsne.png       t-SNE of each model's embeddings with its decision regions
     report.md      the table and the figures on one page
+    manifest.json  where the numbers came from (eval.report_manifest), for fastunlearn verify
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from fastunlearn.eval.metrics import (
     predict_logits,
     true_class_confidence,
 )
+from fastunlearn.eval.report_manifest import load_files, model_files, write_report_manifest
 from fastunlearn.eval.representation import features
 from fastunlearn.eval.seeds import report_over_seeds
 from fastunlearn.runtime.progress import progress_bar
@@ -157,8 +159,10 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
            std=None, device=None, title: str = "", notes: Optional[dict] = None, tsne: bool = True,
            tsne_points: int = 300, tradeoff: Optional[list] = None, class_names=None, seed: int = 0,
            max_shadow: int = 2000, extra_figures: Optional[dict] = None, attacks: Optional[str] = None,
-           attack_kw: Optional[dict] = None, seeds: Optional[list] = None, progress: bool = False) -> Report:
-    """Score ``models`` ({name: model | (model, seconds) | result}) and write the report files.
+           attack_kw: Optional[dict] = None, seeds: Optional[list] = None, progress: bool = False,
+           provenance: Optional[dict] = None) -> Report:
+    """Score ``models`` ({name: model | (model, seconds) | result | model file path}) and write
+    the report files, with manifest.json (eval.report_manifest; ``provenance`` adds to it).
 
     retrain: the key of the retrained reference among ``models`` (None: no gap column).
     tradeoff: rows for a trade-off figure (dicts with method, fraction and metric keys), drawn
@@ -183,6 +187,8 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
     if retrain is not None and retrain not in models:
         raise ValueError(f"report: retrain={retrain!r} is not among the models {list(models)}; pass retrain=None "
                          "to leave the gap out")
+    files = model_files(models)
+    models, mean, std = load_files(models, mean, std, device)
     sets = {k: evaluation_set(v, k) for k, v in (("forget", forget), ("remain", remain), ("test", test))}
     os.makedirs(out_dir, exist_ok=True)
     k_classes = None
@@ -235,6 +241,9 @@ def report(models: dict, forget, remain, test, *, out_dir: str, retrain: Optiona
         md += "\n" + section.markdown
     paths["markdown"] = os.path.join(out_dir, "report.md")
     atomic_write_text(paths["markdown"], md)
+    paths["manifest"] = write_report_manifest(out_dir, files, rows, paths, {k: len(v[1]) for k, v in sets.items()},
+                                              device=device, seed=seed, max_shadow=max_shadow, retrain=retrain,
+                                              mean=mean, std=std, provenance=provenance)
     return Report(rows, paths, md, columns)
 
 

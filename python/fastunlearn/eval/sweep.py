@@ -33,7 +33,7 @@ import copy
 import itertools
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -48,6 +48,7 @@ from fastunlearn.eval.seeds import sweep_over_seeds
 from fastunlearn.eval.staged import SEARCH_KEYS as SEARCH_KEYS  # re-exported: part of this module's API
 from fastunlearn.eval.staged import SWEEP_RELABELS, StagedRuns
 from fastunlearn.eval.staged import derive_targets as derive_targets
+from fastunlearn.eval.sweep_result import SweepPoint, SweepResult
 from fastunlearn.nn.frozen import frozen_copy
 from fastunlearn.nn.models import head_of
 
@@ -74,54 +75,6 @@ DEFAULT_GRID = {
 }
 
 
-@dataclass
-class SweepPoint:
-    """One grid point: its settings and its validation scores (fractions in [0, 1])."""
-
-    settings: dict
-    forget_acc: float
-    remain_acc: float
-    seconds: float = 0.0
-    index: int = 0
-    heldout_acc: Optional[float] = None
-    diverged: bool = False
-
-    def as_row(self) -> dict:
-        row = dict(self.settings, forget_acc=self.forget_acc, remain_acc=self.remain_acc, seconds=self.seconds)
-        if self.heldout_acc is not None:
-            row["heldout_acc"] = self.heldout_acc
-        if self.diverged:
-            row["diverged"] = True
-        return row
-
-
-@dataclass
-class SweepResult:
-    """model: the chosen model (a new one). chosen: its point. points: every point, in run
-    order. front: the Pareto front (lower forget accuracy, higher remain accuracy), sorted by
-    forget accuracy. config: the UnlearnConfig of the chosen point's fine-tune."""
-
-    model: nn.Module
-    chosen: SweepPoint
-    config: UnlearnConfig
-    points: list
-    front: list
-    search_seconds: float
-    seconds: float
-    searches: int = 1
-    rule: dict = field(default_factory=dict)
-    spent: dict = field(default_factory=dict)
-    seed_summary: Optional[dict] = None  # sweep(seeds=[...]): mean +- std over seeds (eval.seeds)
-
-    @property
-    def configs(self) -> list:
-        return [p.settings for p in self.points]
-
-    def table(self) -> list:
-        return [p.as_row() for p in self.points]
-
-
-# ----------------------------------------------------------------- selection
 def _key(p: SweepPoint, max_forget_acc: float, target_forget_acc):
     if p.diverged:
         return (float("-inf"),)
@@ -436,7 +389,7 @@ class _Sweep:
         return SweepResult(self.best_state.to(self.inputs.dev).eval(), chosen, cfg, self.points,
                            pareto_front(self.points), search_seconds, spent["seconds"], len(self.searches),
                            {"max_forget_acc": self.max_forget_acc, "target_forget_acc": self.target_forget_acc},
-                           spent)
+                           spent, grid=self.g)
 
 
 def apply(model: nn.Module, forget, remain, settings: dict, *, base: Optional[UnlearnConfig] = None, mean=None,

@@ -83,14 +83,26 @@ def manifest_path(output: str) -> str:
     return os.path.splitext(output)[0] + ".manifest.json"
 
 
-def write_beside(output: str, manifest: dict) -> str:
-    """Write ``manifest`` (with the output's path and, for a file, its SHA-256) beside ``output``, atomically."""
+def record_beside(output: str, manifest: dict, sha256: Optional[str] = None) -> dict:
+    """``manifest`` with the output's path and, for a file, its SHA-256 (``sha256``, or read from the file)."""
     record = dict(manifest)
     record["output"] = {"path": os.path.abspath(output)}
-    if os.path.isfile(output):
-        record["output"]["sha256"] = sha256_file(output)
+    if sha256 is None and os.path.isfile(output):
+        sha256 = sha256_file(output)
+    if sha256 is not None:
+        record["output"]["sha256"] = sha256
+    return record
+
+
+def dumps(record: dict) -> str:
+    """A manifest as the JSON text written to disk (values JSON cannot hold become strings)."""
+    return json.dumps(record, indent=2, default=str) + "\n"
+
+
+def write_beside(output: str, manifest: dict) -> str:
+    """Write ``manifest`` (with the output's path and, for a file, its SHA-256) beside ``output``, atomically."""
     path = manifest_path(output)
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    atomic_write_text(path, dumps(record_beside(output, manifest)))
     return path
 
 
