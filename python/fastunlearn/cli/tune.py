@@ -12,6 +12,7 @@ from fastunlearn.cli.common import (
     load_splits,
     subset,
 )
+from fastunlearn.cli.folder import as_tensors
 from fastunlearn.data.checkpoint import load_model
 from fastunlearn.runtime import tuning
 
@@ -19,8 +20,8 @@ from fastunlearn.runtime import tuning
 def cmd_tune(args):
     dev = device_of(args)
     model, meta = load_model(args.model, dev)
-    _, splits = load_splits(args.data, args.data_dir)
-    example = subset(splits["train"], args.examples, args.seed)
+    _, splits = load_splits(args.data, args.data_dir, args)
+    example = as_tensors(subset(splits["train"], args.examples, args.seed))
     cfg = config_from_args(args)
     tune(model, example, cfg, meta.get("mean"), meta.get("std"), dev, budget_s=args.budget)
     if not tuning.enabled():

@@ -10,6 +10,7 @@ import math
 import os
 
 from fastunlearn.cli.common import device_of, prepare_data
+from fastunlearn.cli.folder import model_input
 from fastunlearn.cli.provenance import DATA_ARGS
 from fastunlearn.data.checkpoint import load_model
 from fastunlearn.eval.metrics import evaluate
@@ -58,7 +59,8 @@ def _metric_checks(record: dict, f, r, test, dev) -> list:
     if not want or not path or not os.path.isfile(path):
         return []
     model, meta = load_model(path, dev)
-    got = evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev, max_shadow=5000)
+    got = evaluate(model, model_input(f), model_input(r), model_input(test), meta.get("mean"), meta.get("std"), dev,
+                   max_shadow=5000)
     checks = []
     for k in METRIC_KEYS:
         if k in want:
