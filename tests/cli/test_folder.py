@@ -12,6 +12,7 @@ from PIL import Image
 from fastunlearn.cli import main as cli
 from fastunlearn.cli.common import load_splits, subset
 from fastunlearn.data.checkpoint import load_model
+from fastunlearn.runtime import manifest
 
 N = 480
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "3"]
@@ -65,6 +66,19 @@ def test_unlearn_from_a_folder_equals_the_same_images_as_tensors(images, tmp_pat
     forget = meta_a["provenance"]["forget"]
     assert forget["count"] == N // 4
     assert meta_a["provenance"]["data_args"]["data"] == "folder:" + images["folder"]
+    # verify rebuilds the forget set from the folder the manifest records, and re-runs the metrics.
+    assert cli.main(["verify", "--manifest", manifest.manifest_path(str(a)), "--device", "cpu"]) == 0
+
+
+def test_report_from_a_folder(images, tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["report", "--models", images["model"], "--data", "folder:" + images["folder"], "--forget-rule",
+            "site == A", "--no-tsne", "--out", str(out), *COMMON]
+    assert cli.main(args + ["--test-data", images["folder"]]) == 0
+    assert (out / "report.md").is_file()
+    capsys.readouterr()
+    assert cli.main(args[:-len(COMMON) - 2] + ["--out", str(tmp_path / "r2"), *COMMON]) == 2
+    assert "--test-data" in capsys.readouterr().err
 
 
 def test_eval_from_a_folder_without_a_test_set(images, capsys):

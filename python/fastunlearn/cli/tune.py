@@ -35,7 +35,7 @@ def add_parser(sub, fmt):
                        "this device, print them, and cache the fastest that keeps the accuracy contract, for later "
                        "runs with the same model structure, image shape, device, torch version, batch size and "
                        "steps. Cache: $FASTUNLEARN_TUNE_CACHE or the user cache directory.")
-    t.add_argument("--model", required=True)
+    t.add_argument("--model", required=True, help="the model file whose steps are timed")
     t.add_argument("--examples", type=int, default=256, help="training images to time the steps on")
     t.add_argument("--budget", type=float, default=30.0, help="the most seconds the measuring may take")
     add_data_args(t, forget=False)
