@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from fastunlearn.cli.folder import FolderImages, add_folder_args, is_folder, load_folder
 from fastunlearn.cli.safety import as_flags
 from fastunlearn.config import TRAIN_PRECISIONS, UnlearnConfig
 from fastunlearn.data import forget as forget_sets
@@ -15,7 +16,9 @@ from fastunlearn.eval.report import NOT_ENOUGH
 from fastunlearn.reference import LAMDA_SCHEDULES, NOISE_KINDS, RELABEL_MODES
 
 
-def load_splits(name: str, data_dir=None) -> tuple[str, dict]:
+def load_splits(name: str, data_dir=None, args=None) -> tuple[str, dict]:
+    if is_folder(name):
+        return load_folder(name, args)
     key = name.lower()
     if key in ("auto", "default"):
         return data.load_default(data_dir)
@@ -31,7 +34,7 @@ def load_splits(name: str, data_dir=None) -> tuple[str, dict]:
     if os.path.isdir(name):
         return os.path.basename(os.path.normpath(name)), data.load_fashion_mnist(name)
     raise SystemExit(f"error: --data {name!r} is not a known dataset (auto, fashion-mnist, digits, retina), "
-                     "a MedMNIST .npz file, or a directory of IDX files")
+                     "a MedMNIST .npz file, a directory of IDX files, or folder:DIR (image files)")
 
 
 def _find_file(data_dir, filename):
@@ -45,11 +48,13 @@ def _find_file(data_dir, filename):
 def add_data_args(p, forget=True):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="auto", help="auto | fashion-mnist | digits | retina | FILE.npz | IDX directory "
+                   "| folder:DIR (image files with a CSV manifest, see --manifest) "
                    "(default: auto = FashionMNIST if installed, else sklearn digits)")
     g.add_argument("--data-dir", help="where the dataset files are (default: $FASTUNLEARN_DATA, Debian's "
                    "/usr/share/datasets/fashion-mnist)")
     g.add_argument("--train-size", type=int, help="use a seeded subset of N training images (when not given: "
                    "the subset the model file records, else all)")
+    add_folder_args(g)
     if forget:
         f = p.add_argument_group("forget set (pick one; selected from the training split)")
         f.add_argument("--forget-class", type=int, nargs="+", help="forget every sample of these classes")
@@ -57,11 +62,13 @@ def add_data_args(p, forget=True):
         f.add_argument("--forget-indices",
                        help="file of training-set indices to forget (one per line or comma-separated)")
         f.add_argument("--forget-rule", action="append", help='metadata rule, e.g. "device == Topcon NW400" or '
-                       '"macular_thickness_um >= 300" (repeat to AND rules); needs --metadata')
-        f.add_argument("--metadata", help="CSV with an 'index' column (training-set row) and the rule's columns")
+                       '"macular_thickness_um >= 300" (repeat to AND rules); needs --metadata, or --data folder:DIR '
+                       'whose manifest it reads')
+        f.add_argument("--metadata", help="CSV with an 'index' column (training-set row) and the rule's columns "
+                       "(when not given with --data folder:DIR: the folder's manifest)")
 
 
-def select_forget(args, y):
+def select_forget(args, y, x=None):
     chosen = [a for a in ("forget_class", "forget_indices", "forget_rule") if getattr(args, a)]
     if len(chosen) != 1:
         raise SystemExit("error: choose exactly one of --forget-class, --forget-indices, --forget-rule "
@@ -72,6 +79,8 @@ def select_forget(args, y):
         return forget_sets.by_class(y, args.forget_class)
     if args.forget_indices:
         return forget_sets.by_indices(len(y), read_indices(args.forget_indices))
+    if not args.metadata and isinstance(x, FolderImages):
+        return forget_sets.by_metadata(x.metadata(), args.forget_rule, n=len(y))
     if not args.metadata:
         raise SystemExit("error: --forget-rule needs --metadata CSV")
     return forget_sets.by_metadata(args.metadata, args.forget_rule, n=len(y))
@@ -97,7 +106,7 @@ def read_indices(path: str) -> list[int]:
 
 
 def subset(pair, n, seed):
-    if n is None or n >= len(pair[1]):
+    if pair is None or n is None or n >= len(pair[1]):
         return pair
     idx = torch.randperm(len(pair[1]), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return pair[0][idx], pair[1][idx]
@@ -110,9 +119,9 @@ def train_seed(args) -> int:
 
 
 def prepare_data(args):
-    name, splits = load_splits(args.data, args.data_dir)
+    name, splits = load_splits(args.data, args.data_dir, args)
     train = subset(splits["train"], args.train_size, train_seed(args))
-    idx = select_forget(args, train[1])
+    idx = select_forget(args, train[1], train[0])
     args.forget_index = idx  # for the provenance: its SHA-256 and count
     f, r = forget_sets.split(train[0], train[1], idx)
     return name, splits, train, f, r, splits["test"]

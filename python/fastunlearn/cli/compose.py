@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastunlearn.cli.common import add_common, add_data_args, device_of, prepare_data
+from fastunlearn.cli.folder import model_input
 from fastunlearn.cli.provenance import inherited_meta, parent_record
 from fastunlearn.cli.safety import check_output
 from fastunlearn.compose import compose
@@ -17,7 +18,7 @@ def cmd_compose(args):
     b, meta_b = load_model(args.head, dev)
     remain = None
     if args.finetune:
-        _, _, _, _, remain, _ = prepare_data(args)
+        remain = model_input(prepare_data(args)[4])
     out = compose(a, b, head_name=args.head_name, remain=remain, finetune=args.finetune, epochs=args.epochs,
                   lr=args.lr, mean=meta.get("mean"), std=meta.get("std"), device=dev,
                   progress=not args.no_progress)

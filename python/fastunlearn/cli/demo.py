@@ -10,6 +10,7 @@ import torch
 
 from fastunlearn.api import unlearn
 from fastunlearn.cli.common import add_common, add_data_args, add_train_precision, load_splits, metrics_table, subset
+from fastunlearn.cli.folder import is_folder
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import io as data
 from fastunlearn.data.checkpoint import atomic_write_text, save_model
@@ -28,6 +29,9 @@ DEMO_CONFIG = UnlearnConfig(eps=0.1, steps=1, relabel="nearest_incorrect", epoch
 def run_demo(args):
     torch.manual_seed(args.seed)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_folder(args.data):
+        raise SystemExit("error: demo runs on the built-in data sets; for --data folder:DIR use train, unlearn "
+                         "and report")
     name, splits = load_splits(args.data, args.data_dir)
     train = subset(splits["train"], args.train_size, args.seed)
     test = subset(splits["test"], args.test_size, args.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from fastunlearn.cli.common import add_common, add_data_args, device_of, metrics_table, prepare_data
+from fastunlearn.cli.folder import count, model_input
 from fastunlearn.cli.provenance import apply_recorded, check_data
 from fastunlearn.cli.safety import check_output, say
 from fastunlearn.data.checkpoint import atomic_write_text, load_model
@@ -23,9 +24,9 @@ def cmd_eval(args):
     rows = {}
     for label, (path, model, meta) in loaded.items():
         check_data(meta, path, name, train[0])
-        say(args, f"evaluating {label} ({path}) on {len(f[1])} forget, {len(r[1])} remain, {len(test[1])} test images")
-        rows[label] = evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev,
-                               per_class=args.per_class, max_shadow=5000)
+        say(args, f"evaluating {label} ({path}) on {len(f[1])} forget, {len(r[1])} remain, {count(test)} test images")
+        rows[label] = evaluate(model, model_input(f), model_input(r), model_input(test), meta.get("mean"),
+                               meta.get("std"), dev, per_class=args.per_class, max_shadow=5000)
     if args.retrain:
         rows["model"]["gap"] = gap(rows["model"], rows["retrain"])
     print(metrics_table(rows, ("forget_acc", "remain_acc", "test_acc", "mia_lr", "mia_efficacy", "gap")))

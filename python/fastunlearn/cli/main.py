@@ -76,8 +76,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"interrupted: fastunlearn {args.command} stopped; nothing more was written", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError) as e:
-        # One line, the flags as the user typed them; never a traceback for bad input.
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        # One line, the flags as the user typed them; never a traceback for bad input (a missing
+        # optional package, such as torchvision for --arch torchvision:NAME, included).
         print(as_flags(f"error: {e}"), file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0

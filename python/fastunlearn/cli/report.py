@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from fastunlearn.cli.common import add_common, add_data_args, device_of, prepare_data, subset
+from fastunlearn.cli.folder import model_input
 from fastunlearn.cli.provenance import apply_recorded, check_data, data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output_folder, say
 from fastunlearn.data.checkpoint import load_model
@@ -25,6 +26,8 @@ def cmd_report(args):
     apply_recorded(args, meta0, args.models[0])
     data_name, _, train, f, r, test = prepare_data(args)
     test = subset(test, args.test_size, args.seed)
+    if test is None:
+        raise SystemExit("error: report needs a test set; with --data folder:DIR pass --test-data DIR")
     models = {}
     for name, path, model, meta in loaded:
         check_data(meta, path, data_name, train[0])
@@ -34,7 +37,8 @@ def cmd_report(args):
     prov = {"data": data_record(args, data_name, train), "forget": forget_record(args), "data_args": data_args(args),
             "test_subset": {"size": args.test_size, "seed": args.seed},
             "models": {name: file_record(path) for name, path, _, _ in loaded}}
-    rep = report(models, f, r, test, out_dir=args.out, retrain="retrain" if args.retrain else None,
+    rep = report(models, model_input(f), model_input(r), model_input(test), out_dir=args.out,
+                 retrain="retrain" if args.retrain else None,
                  mean=meta0.get("mean"), std=meta0.get("std"), device=dev, title=args.title or "",
                  tsne=not args.no_tsne, seed=args.seed, class_names=class_names(data_name),
                  progress=not args.no_progress, provenance=prov)

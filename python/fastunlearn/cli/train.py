@@ -20,6 +20,7 @@ from fastunlearn.cli.common import (
     subset,
     train_seed,
 )
+from fastunlearn.cli.folder import as_tensors, count, model_input
 from fastunlearn.cli.provenance import data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output
 from fastunlearn.data import forget as forget_sets
@@ -27,6 +28,7 @@ from fastunlearn.data import io as data
 from fastunlearn.data.provenance import save_with_manifest
 from fastunlearn.engine.train import train_classifier
 from fastunlearn.eval.metrics import evaluate
+from fastunlearn.nn.external import FACTORY, is_external, load_weights
 from fastunlearn.nn.models import create_model
 from fastunlearn.runtime import manifest
 
@@ -68,40 +70,70 @@ def cmd_train(args):
     if not (args.train_lr > 0 and math.isfinite(args.train_lr)):
         raise SystemExit(f"error: --train-lr must be a finite number > 0, got {args.train_lr}")
     dev = device_of(args)
-    name, splits = load_splits(args.data, args.data_dir)
+    name, splits = load_splits(args.data, args.data_dir, args)
     train = subset(splits["train"], args.train_size, train_seed(args))
     retrain = args.command == "retrain"
     if retrain:
-        idx = select_forget(args, train[1])
+        idx = select_forget(args, train[1], train[0])
         args.forget_index = idx
         _, train = forget_sets.split(train[0], train[1], idx)  # train on the remain set only
+    train = as_tensors(train)  # the channel statistics and the training read every image
     x, y = train
     mean, std = data.channel_stats(x)
-    arch = {"name": args.arch, "in_channels": int(x.shape[1]), "num_classes": int(splits["train"][1].max()) + 1}
-    if args.width is not None:
-        arch["width"] = args.width if args.arch == "allcnn" else int(args.width)
+    arch = model_arch(args, int(x.shape[1]), int(splits["train"][1].max()) + 1)
     model = create_model(**arch)
+    if args.weights:
+        load_weights(model, args.weights)
     _warn_if_long(model, x, args, dev)
     t0 = time.perf_counter()
     model = train_classifier(model, train, epochs=args.train_epochs, lr=args.train_lr, mean=mean, std=std,
                              device=dev, seed=args.seed, progress=not args.no_progress,
                              precision=args.train_precision)
     seconds = time.perf_counter() - t0
-    m = evaluate(model, remain=train, test=splits["test"], mean=mean, std=std, device=dev, mia=False)
+    m = evaluate(model, remain=train, test=model_input(splits["test"]), mean=mean, std=std, device=dev, mia=False)
     record = data_record(args, name, subset(splits["train"], args.train_size, train_seed(args)))
     prov = manifest.new(args.command, dev, data=record, data_args=data_args(args),
                         forget=forget_record(args) if retrain else None,
                         config={"arch": arch, "train_epochs": args.train_epochs, "train_lr": args.train_lr,
                                 "train_precision": args.train_precision, "batch_size": BATCH},
-                        seeds={"train": args.seed}, counts={"train": len(y), "test": len(splits["test"][1])},
-                        timings={"train": seconds}, metrics={"train_acc": m["remain_acc"], "test_acc": m["test_acc"]},
+                        seeds={"train": args.seed}, counts={"train": len(y), "test": count(splits["test"])},
+                        timings={"train": seconds},
+                        metrics={"train_acc": m["remain_acc"], "test_acc": m.get("test_acc")},
                         parents=[])
     written = save_with_manifest(model, args.out, arch, prov, mean=mean, std=std, dataset=name)
-    print(f"saved {args.out} and {written}: train {100 * m['remain_acc']:.2f}%, test {100 * m['test_acc']:.2f}%")
+    test = "" if "test_acc" not in m else f", test {100 * m['test_acc']:.2f}%"
+    print(f"saved {args.out} and {written}: train {100 * m['remain_acc']:.2f}%{test}")
+
+
+def model_arch(args, in_channels: int, classes: int) -> dict:
+    """The architecture record of the model to train (the model file keeps it to rebuild it)."""
+    if args.model_factory:
+        if args.arch != "allcnn" and args.arch:
+            raise SystemExit("error: give --arch or --model-factory, not both")
+        name = FACTORY + args.model_factory
+    else:
+        name = args.arch
+    num_classes = args.num_classes if args.num_classes is not None else classes
+    if num_classes < classes:
+        raise SystemExit(f"error: --num-classes {num_classes}, but the data has labels up to {classes - 1}")
+    if is_external(name):
+        if args.width is not None:
+            raise SystemExit(f"error: --width applies to the package's models, not {name}")
+        return {"name": name, "num_classes": num_classes}
+    arch = {"name": name, "in_channels": in_channels, "num_classes": num_classes}
+    if args.width is not None:
+        arch["width"] = args.width if name == "allcnn" else int(args.width)
+    return arch
 
 
 def _add_train_args(t):
-    t.add_argument("--arch", default="allcnn", help="allcnn | smallcnn | resnet18 | resnet34 | resnet50")
+    t.add_argument("--arch", default="allcnn", help="allcnn | smallcnn | resnet18 | resnet34 | resnet50 | "
+                   "torchvision:NAME (any torchvision.models name, e.g. torchvision:resnet50; needs torchvision)")
+    t.add_argument("--model-factory", help="package.module:function returning an nn.Module, called with "
+                   "num_classes=K (the module must be importable wherever the model file is loaded)")
+    t.add_argument("--num-classes", type=int, help="classes of the model (when not given: the data's)")
+    t.add_argument("--weights", help="initial weights: a state_dict file (.safetensors or a torch file) for the "
+                   "model --arch / --model-factory builds")
     t.add_argument("--width", type=float, help="allcnn: width multiplier (1 = 96/192 filters; when not given: 1); "
                    "smallcnn: channels")
     t.add_argument("--train-epochs", type=int, default=5, help="passes over the training images")

@@ -16,6 +16,7 @@ from fastunlearn.cli.common import (
     metrics_table,
     prepare_data,
 )
+from fastunlearn.cli.folder import count, model_input
 from fastunlearn.cli.provenance import (
     apply_recorded,
     check_data,
@@ -62,6 +63,7 @@ def _unlearn(args, dev, is_main):
         print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name}{classes} "
               f"({cfg.refresh_mode} search, {world()[1]} process(es))")
     mean, std = meta.get("mean"), meta.get("std")
+    f, r, test = model_input(f), model_input(r), model_input(test)
     res = run_resumable(args, lambda **kw: unlearn(model, f, r, config=cfg, mean=mean, std=std, device=dev,
                                                    progress=not args.no_progress, **kw), len(f[1]), cfg)
     if not is_main:
@@ -72,7 +74,7 @@ def _unlearn(args, dev, is_main):
     written = res.save(args.out, meta["arch"], input_model=args.model, metrics=rows,
                        provenance={"data": data_record(args, name, train), "forget": forget_record(args),
                                    "data_args": data_args(args), "parents": parent_record(args.model, meta),
-                                   "counts": {"forget": len(f[1]), "remain": len(r[1]), "test": len(test[1])}},
+                                   "counts": {"forget": len(f[1]), "remain": len(r[1]), "test": count(test)}},
                        **inherited_meta(meta), dataset=name, unlearned_from=os.path.basename(args.model))
     print(metrics_table(rows))
     print(f"saved {args.out} and {written} (search {res.timings['search']:.2f}s, fine-tune "

@@ -16,6 +16,7 @@ import os
 import tempfile
 
 from fastunlearn.cli.common import device_of, prepare_data, subset
+from fastunlearn.cli.folder import model_input
 from fastunlearn.cli.provenance import DATA_ARGS
 from fastunlearn.data.checkpoint import load_model
 from fastunlearn.eval.metrics import evaluate
@@ -66,7 +67,8 @@ def _metric_checks(record: dict, f, r, test, dev) -> list:
     if not want or not path or not os.path.isfile(path):
         return []
     model, meta = load_model(path, dev)
-    got = evaluate(model, f, r, test, meta.get("mean"), meta.get("std"), dev, max_shadow=5000)
+    got = evaluate(model, model_input(f), model_input(r), model_input(test), meta.get("mean"), meta.get("std"), dev,
+                   max_shadow=5000)
     checks = []
     for k in METRIC_KEYS:
         if k in want:
@@ -88,9 +90,9 @@ def _report_metric_checks(record: dict, f, r, test, dev) -> tuple:
     settings, sub = record.get("settings") or {}, record.get("test_subset") or {}
     test = subset(test, sub.get("size"), sub.get("seed") or 0)
     with tempfile.TemporaryDirectory(prefix="fastunlearn-verify-") as tmp:
-        rep = report(models, f, r, test, out_dir=tmp, retrain=settings.get("retrain"), mean=settings.get("mean"),
-                     std=settings.get("std"), device=dev, tsne=False, seed=settings.get("seed") or 0,
-                     max_shadow=settings.get("max_shadow") or 2000)
+        rep = report(models, model_input(f), model_input(r), model_input(test), out_dir=tmp,
+                     retrain=settings.get("retrain"), mean=settings.get("mean"), std=settings.get("std"),
+                     device=dev, tsne=False, seed=settings.get("seed") or 0, max_shadow=settings.get("max_shadow") or 2000)
     checks = []
     for name, row in want.items():
         for k in METRIC_KEYS + ("gap",):

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastunlearn.nn import external
+
 
 def _n(base: int, width: float) -> int:
     return max(1, int(base * width))
@@ -202,7 +204,10 @@ MODEL_NAMES = ("allcnn", "smallcnn", "resnet18", "resnet34", "resnet50")
 
 
 def create_model(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs) -> nn.Module:
-    """A model by name: allcnn, smallcnn, resnet18, resnet34, resnet50 (extra kwargs go to it)."""
+    """A model by name: allcnn, smallcnn, resnet18, resnet34, resnet50 (extra kwargs go to it),
+    or torchvision:NAME / factory:module:function (see nn.external; in_channels is not passed)."""
+    if external.is_external(name):
+        return external.build(name, num_classes=num_classes, **kwargs)
     key = name.lower().replace("-", "").replace("_", "")
     if key == "allcnn":
         return AllCNN(in_channels=in_channels, num_classes=num_classes, **kwargs)
