@@ -92,7 +92,8 @@ def _report_metric_checks(record: dict, f, r, test, dev) -> tuple:
     with tempfile.TemporaryDirectory(prefix="fastunlearn-verify-") as tmp:
         rep = report(models, model_input(f), model_input(r), model_input(test), out_dir=tmp,
                      retrain=settings.get("retrain"), mean=settings.get("mean"), std=settings.get("std"),
-                     device=dev, tsne=False, seed=settings.get("seed") or 0, max_shadow=settings.get("max_shadow") or 2000)
+                     device=dev, tsne=False, seed=settings.get("seed") or 0,
+                     max_shadow=settings.get("max_shadow") or 2000)
     checks = []
     for name, row in want.items():
         for k in METRIC_KEYS + ("gap",):
