@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from fastunlearn.data.io import as_tensors
+from fastunlearn.data.pixels import as_pixels
 from fastunlearn.data.streaming import DatasetRows, dataset_labels
 
 
@@ -157,7 +158,7 @@ def num_classes(model: nn.Module, x: torch.Tensor, mean, std, device) -> int:
     """Probe the model on two samples: its output must be (N, classes)."""
     was_training = model.training
     probe = x[:2].to(device)
-    probe = probe.float() / 255.0 if probe.dtype == torch.uint8 else probe.float()
+    probe = as_pixels(probe, device)
     if mean is not None:
         shape = (1, -1, 1, 1)
         probe = (probe - mean.to(device).reshape(shape)) / std.to(device).reshape(shape)
