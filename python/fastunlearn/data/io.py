@@ -284,13 +284,19 @@ def _pil_to_array(img) -> np.ndarray:
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-def _dataset_to_pair(ds, name: str):
+def dataset_length(ds, name: str) -> int:
+    """len(ds), refusing a Dataset without a length or with no samples."""
     try:
         n = len(ds)
     except TypeError:
         raise TypeError(f"{name}: a Dataset must have a length") from None
     if n == 0:
-        raise ValueError(f"{name}: the dataset is empty")
+        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    return n
+
+
+def _dataset_to_pair(ds, name: str):
+    n = dataset_length(ds, name)
     xs, ys = [], []
     for i in range(n):
         item = ds[i]

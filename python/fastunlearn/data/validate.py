@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastunlearn.data.io import as_tensors
+from fastunlearn.data.io import as_tensors, dataset_length
 from fastunlearn.data.pixels import as_pixels
 from fastunlearn.data.streaming import DatasetRows, dataset_labels
 
@@ -80,12 +80,7 @@ def stream(data, name: str, *, workers=None, device=None):
     """(images, labels) for a Dataset without reading it whole: the images as DatasetRows
     (item 0 gives the shape; batches are decoded when the search and the fine-tune ask for
     them), the labels from the Dataset's ``targets`` or read item by item."""
-    try:
-        n = len(data)
-    except TypeError:
-        raise TypeError(f"{name}: a Dataset must have a length") from None
-    if n == 0:
-        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    n = dataset_length(data, name)
     y = dataset_labels(data, name)
     if y.shape[0] != n:
         raise ValueError(f"{name}: {n} items but {y.shape[0]} labels")
