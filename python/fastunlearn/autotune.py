@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data import validate
+from fastunlearn.data.pixels import as_pixels
 from fastunlearn.engine.distributed import world
 from fastunlearn.engine.finetune import FinetuneEngine
 from fastunlearn.engine.search import CPU_SEARCH_CHUNK, run_search
@@ -328,7 +329,7 @@ def tune(model: nn.Module, example, config: Optional[UnlearnConfig] = None, mean
                          else channels_last)
     if y is None:
         with torch.no_grad():
-            probe = (x[:SEARCH_PROBE].to(dev).float() / (255.0 if x.dtype == torch.uint8 else 1.0))
+            probe = as_pixels(x[:SEARCH_PROBE], dev)
             if mean_t is not None:
                 probe = (probe - mean_t.view(1, -1, 1, 1)) / std_t.view(1, -1, 1, 1)
             y = frozen(probe.contiguous()).argmax(1).cpu()

@@ -25,6 +25,7 @@ from fastunlearn.cli.provenance import data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output
 from fastunlearn.data import forget as forget_sets
 from fastunlearn.data import io as data
+from fastunlearn.data.pixels import as_pixels
 from fastunlearn.data.provenance import save_with_manifest
 from fastunlearn.engine.train import train_classifier
 from fastunlearn.eval.metrics import evaluate
@@ -40,7 +41,7 @@ WARN_SECONDS = 300
 def estimate_seconds(model, x, epochs: int, device) -> float:
     """Seconds the training will take, from three timed steps on one batch (CPU only)."""
     net = copy.deepcopy(model).to(device).train()
-    batch = x[:BATCH].to(device).float() / (255.0 if x.dtype == torch.uint8 else 1.0)
+    batch = as_pixels(x[:BATCH], device)
     labels = torch.zeros(batch.shape[0], dtype=torch.long, device=device)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
     times = []

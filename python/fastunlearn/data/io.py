@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from fastunlearn.data.pixels import to_float as to_float  # re-exported: data.io.to_float is public
+
 PathLike = Union[str, os.PathLike]
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -282,13 +284,19 @@ def _pil_to_array(img) -> np.ndarray:
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-def _dataset_to_pair(ds, name: str):
+def dataset_length(ds, name: str) -> int:
+    """len(ds), refusing a Dataset without a length or with no samples."""
     try:
         n = len(ds)
     except TypeError:
         raise TypeError(f"{name}: a Dataset must have a length") from None
     if n == 0:
-        raise ValueError(f"{name}: the dataset is empty")
+        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    return n
+
+
+def _dataset_to_pair(ds, name: str):
+    n = dataset_length(ds, name)
     xs, ys = [], []
     for i in range(n):
         item = ds[i]
@@ -357,15 +365,6 @@ def as_tensors(data, name: str = "data"):
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"{name}: labels must be >= 0, got {int(y.min())}")
     return x, y
-
-
-def to_float(x: torch.Tensor) -> torch.Tensor:
-    """float32 in [0, 1]: uint8 is divided by 255; float32 passes through, other floats are cast."""
-    if x.dtype == torch.uint8:
-        return x.to(torch.float32).div_(255.0)
-    if not x.is_floating_point():
-        raise TypeError(f"to_float: images must be uint8 or float, got {x.dtype}")
-    return x.float()
 
 
 def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[list, list]:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastunlearn.data.io import as_tensors
+from fastunlearn.data.io import as_tensors, dataset_length
+from fastunlearn.data.pixels import as_pixels
 from fastunlearn.data.streaming import DatasetRows, dataset_labels
 
 
@@ -79,12 +80,7 @@ def stream(data, name: str, *, workers=None, device=None):
     """(images, labels) for a Dataset without reading it whole: the images as DatasetRows
     (item 0 gives the shape; batches are decoded when the search and the fine-tune ask for
     them), the labels from the Dataset's ``targets`` or read item by item."""
-    try:
-        n = len(data)
-    except TypeError:
-        raise TypeError(f"{name}: a Dataset must have a length") from None
-    if n == 0:
-        raise ValueError(f"{name} is empty: it must hold at least one sample")
+    n = dataset_length(data, name)
     y = dataset_labels(data, name)
     if y.shape[0] != n:
         raise ValueError(f"{name}: {n} items but {y.shape[0]} labels")
@@ -157,7 +153,7 @@ def num_classes(model: nn.Module, x: torch.Tensor, mean, std, device) -> int:
     """Probe the model on two samples: its output must be (N, classes)."""
     was_training = model.training
     probe = x[:2].to(device)
-    probe = probe.float() / 255.0 if probe.dtype == torch.uint8 else probe.float()
+    probe = as_pixels(probe, device)
     if mean is not None:
         shape = (1, -1, 1, 1)
         probe = (probe - mean.to(device).reshape(shape)) / std.to(device).reshape(shape)

@@ -56,6 +56,7 @@ import torch.nn as nn
 
 from fastunlearn.compose import frozen_batchnorm
 from fastunlearn.config import UnlearnConfig
+from fastunlearn.data.pixels import to_float
 from fastunlearn.data.validate import resolve_device
 from fastunlearn.engine import distributed, losses
 from fastunlearn.engine.errors import DivergedError as DivergedError  # re-exported: part of this module's API
@@ -202,7 +203,7 @@ class FinetuneEngine:
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """Model input from raw pixels (uint8 or float in [0, 1]), inside the step."""
-        u = x.to(torch.float32).div(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+        u = to_float(x)
         if self.mean is not None:
             shape = (1, -1) + (1,) * (u.dim() - 2)
             u = (u - self.mean.reshape(shape)) / self.std.reshape(shape)

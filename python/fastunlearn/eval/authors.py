@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fastunlearn.config import UnlearnConfig
+from fastunlearn.data.pixels import as_pixels
 from fastunlearn.runtime.determinism import worker_seeding
 
 
@@ -170,11 +171,6 @@ def authors_search(test_model, x, y, cfg: UnlearnConfig, mean=None, std=None, ba
     return relabels, relabels != y
 
 
-def _as_pixels(x, device):
-    x = x.to(device)
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
 class PILImages(torch.utils.data.Dataset):
     """uint8 (N, C, H, W) images served one at a time the way torchvision's datasets serve
     them: each sample becomes a PIL image ("L" for one channel, "RGB" for three), then
@@ -220,7 +216,7 @@ def authors_unlearn(model: nn.Module, forget, remain, cfg: UnlearnConfig, mean=N
             raise ImportError("loading='pil' needs Pillow (pip install pillow)")
         f_set, r_set = PILImages(fx, fy), PILImages(rx, ry)
     else:
-        fx, rx = _as_pixels(fx, device), _as_pixels(rx, device)
+        fx, rx = as_pixels(fx, device), as_pixels(rx, device)
         fy, ry = fy.to(device), ry.to(device)
     mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32, device=device)
     std = None if std is None else torch.as_tensor(std, dtype=torch.float32, device=device)

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import flop_registry
 
 from fastunlearn.config import UnlearnConfig
 from fastunlearn.data.checkpoint import atomic_write_text
+from fastunlearn.data.pixels import as_pixels
 from fastunlearn.engine.finetune import FinetuneEngine
 from fastunlearn.engine.search import run_search
 from fastunlearn.nn.frozen import frozen_copy
@@ -144,7 +145,7 @@ def roofline(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, config=No
     rows.append(measure_region(f"train step (batch {bs})", lambda: engine.step(xb, yb), device, peaks, reps))
     if undo is not None:
         undo()
-    u0 = (x.float() / 255 if x.dtype == torch.uint8 else x.float())
+    u0 = as_pixels(x, x.device)
     g = torch.randn_like(u0)
     logits = torch.randn(x.shape[0], 10, device=device)
     ms = {} if mean is None else {"mean": torch.as_tensor(mean, device=device),
