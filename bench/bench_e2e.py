@@ -23,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zoo  # noqa: E402
 from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
@@ -42,12 +43,16 @@ def add_setup_args(p):
                    help="fashion-mnist (falls back to sklearn digits) or retina (RetinaMNIST fundus photographs)")
     p.add_argument("--data-dir", help="data folder (default: $FASTUNLEARN_DATA, or Debian's path for FashionMNIST)")
     p.add_argument("--train-size", type=int, default=6000, help="training subset (seeded); 0 = all")
+    p.add_argument("--test-size", type=int, default=0, help="test subset evaluated (seeded); 0 = all")
     p.add_argument("--size", type=int, default=0, help="resize every image to SIZE x SIZE (0 = native), e.g. 512")
     p.add_argument("--channels", type=int, default=0, help="repeat grey images to this many channels (0 = native)")
     p.add_argument("--forget-class", type=int, default=0)
     p.add_argument("--forget-size", type=int, default=0, help="forget only this many of the class (seeded; 0 = all)")
     p.add_argument("--batch-size", type=int, default=64, help="fine-tune batch (both runs; the authors' clinical: 16)")
-    p.add_argument("--arch", default="allcnn")
+    p.add_argument("--arch", default="allcnn", help="a fastunlearn model name, or zoo:<name> (see bench/zoo.py)")
+    p.add_argument("--zoo", nargs="?", const="all", default=None,
+                   help="run every model of bench/zoo.py (or those named, comma-separated), each in a fresh "
+                        "process against the authors' loop (bench_revision.py: with --authors)")
     p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
     p.add_argument("--train-epochs", type=int, default=3, help="epochs to train the original")
     p.add_argument("--train-precision", default="fp32", help="precision of that training: fp32 | bf16 | auto")
@@ -96,6 +101,9 @@ def load(args):
         mean, std = mean * (args.channels // x.shape[1]), std * (args.channels // x.shape[1])
     x = resized(x, args.size, args.channels)
     tx, ty = splits["test"]
+    if args.test_size and args.test_size < len(ty):
+        keep = torch.randperm(len(ty), generator=torch.Generator().manual_seed(args.seed))[:args.test_size]
+        tx, ty = tx[keep.sort().values], ty[keep.sort().values]
     test = (resized(tx, args.size, args.channels), ty)
     f = y == args.forget_class
     forget = (x[f], y[f])
@@ -112,11 +120,15 @@ def original_model(args, train, mean, std, dev):
         model, _ = load_model(args.model, dev)
         return model
     arch = {"name": args.arch, "in_channels": int(train[0].shape[1]), "num_classes": int(train[1].max()) + 1}
+    torch.manual_seed(args.seed)  # the initialisation too: a run with the same seed trains the same original
+    if zoo.is_zoo_arch(args.arch):
+        model = zoo.create(args.arch, arch["in_channels"], arch["num_classes"], int(train[0].shape[-1]))
+        return train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
+                                progress=False, precision=args.train_precision).to(dev).eval()
     if args.arch in ("allcnn", "smallcnn"):
         arch["width"] = args.width if args.arch == "allcnn" else int(args.width)
     if args.arch.startswith("resnet"):
         arch["small_input"] = int(train[0].shape[-1]) < 96  # the ImageNet stem from 96 px up
-    torch.manual_seed(args.seed)  # the initialisation too: a run with the same seed trains the same original
     model = create_model(**arch)
     model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
                              progress=False, precision=args.train_precision)
@@ -133,6 +145,9 @@ def timed(fn, dev):
     return time.perf_counter() - t0, out
 
 
+ZOO_COLS = ["input", "n_forget", "seconds_authors", "seconds_ours", "ratio", "search_s", "finetune_s", "tune_s",
+            "setup_s", "precision", "tuned", "authors_forget_acc", "ours_forget_acc", "authors_remain_acc",
+            "ours_remain_acc", "quality"]
 FLAG = {"auto": "auto", "on": True, "off": False}
 
 
@@ -148,6 +163,9 @@ def setup(args):
 
 def main(argv=None):
     args = parse(argv)
+    if args.zoo:
+        return zoo.run_zoo(os.path.abspath(__file__), "e2e", sys.argv[1:] if argv is None else list(argv), args.zoo,
+                           torch.device(args.device).type, args.csv, ZOO_COLS)
     dev, name, train, forget, remain, test, mean, std, model = setup(args)
     flag = FLAG
     cfg = fu.UnlearnConfig(epochs=args.epochs, compile=flag[args.compile], cuda_graph=flag[args.cuda_graph],
@@ -220,6 +238,8 @@ def main(argv=None):
     t = res.timings
     print(f"\nours: search {t['search']:.3f}s, fine-tune {t['finetune']:.3f}s (compile {t['compile']:.3f}s), "
           f"set-up {t['setup']:.3f}s, other {t_ours - t['search'] - t['finetune'] - t['setup']:.3f}s")
+    if t.get("tuned"):
+        print(f"tuning: {t.get('tune', 0.0):.3f}s, chose {t['tuned']}")
     cold = {k: cold[k] for k in profiling.phase_order(cold)}
     print("ours by phase (s, cold): " + ", ".join(f"{k} {sec:.3f}" for k, (sec, _) in cold.items()))
     if t_pil is not None:
@@ -252,6 +272,9 @@ def main(argv=None):
                    ms_per_visit_ours=1e3 * t_ours / visits, ms_per_visit_authors=1e3 * t_auth / visits,
                    batch_size=cfg.batch_size, gamma=cfg.gamma, input="x".join(str(v) for v in forget[0].shape[1:]),
                    search_s=t["search"], finetune_s=t["finetune"], compile_s=t["compile"],
+                   setup_s=t["setup"], tune_s=t.get("tune"), tuned=t.get("tuned"),
+                   quality="ok" if abs(d_forget) <= 2 and abs(d_remain) <= 5 else
+                   f"outside (forget {d_forget:+.1f}, remain {d_remain:+.1f} points)",
                    compile=str(res.config.compile), step_mode=res.step_mode, precision=ours_precision,
                    fused_batch_norm=fused_bn,
                    warm_revision_p50_ms=warm_p50,

@@ -41,6 +41,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zoo  # noqa: E402
 from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
 
 from fastunlearn import UnlearnConfig
@@ -57,6 +58,7 @@ from fastunlearn.runtime.precision import strict_fp32  # noqa: E402
 # name -> (precision, recheck margin (None: the config's), fp32 mode of the recheck, IEEE fp32
 # around the run, cuDNN autotuning)
 VARIANTS = {
+    "auto": ("auto", None, None, False, False),
     "fp32": ("fp32", None, None, False, False),
     "fp32-ieee": ("fp32", None, None, True, False),
     "bf16-norecheck": ("bf16", 0.0, None, False, False),
@@ -72,7 +74,10 @@ def parse(argv=None):
     p.add_argument("--data-dir", help="data folder (default: $FASTUNLEARN_DATA, or Debian's path for FashionMNIST; "
                    "FashionMNIST falls back to sklearn digits)")
     p.add_argument("--n", type=int, default=2048, help="forget samples searched")
-    p.add_argument("--arch", default="allcnn")
+    p.add_argument("--arch", default="allcnn", help="a fastunlearn model name, or zoo:<name> (see bench/zoo.py)")
+    p.add_argument("--zoo", nargs="?", const="all", default=None,
+                   help="run every model of bench/zoo.py (or those named, comma-separated), each in a fresh "
+                        "process against the authors' loop, with the default precision (variant auto)")
     p.add_argument("--width", type=float, default=0.25, help="AllCNN width (1 = the paper's)")
     p.add_argument("--size", type=int, default=0, help="resize images to SIZE x SIZE (0 = native), e.g. 32 or 512")
     p.add_argument("--channels", type=int, default=0, help="repeat grey images to this many channels (0 = native)")
@@ -119,22 +124,35 @@ def load(args):
 
 def original(args, train, mean, std, dev):
     c = train[0].shape[1]
+    torch.manual_seed(args.seed)  # the same initialisation, so the same model, run after run
+    if zoo.is_zoo_arch(args.arch):
+        model = zoo.create(args.arch, c, int(train[1].max()) + 1, int(train[0].shape[-1]))
+        return trained(args, model, train, mean, std, dev)
     kwargs = {"width": args.width} if args.arch in ("allcnn", "smallcnn") else {}
     if args.arch.startswith("resnet"):
         # The ImageNet stem (7x7/2 + max-pool) from 96 px up: the small-image stem keeps
         # full resolution through layer1, 16x the activations at 512 px.
         kwargs["small_input"] = train[0].shape[-1] < 96
-    torch.manual_seed(args.seed)  # the same initialisation, so the same model, run after run
     model = create_model(args.arch, in_channels=c, num_classes=int(train[1].max()) + 1, **kwargs)
+    return trained(args, model, train, mean, std, dev)
+
+
+def trained(args, model, train, mean, std, dev):
     if args.train_epochs:
         model = train_classifier(model, train, args.train_epochs, mean=mean, std=std, device=dev, seed=args.seed,
                                  progress=False, precision=args.train_precision, batch_size=64)
     return model.to(dev).eval()
 
 
-def timed_reps(fn, device, reps):
-    """One untimed run (every shape meets its plans), then ``reps`` timed ones: (seconds each, last output)."""
+def timed_reps(fn, device, reps, first=None):
+    """One untimed run (every shape meets its plans), then ``reps`` timed ones: (seconds each, last output).
+    The untimed run's seconds are appended to ``first`` when given."""
+    sync(device)
+    t0 = time.perf_counter()
     out = fn()
+    sync(device)
+    if first is not None:
+        first.append(time.perf_counter() - t0)
     times = []
     for _ in range(reps):
         sync(device)
@@ -184,6 +202,11 @@ def variant_runner(name, model, forget, base, mean, std, dev, frozen):
 
 def main(argv=None):
     args = parse(argv)
+    if args.zoo:
+        return zoo.run_zoo(os.path.abspath(__file__), "search", sys.argv[1:] if argv is None else list(argv),
+                           args.zoo, torch.device(args.device).type, args.csv,
+                           ["provider", "input", "n", "samples_per_s", "ratio", "first_s", "ratio_first",
+                            "labels_agree", "seconds_each"])
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -200,8 +223,9 @@ def main(argv=None):
     test_model = copy.deepcopy(model)
     x_pix, y_dev = fx.to(dev).float() / 255, fy.to(dev)
     frozen = frozen_copy(model, dev)
+    first = {}
     t_auth, (auth_labels, _) = timed_reps(lambda: authors_search(test_model, x_pix, y_dev, base, mean_t, std_t),
-                                          dev, args.reps)
+                                          dev, args.reps, first.setdefault("authors", []))
     x_pix = None  # frees the float copy
     auth_labels = auth_labels.cpu()
     variants = args.variants.split(",")
@@ -209,18 +233,21 @@ def main(argv=None):
     for v in variants:
         fn, _ = variant_runner(v, model, forget, base.replace(precision=args.precision) if v == "unfolded" else base,
                                mean, std, dev, frozen)
-        runs[v] = timed_reps(fn, dev, args.reps)
+        runs[v] = timed_reps(fn, dev, args.reps, first.setdefault(v, []))
     exact = next((v for v in ("fp32-ieee", "fp32") if v in runs), None)
     rows = [provider_row("authors' loop (batch 64, fp32)", t_auth, t_auth, n, auth_labels, auth_labels, None)]
     for v, (times, res) in runs.items():
         ref = runs[exact][1].relabels[0] if exact else None
         rows.append(provider_row(f"fastunlearn {v}", times, t_auth, n, res.relabels[0], auth_labels, ref,
                                  res.rechecked))
+    for r, key in zip(rows, ["authors", *runs]):
+        # The first call of the process (plans, allocations, the chunk-size measurement) and its ratio.
+        r.update(first_s=first[key][0], ratio_first=first["authors"][0] / first[key][0])
     shape = "x".join(str(s) for s in fx.shape[1:])
     dname = device_name(dev)
     print(f"\nsearch, T={args.steps}, {n} x {shape} {name} images, {args.arch} width {args.width}, {dname}")
-    print_table(rows, ["provider", "samples_per_s", "ratio", "labels_agree", "agree_exact", "rechecked",
-                       "seconds_each"])
+    print_table(rows, ["provider", "samples_per_s", "ratio", "first_s", "ratio_first", "labels_agree",
+                       "agree_exact", "rechecked", "seconds_each"])
     print(f"labels_agree: with the authors' loop; agree_exact: with fastunlearn {exact}")
     flip_note = tf32_recheck_flips(runs)
     if flip_note:

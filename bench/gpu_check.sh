@@ -18,8 +18,12 @@
 #             first-use table; a warm revision split by phase.
 #   ops       the three fused ops: their GPU tests, compute-sanitizer on batch_norm_relu, and
 #             their benchmarks (boundary_step, relabel_check, batch_norm_relu, thin conv).
+#   zoo       (optional) every model of bench/zoo.py (AllCNN 0.25 and 1, the clinic CNN, ResNet-18
+#             CIFAR stem, ResNet-50 at 224 px / 512 px for the search, the small ViT), each in a
+#             fresh process against the authors' loop: the search, the end to end, a revision.
 # STEPS="..." runs the named steps instead (any of: build search-clinical e2e-clinical
-# tests-cuda e2e-clinical-noisy e2e cold revision tests-ops memcheck ops e2e-fused e2e-variants search).
+# tests-cuda e2e-clinical-noisy e2e cold revision tests-ops memcheck ops e2e-fused e2e-variants search
+# zoo-search zoo-e2e zoo-revision).
 #
 # .bench_data/ (git-ignored) holds what the presets read, so nothing is fetched or retrained:
 #   mkdir -p .bench_data && cp /usr/share/datasets/fashion-mnist/*.gz ../shared/data/retinamnist.npz .bench_data/
@@ -40,7 +44,8 @@ case "$PRESET" in
   clinical) DEFAULT_STEPS="build search-clinical e2e-clinical tests-cuda e2e-clinical-noisy" ;;
   e2e) DEFAULT_STEPS="build e2e cold revision" ;;
   ops) DEFAULT_STEPS="build tests-ops memcheck ops" ;;
-  *) echo "PRESET must be clinical, e2e or ops, got '$PRESET'" >&2; exit 2 ;;
+  zoo) DEFAULT_STEPS="build zoo-search zoo-e2e zoo-revision" ;;
+  *) echo "PRESET must be clinical, e2e, ops or zoo, got '$PRESET'" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
 END=$(( $(date +%s) + BUDGET_S ))
@@ -177,6 +182,20 @@ if want search; then
 step "bench: search, AllCNN width 1 at 32x32 (3 channels), fp32 and bf16"
 run 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 \
   --variants fp32,bf16-norecheck,bf16 --curve --compile
+fi
+
+# ----------------------------------------------------------------------- zoo
+if want zoo-search; then
+step "bench: zoo, the search against the authors' loop, default precision and fp32 / bf16 named, 3 reps"
+run 200 python bench/bench_search.py --zoo --variants auto,fp32,bf16 --reps 3
+fi
+if want zoo-e2e; then
+step "bench: zoo, end to end with the defaults (FashionMNIST class 0 of 6000, 10 epochs), each a fresh process"
+run 200 python bench/bench_e2e.py --zoo --warm-reps 3
+fi
+if want zoo-revision; then
+step "bench: zoo, a warm revision of 64 samples against the authors' loop on the same samples"
+run 80 python bench/bench_revision.py --zoo --sizes 64 --reps 3
 fi
 
 step "done (status $status); CSV: $FASTUNLEARN_BENCH_CSV"
