@@ -179,6 +179,10 @@ def test_train_classifier_options(digits, gen):
                {"augment": "crop", "schedule": "constant"}):
         net = train.train_classifier(model, torch.utils.data.TensorDataset(x, y), epochs=1, progress=False, **kw)
         assert all(torch.isfinite(p).all() for p in net.parameters())
+    xa, ya = digits["train"]
+    for n in range(64, 4 * 64 + 1, 64):  # 1 to 4 steps: one-cycle schedules that short still run
+        net = train.train_classifier(model, (xa[:n], ya[:n]), epochs=1, batch_size=64, progress=False)
+        assert all(torch.isfinite(p).all() for p in net.parameters()), n
     same = train.train_classifier(model, (x, y), epochs=0, progress=False)
     assert same is not model
     assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), model.state_dict().values()))

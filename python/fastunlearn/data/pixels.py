@@ -23,5 +23,15 @@ class Normalizer:
 
 
 def as_pixels(x: torch.Tensor, device) -> torch.Tensor:
+    """x on ``device`` as float32 pixels: uint8 divided by 255, any other dtype cast."""
     x = x.to(device, non_blocking=True)
     return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """float32 in [0, 1]: uint8 is divided by 255; float32 passes through, other floats are cast."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    if not x.is_floating_point():
+        raise TypeError(f"to_float: images must be uint8 or float, got {x.dtype}")
+    return x.float()

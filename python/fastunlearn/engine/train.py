@@ -105,7 +105,10 @@ def _check_train_args(epochs, lr, batch_size, schedule, precision) -> None:
 
 def _scheduler(opt, schedule: str, lr: float, total: int):
     if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.25)
+        # OneCycleLR divides by its warm-up's length in steps, pct_start * total - 1: zero for a
+        # 0.25 warm-up of 4 steps. Such a run warms up over 0.3 of its steps instead.
+        pct = 0.25 if 0.25 * total != 1 else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=pct)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     return None
