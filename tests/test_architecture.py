@@ -175,3 +175,13 @@ def test_functions_are_short():
     assert long <= OVERSIZED_FUNCTIONS, f"over {MAX_FUNCTION_LINES} lines: {sorted(long - OVERSIZED_FUNCTIONS)}"
     assert OVERSIZED_FUNCTIONS <= long, f"now short, drop from the list: {sorted(OVERSIZED_FUNCTIONS - long)}"
 
+
+
+def test_test_files_have_unique_names():
+    # The test folders have no __init__.py, so pytest imports each test file by its basename:
+    # two files of one name in different folders make the second fail to collect.
+    seen: dict = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    repeated = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not repeated, f"test files share a name: {repeated}"
