@@ -27,12 +27,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fastunlearn demo $(ARGS)
 
+# One pytest worker per core (pytest-xdist); ARGS="-n 0" runs in one process.
 test: install
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -n auto tests $(ARGS)
 
 # Everything but the real-data quality checks.
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n auto tests -m "not slow" $(ARGS)
 
 # ruff, configured in pyproject.toml, over the whole tree.
 lint: install
