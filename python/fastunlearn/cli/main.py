@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fastunlearn.cli import backends, bench, compose, demo, evaluate, report, train, tune, unlearn, verify
+from fastunlearn.cli.folder import write_skipped
 from fastunlearn.cli.resume import Interrupted
 from fastunlearn.cli.safety import as_flags
 
@@ -65,6 +66,8 @@ def main(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rc = args.func(args)
+        if rc in (None, 0):
+            write_skipped(args)
     except Interrupted as e:
         print(e.message, file=sys.stderr)
         return 130

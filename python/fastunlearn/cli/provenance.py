@@ -18,7 +18,8 @@ from fastunlearn.runtime import manifest
 CANONICAL = ("fashion-mnist", "digits", "retinamnist")
 # The arguments that rebuild the data and the forget set (recorded so that verify can).
 DATA_ARGS = ("data", "data_dir", "train_size", "train_seed", "forget_class", "forget_fraction", "forget_indices",
-             "forget_rule", "metadata", "seed", "manifest", "path_column", "label_column", "size", "crop", "test_data")
+             "forget_rule", "metadata", "seed", "manifest", "path_column", "label_column", "size", "crop", "test_data",
+             "skip_unreadable")
 
 
 def recorded_data(meta: dict) -> dict:
