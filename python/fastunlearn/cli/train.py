@@ -21,12 +21,13 @@ from fastunlearn.cli.common import (
     train_seed,
 )
 from fastunlearn.cli.folder import as_tensors, count, model_input
+from fastunlearn.cli.model_files import add_normalisation_args, normalisation
 from fastunlearn.cli.provenance import data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output
 from fastunlearn.data import forget as forget_sets
 from fastunlearn.data import io as data
 from fastunlearn.data.pixels import as_pixels
-from fastunlearn.data.provenance import save_with_manifest
+from fastunlearn.data.provenance import file_record, save_with_manifest
 from fastunlearn.engine.train import train_classifier
 from fastunlearn.eval.metrics import evaluate
 from fastunlearn.nn.external import FACTORY, is_external, load_weights
@@ -64,46 +65,69 @@ def _warn_if_long(model, x, args, dev):
               "--arch smallcnn, fewer --train-epochs, or a GPU (--device cuda)", file=sys.stderr, flush=True)
 
 
-def cmd_train(args):
-    check_output(args.out, [], args.force)
-    if args.train_epochs < 1:
-        raise SystemExit(f"error: --train-epochs must be >= 1, got {args.train_epochs}")
+def _check_train_args(args) -> None:
+    retrain = args.command == "retrain"
+    if args.train_epochs < (1 if retrain or not args.weights else 0):
+        if args.train_epochs == 0 and not retrain:
+            raise SystemExit("error: --train-epochs 0 saves a trained model without training it, so it needs the "
+                             "model's weights: give --weights FILE (a state_dict of the model --arch / "
+                             "--model-factory builds)")
+        raise SystemExit(f"error: --train-epochs must be >= 1{'' if retrain else ' (0 with --weights)'}, "
+                         f"got {args.train_epochs}")
     if not (args.train_lr > 0 and math.isfinite(args.train_lr)):
         raise SystemExit(f"error: --train-lr must be a finite number > 0, got {args.train_lr}")
-    dev = device_of(args)
+
+
+def _train_data(args):
+    """(data set name, splits, training pair): the remain set for retrain; read into memory when
+    it is trained on or its channel statistics are needed, else left as it is (a folder streams)."""
     name, splits = load_splits(args.data, args.data_dir, args)
     train = subset(splits["train"], args.train_size, train_seed(args))
-    retrain = args.command == "retrain"
-    if retrain:
+    if args.command == "retrain":
         idx = select_forget(args, train[1], train[0])
         args.forget_index = idx
         _, train = forget_sets.split(train[0], train[1], idx)  # train on the remain set only
-    train = as_tensors(train)  # the channel statistics and the training read every image
+    if args.train_epochs > 0 or args.mean is None:
+        train = as_tensors(train)  # the channel statistics and the training read every image
+    return name, splits, train
+
+
+def cmd_train(args):
+    check_output(args.out, [args.weights], args.force)
+    _check_train_args(args)
+    dev = device_of(args)
+    name, splits, train = _train_data(args)
     x, y = train
-    mean, std = data.channel_stats(x)
+    mean, std = normalisation(args, int(x.shape[1]))
+    if mean is None:
+        mean, std = data.channel_stats(x)
     arch = model_arch(args, int(x.shape[1]), int(splits["train"][1].max()) + 1)
     model = create_model(**arch)
     if args.weights:
         load_weights(model, args.weights)
-    _warn_if_long(model, x, args, dev)
     t0 = time.perf_counter()
-    model = train_classifier(model, train, epochs=args.train_epochs, lr=args.train_lr, mean=mean, std=std,
-                             device=dev, seed=args.seed, progress=not args.no_progress,
-                             precision=args.train_precision)
+    if args.train_epochs > 0:
+        _warn_if_long(model, x, args, dev)
+        model = train_classifier(model, train, epochs=args.train_epochs, lr=args.train_lr, mean=mean, std=std,
+                                 device=dev, seed=args.seed, progress=not args.no_progress,
+                                 precision=args.train_precision)
     seconds = time.perf_counter() - t0
-    m = evaluate(model, remain=train, test=model_input(splits["test"]), mean=mean, std=std, device=dev, mia=False)
+    m = evaluate(model, remain=model_input(train), test=model_input(splits["test"]), mean=mean, std=std, device=dev,
+                 mia=False)
     record = data_record(args, name, subset(splits["train"], args.train_size, train_seed(args)))
     prov = manifest.new(args.command, dev, data=record, data_args=data_args(args),
-                        forget=forget_record(args) if retrain else None,
+                        forget=forget_record(args) if args.command == "retrain" else None,
                         config={"arch": arch, "train_epochs": args.train_epochs, "train_lr": args.train_lr,
-                                "train_precision": args.train_precision, "batch_size": BATCH},
+                                "train_precision": args.train_precision, "batch_size": BATCH,
+                                "weights": file_record(args.weights) if args.weights else None},
                         seeds={"train": args.seed}, counts={"train": len(y), "test": count(splits["test"])},
                         timings={"train": seconds},
                         metrics={"train_acc": m["remain_acc"], "test_acc": m.get("test_acc")},
                         parents=[])
     written = save_with_manifest(model, args.out, arch, prov, mean=mean, std=std, dataset=name)
     test = "" if "test_acc" not in m else f", test {100 * m['test_acc']:.2f}%"
-    print(f"saved {args.out} and {written}: train {100 * m['remain_acc']:.2f}%{test}")
+    what = "train" if args.train_epochs > 0 else "not trained (--train-epochs 0); its accuracy on the training images"
+    print(f"saved {args.out} and {written}: {what} {100 * m['remain_acc']:.2f}%{test}")
 
 
 def model_arch(args, in_channels: int, classes: int) -> dict:
@@ -137,8 +161,10 @@ def _add_train_args(t):
                    "model --arch / --model-factory builds")
     t.add_argument("--width", type=float, help="allcnn: width multiplier (1 = 96/192 filters; when not given: 1); "
                    "smallcnn: channels")
-    t.add_argument("--train-epochs", type=int, default=5, help="passes over the training images")
+    t.add_argument("--train-epochs", type=int, default=5, help="passes over the training images; train only: 0 "
+                   "with --weights saves a model trained elsewhere as a model file, untrained (bring your own)")
     t.add_argument("--train-lr", type=float, default=0.05, help="peak SGD learning rate of the one-cycle schedule")
+    add_normalisation_args(t, "the model (when not given: the training images' own)")
     add_train_precision(t, "the training")
     t.add_argument("--out", required=True, help="output model file (.safetensors); its folder must exist")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")
