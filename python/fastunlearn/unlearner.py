@@ -25,7 +25,7 @@ from fastunlearn.data.source import ImageSource
 from fastunlearn.engine.checkpoint import load_checkpoint, search_from_dict
 from fastunlearn.engine.distributed import barrier, sharded_search
 from fastunlearn.engine.finetune import FinetuneEngine
-from fastunlearn.nn.frozen import frozen_copy
+from fastunlearn.nn.frozen import frozen_copy, set_requires_grad
 from fastunlearn.nn.layout import default_channels_last
 from fastunlearn.ops import resolve_backend
 from fastunlearn.result import UnlearnResult
@@ -92,7 +92,7 @@ class Unlearner:
         cl = default_channels_last(model, self.device) if channels_last is None else channels_last
         self.frozen = frozen_copy(model, self.device, channels_last=cl)
         trainable = copy.deepcopy(model).to(self.device)
-        trainable.requires_grad_(True)
+        set_requires_grad(trainable, True)
         # The original weights, on the device: each revision starts by copying them back in.
         self._original = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
         self._trainable, self._cl, self._compile_mode = trainable, channels_last, compile_mode

@@ -6,9 +6,10 @@ import json
 
 from fastunlearn.cli.common import add_common, add_data_args, device_of, metrics_table, prepare_data
 from fastunlearn.cli.folder import count, model_input
+from fastunlearn.cli.model_files import add_normalisation_args, load_model_file
 from fastunlearn.cli.provenance import apply_recorded, check_data
 from fastunlearn.cli.safety import check_output, say
-from fastunlearn.data.checkpoint import atomic_write_text, load_model
+from fastunlearn.data.checkpoint import atomic_write_text
 from fastunlearn.data.classes import describe
 from fastunlearn.eval.metrics import evaluate, gap
 
@@ -18,7 +19,7 @@ def cmd_eval(args):
     if args.json:
         check_output(args.json, [args.model, args.retrain], flag="--json")
     files = [("model", args.model)] + ([("retrain", args.retrain)] if args.retrain else [])
-    loaded = {label: (path, *load_model(path, dev)) for label, path in files}
+    loaded = {label: (path, *load_model_file(path, dev, args)) for label, path in files}
     apply_recorded(args, loaded["model"][2], args.model)
     name, _, train, f, r, test = prepare_data(args)
     rows = {}
@@ -44,10 +45,11 @@ def add_parser(sub, fmt):
                        "MIA-LR: logistic regression on per-sample loss, test vs forget (0.5 = indistinguishable). "
                        "MIA-eff: fraction of forget samples an SVC on confidence calls non-members.")
     e.add_argument("--model", required=True, help="the model file to score; its recorded training subset "
-                   "(--train-size) is used unless given")
+                   "(--train-size) is used unless given; or a TorchScript / torch.export program (see unlearn)")
     e.add_argument("--retrain", help="a model retrained without the forget set, to report the gap")
     e.add_argument("--per-class", action="store_true", help="also print per-class test accuracy")
     e.add_argument("--json", help="write the metrics as JSON here")
+    add_normalisation_args(e, "a program --model / --retrain (when not given: none)")
     add_data_args(e)
     add_common(e)
     e.set_defaults(func=cmd_eval)

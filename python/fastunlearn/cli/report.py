@@ -6,9 +6,9 @@ import os
 
 from fastunlearn.cli.common import add_common, add_data_args, device_of, prepare_data, subset
 from fastunlearn.cli.folder import model_input
+from fastunlearn.cli.model_files import add_normalisation_args, load_model_file
 from fastunlearn.cli.provenance import apply_recorded, check_data, data_args, data_record, forget_record
 from fastunlearn.cli.safety import check_output_folder, say
-from fastunlearn.data.checkpoint import load_model
 from fastunlearn.data.classes import class_names
 from fastunlearn.data.provenance import file_record
 from fastunlearn.eval.report import report
@@ -21,7 +21,7 @@ def cmd_report(args):
     if len(names) != len(args.models):
         raise SystemExit(f"error: --names gives {len(names)} names for {len(args.models)} --models")
     files = list(zip(names, args.models)) + ([("retrain", args.retrain)] if args.retrain else [])
-    loaded = [(name, path, *load_model(path, dev)) for name, path in files]
+    loaded = [(name, path, *load_model_file(path, dev, args)) for name, path in files]
     meta0 = loaded[0][3]
     apply_recorded(args, meta0, args.models[0])
     data_name, _, train, f, r, test = prepare_data(args)
@@ -60,6 +60,7 @@ def add_parser(sub, fmt):
     rp.add_argument("--title", help="title of report.md (when not given: none)")
     rp.add_argument("--test-size", type=int, default=2000, help="test images used (seeded subset)")
     rp.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (the slow part)")
+    add_normalisation_args(rp, "the program --models (TorchScript / torch.export; when not given: none)")
     add_data_args(rp)
     add_common(rp)
     rp.set_defaults(func=cmd_report)

@@ -17,6 +17,7 @@ from fastunlearn.cli.common import (
     prepare_data,
 )
 from fastunlearn.cli.folder import count, model_input
+from fastunlearn.cli.model_files import add_normalisation_args, check_batchnorm_mode, load_model_file
 from fastunlearn.cli.provenance import (
     apply_recorded,
     check_data,
@@ -28,7 +29,7 @@ from fastunlearn.cli.provenance import (
 )
 from fastunlearn.cli.resume import add_resume_args, run_resumable
 from fastunlearn.cli.safety import check_output
-from fastunlearn.data.checkpoint import atomic_write_text, load_model
+from fastunlearn.data.checkpoint import atomic_write_text
 from fastunlearn.data.classes import describe
 from fastunlearn.engine.distributed import init_from_env, world
 from fastunlearn.eval.metrics import evaluate
@@ -51,13 +52,14 @@ def _unlearn(args, dev, is_main):
     check_output(args.out, [args.model, args.forget_indices, args.metadata], args.force)
     if args.json:
         check_output(args.json, [args.model, args.out], False, flag="--json")
-    model, meta = load_model(args.model, dev)
+    model, meta = load_model_file(args.model, dev, args)
     apply_recorded(args, meta, args.model)
     name, splits, train, f, r, test = prepare_data(args)
     check_data(meta, args.model, name, train[0])
     cfg = config_from_args(args)
     if cfg.epochs < 1:
         raise SystemExit(f"error: --epochs must be >= 1, got {cfg.epochs} (0 would only copy the model)")
+    check_batchnorm_mode(model, meta, cfg.batchnorm)
     if is_main:
         classes = f" (class {', '.join(describe(name, c) for c in args.forget_class)})" if args.forget_class else ""
         print(f"forgetting {len(f[1])} of {len(f[1]) + len(r[1])} training images of {name}{classes} "
@@ -90,10 +92,18 @@ def add_parser(sub, fmt):
                        "gradients, relabel it there, fine-tune a copy of the model on the relabelled set "
                        "(optionally regularised on the remain set), evaluate it, save it with its provenance (and a "
                        "manifest JSON beside it), and print before/after metrics.")
-    u.add_argument("--model", required=True, help="model file written by `fastunlearn train`")
-    u.add_argument("--out", required=True, help="output model file (.safetensors), written atomically")
+    u.add_argument("--model", required=True, help="model file written by `fastunlearn train`, or a program: a "
+                   "TorchScript file (torch.jit.save) or a torch.export file (torch.export.save, .pt2; exported in "
+                   "eval mode with a dynamic batch dimension, fine-tuned with --batchnorm frozen when it has "
+                   "BatchNorm layers)")
+    u.add_argument("--out", required=True, help="output model file (.safetensors), written atomically; for a "
+                   "program --model, the unlearned weights with the program's path in the header: "
+                   "fastunlearn.data.checkpoint.load_model loads the program from that path and these weights into "
+                   "it (so the program file must stay where it is)")
     u.add_argument("--json", help="also write the metrics as JSON here")
     u.add_argument("--force", action="store_true", help="allow --out to overwrite an input file")
+    add_normalisation_args(u, "a program --model (when not given: none, the program takes [0, 1] pixels); a "
+                           "model file records its own")
     add_resume_args(u)
     add_data_args(u)
     add_config_args(u)

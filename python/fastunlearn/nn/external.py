@@ -1,6 +1,7 @@
 """Models the package does not define, named by a string that a model file records so that
 it can be built again: ``torchvision:NAME`` (torchvision.models.get_model) and
-``factory:package.module:function`` (a function of the user's, imported by name).
+``factory:package.module:function`` (a function of the user's, imported by name) and
+``program:PATH`` (a TorchScript or torch.export file, see nn.programs).
 
 A factory is called with the recorded keyword arguments (``num_classes`` when given) and
 must return an nn.Module; the module must be importable wherever the model file is loaded.
@@ -15,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fastunlearn.nn.programs import PROGRAM, load_program
+
 TORCHVISION = "torchvision:"
 FACTORY = "factory:"
 
 
 def is_external(name: str) -> bool:
-    return name.startswith(TORCHVISION) or name.startswith(FACTORY)
+    return name.startswith(TORCHVISION) or name.startswith(FACTORY) or name.startswith(PROGRAM)
 
 
 def _torchvision(name: str, **kwargs) -> nn.Module:
@@ -53,14 +56,18 @@ def _factory(spec: str, **kwargs) -> nn.Module:
 
 
 def build(name: str, weights: Optional[str] = None, **kwargs) -> nn.Module:
-    """The model ``name`` names (torchvision:NAME or factory:module:function), built with
-    ``kwargs``; ``weights``: a state_dict file to load (.safetensors, or a torch file)."""
-    if name.startswith(TORCHVISION):
+    """The model ``name`` names (torchvision:NAME or factory:module:function, built with
+    ``kwargs``; program:PATH, loaded from PATH, kwargs unused); ``weights``: a state_dict
+    file to load (.safetensors, or a torch file)."""
+    if name.startswith(PROGRAM):
+        model = load_program(name[len(PROGRAM):])
+    elif name.startswith(TORCHVISION):
         model = _torchvision(name[len(TORCHVISION):], **kwargs)
     elif name.startswith(FACTORY):
         model = _factory(name[len(FACTORY):], **kwargs)
     else:
-        raise ValueError(f"{name!r} names no external model (expected {TORCHVISION}NAME or {FACTORY}module:function)")
+        raise ValueError(f"{name!r} names no external model (expected {TORCHVISION}NAME, {FACTORY}module:function "
+                         f"or {PROGRAM}PATH)")
     if weights:
         load_weights(model, weights)
     return model

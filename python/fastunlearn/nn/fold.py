@@ -58,8 +58,9 @@ def _conv_bn_pairs(model: nn.Module, mods: dict) -> list:
 
     pairs, taken = [], set()
     for name, seq in mods.items():
-        if type(seq).forward is not nn.Sequential.forward or not isinstance(seq, nn.Sequential):
-            continue  # a Sequential subclass with its own forward may use its children otherwise
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue  # a Sequential subclass with its own forward may use its children otherwise (the
+            # isinstance test first: reading forward off a TorchScript module class raises)
         kids = list(seq.named_children())
         for (a_name, a), (b_name, b) in zip(kids, kids[1:]):
             if _foldable_conv(a) and _foldable_bn(b, a) and single(a, b):

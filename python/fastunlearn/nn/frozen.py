@@ -21,7 +21,7 @@ def frozen_copy(model: nn.Module, device: torch.device, channels_last: Optional[
     fold_batchnorm); the copy computes the same function with fewer passes over memory.
     """
     frozen = copy.deepcopy(model).to(device).eval()
-    frozen.requires_grad_(False)
+    set_requires_grad(frozen, False)
     if fold:
         fold_batchnorm(frozen)
     if channels_last is None:
@@ -29,6 +29,14 @@ def frozen_copy(model: nn.Module, device: torch.device, channels_last: Optional[
     if channels_last:
         frozen = frozen.to(memory_format=torch.channels_last)
     return frozen
+
+
+def set_requires_grad(model: nn.Module, flag: bool) -> nn.Module:
+    """Module.requires_grad_ parameter by parameter, which a TorchScript module (whose
+    requires_grad_ raises) allows too."""
+    for p in model.parameters():
+        p.requires_grad_(flag)
+    return model
 
 
 def compiled(frozen: nn.Module) -> nn.Module:
