@@ -11,7 +11,10 @@ fu.unlearn with the whole folder as the forget set. Reports, per repetition:
 * bound: "loader" when the job from files runs below 0.8x the job from tensors (the same
   images decoded beforehand, a subset of up to --tensor-subset of them unless --tensors),
   else "compute";
-* peak RSS of this process and of its largest child (the workers).
+* peak RSS of this process and of its largest child (the workers);
+* on a GPU, its mean utilisation (percent, sampled every --util-interval seconds by
+  torch.cuda.utilization, else nvidia-smi) during the job from files and the job from
+  tensors: whether decoding keeps the GPU busy.
 
 --tensors runs the same job from the whole set held as tensors and prints the ratio
 files / tensors (the acceptance figure at 64 px with 2 workers).
@@ -24,8 +27,10 @@ import csv
 import io
 import os
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -88,6 +93,8 @@ def make_model(args) -> nn.Module:
         return tiny_model(args.seed)
     torch.manual_seed(args.seed)
     kw = {"width": args.width} if args.arch == "allcnn" else {}
+    if args.arch.startswith("resnet") and args.imagenet_stem:
+        kw["small_input"] = False
     return create_model(args.arch, in_channels=3, num_classes=CLASSES, **kw)
 
 
@@ -98,11 +105,59 @@ def decode_rate(ds, workers: int) -> float:
     return count / (time.perf_counter() - t0)
 
 
-def run_job(model, forget, cfg, device):
+def _read_utilization(device: torch.device):
+    """The GPU's utilisation in percent now: torch.cuda.utilization (needs pynvml), else
+    nvidia-smi; None when neither can say."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # no pynvml, or a driver it cannot query
+        pass
+    try:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                              "-i", str(index)], capture_output=True, text=True, timeout=5)
+        return float(out.stdout.strip().splitlines()[0])
+    except Exception:  # no nvidia-smi, or output it cannot parse
+        return None
+
+
+class UtilizationSampler:
+    """Samples the GPU's utilisation in a thread while the block runs; .mean() is their
+    mean in percent (None on a CPU, or when nothing could be read)."""
+
+    def __init__(self, device: torch.device, interval: float):
+        self.device, self.interval, self.samples = device, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            value = _read_utilization(self.device)
+            if value is None:
+                return
+            self.samples.append(value)
+
+    def __enter__(self):
+        if self.device.type == "cuda" and self.interval > 0:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def mean(self):
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def run_job(model, forget, cfg, device, interval: float = 0.0):
+    """(the unlearning's timings, the GPU's mean utilisation during it or None)."""
     sync(device)
-    res = fu.unlearn(model, forget, config=cfg, mean=[0.5] * 3, std=[0.25] * 3, device=device, progress=False)
-    sync(device)
-    return res.timings
+    with UtilizationSampler(device, interval) as util:
+        res = fu.unlearn(model, forget, config=cfg, mean=[0.5] * 3, std=[0.25] * 3, device=device, progress=False)
+        sync(device)
+    return res.timings, util.mean()
 
 
 def peak_rss_mib() -> tuple[float, float]:
@@ -121,14 +176,15 @@ def one_rep(args, ds, device, rep: int) -> dict:
     cfg = fu.UnlearnConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.01, loader_workers=args.workers,
                            search_batch_size=args.search_batch_size, seed=args.seed)
     dec = decode_rate(ds, args.workers)
-    t = run_job(make_model(args), ds, cfg, device)
+    t, util = run_job(make_model(args), ds, cfg, device, args.util_interval)
     row = {"rep": rep, "n": n, "size": args.size, "workers": args.workers, "epochs": args.epochs, "arch": args.arch,
            "decode_ips": dec, "search_ips": n / t["search"], "finetune_ips": n * args.epochs / t["finetune"],
-           "job_ips": n / t["total"], "job_s": t["total"]}
+           "job_ips": n / t["total"], "job_s": t["total"], "search_s": t["search"], "gpu_util_pct": util}
     rows = n if args.tensors else min(n, args.tensor_subset)
     x, y = as_tensors(ds, rows)
-    tt = run_job(make_model(args), (x, y), cfg, device)
+    tt, tensor_util = run_job(make_model(args), (x, y), cfg, device, args.util_interval)
     del x, y
+    row["tensor_gpu_util_pct"] = tensor_util
     row["tensor_job_ips"] = rows / tt["total"]
     row["files_over_tensors"] = row["tensor_job_ips"] / row["job_ips"]
     row["bound"] = "loader" if row["job_ips"] < 0.8 * row["tensor_job_ips"] else "compute"
@@ -147,6 +203,10 @@ def main(argv=None):
     ap.add_argument("--search-batch-size", type=int, default=None)
     ap.add_argument("--arch", default="tiny", help="tiny (default), or a fastunlearn.nn.models name: allcnn, resnet18")
     ap.add_argument("--width", type=float, default=0.25, help="AllCNN width")
+    ap.add_argument("--imagenet-stem", action="store_true",
+                    help="resnet: the ImageNet stem (7x7 stride 2 + max pool) for 224 px images")
+    ap.add_argument("--util-interval", type=float, default=0.5,
+                    help="seconds between GPU utilisation samples (0: none)")
     ap.add_argument("--tensors", action="store_true", help="compare with the whole set as tensors (needs the RAM)")
     ap.add_argument("--tensor-subset", type=int, default=2048, help="images of the tensor run without --tensors")
     ap.add_argument("--reps", type=int, default=2)
@@ -177,7 +237,8 @@ def main(argv=None):
             tmp.cleanup()
     print(f"\n{device_name(device)}, {versions()}, commit {commit()}")
     print_table(rows, ["rep", "n", "size", "workers", "decode_ips", "search_ips", "finetune_ips", "job_ips", "job_s",
-                       "tensor_job_ips", "files_over_tensors", "bound", "rss_mib", "child_rss_mib"])
+                       "tensor_job_ips", "files_over_tensors", "bound", "gpu_util_pct", "tensor_gpu_util_pct",
+                       "rss_mib", "child_rss_mib"])
     if not args.no_csv:
         path = append_csv([dict(r, bench="stream", device=device_name(device)) for r in rows], args.csv)
         print(f"appended {len(rows)} rows to {path}")

@@ -18,12 +18,19 @@
 #             first-use table; a warm revision split by phase.
 #   ops       the three fused ops: their GPU tests, compute-sanitizer on batch_norm_relu, and
 #             their benchmarks (boundary_step, relabel_check, batch_norm_relu, thin conv).
+#   stream    unlearning from image files: bench/bench_stream.py writes STREAM_N (default 50,000)
+#             JPEGs of 3x224x224 and a CSV to the device's local disk (a temporary folder, not
+#             $OUT; removed afterwards) and forgets them all with ResNet-18 (ImageNet stem; precision auto),
+#             STREAM_WORKERS DataLoader workers (default: the cores less 2): images/s of decode
+#             alone, search and the whole job, against the same job from tensors (a 4096-image
+#             subset), loader- or compute-bound, the GPU's mean utilisation in each, peak RSS;
+#             2 reps (the first pays the set-up). Nothing is trained or fetched.
 #   zoo       (optional) every model of bench/zoo.py (AllCNN 0.25 and 1, the clinic CNN, ResNet-18
 #             CIFAR stem, ResNet-50 at 224 px / 512 px for the search, the small ViT), each in a
 #             fresh process against the authors' loop: the search, the end to end, a revision.
 # STEPS="..." runs the named steps instead (any of: build search-clinical e2e-clinical
 # tests-cuda e2e-clinical-noisy e2e cold revision tests-ops memcheck ops e2e-fused e2e-variants search
-# zoo-search zoo-e2e zoo-revision).
+# stream zoo-search zoo-e2e zoo-revision).
 #
 # .bench_data/ (git-ignored) holds what the presets read, so nothing is fetched or retrained:
 #   mkdir -p .bench_data && cp /usr/share/datasets/fashion-mnist/*.gz ../shared/data/retinamnist.npz .bench_data/
@@ -44,8 +51,9 @@ case "$PRESET" in
   clinical) DEFAULT_STEPS="build search-clinical e2e-clinical tests-cuda e2e-clinical-noisy" ;;
   e2e) DEFAULT_STEPS="build e2e cold revision" ;;
   ops) DEFAULT_STEPS="build tests-ops memcheck ops" ;;
+  stream) DEFAULT_STEPS="build stream" ;;
   zoo) DEFAULT_STEPS="build zoo-search zoo-e2e zoo-revision" ;;
-  *) echo "PRESET must be clinical, e2e, ops or zoo, got '$PRESET'" >&2; exit 2 ;;
+  *) echo "PRESET must be clinical, e2e, ops, stream or zoo, got '$PRESET'" >&2; exit 2 ;;
 esac
 STEPS=${STEPS:-$DEFAULT_STEPS}
 END=$(( $(date +%s) + BUDGET_S ))
@@ -182,6 +190,15 @@ if want search; then
 step "bench: search, AllCNN width 1 at 32x32 (3 channels), fp32 and bf16"
 run 120 python bench/bench_search.py --n 8192 --width 1 --size 32 --channels 3 --train-epochs 0 \
   --variants fp32,bf16-norecheck,bf16 --curve --compile
+fi
+
+# -------------------------------------------------------------------- stream
+if want stream; then
+STREAM_N=${STREAM_N:-50000}
+STREAM_WORKERS=${STREAM_WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+step "bench: unlearning from $STREAM_N JPEG files at 224 px, ResNet-18 (ImageNet stem), precision auto (bf16 on a GPU), $STREAM_WORKERS workers: decode / search / job images/s, files vs tensors, GPU utilisation"
+run 330 python bench/bench_stream.py --n "$STREAM_N" --size 224 --arch resnet18 --imagenet-stem \
+  --workers "$STREAM_WORKERS" --epochs 1 --batch-size 128 --tensor-subset 4096 --reps 2 --util-interval 0.5
 fi
 
 # ----------------------------------------------------------------------- zoo
