@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastunlearn.cli import main as cli
 from fastunlearn.cli.common import load_splits, subset
+from fastunlearn.runtime import manifest
 
 N = 160
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "1"]
@@ -75,6 +76,8 @@ def test_with_the_flag_train_unlearn_and_eval_run_and_list_the_skipped(folder, t
     out = capsys.readouterr().out
     assert f"forgetting {N // 4} of {N - 2} training images" in out, out  # rows 5 and 9 were site B
     assert _listed(tmp_path / "f.skipped.csv") == WANT
+    # verify rebuilds the same forget set: the flag is recorded with the data.
+    assert cli.main(["verify", "--manifest", manifest.manifest_path(str(forgot)), "--device", "cpu"]) == 0
     # eval writes no file: the rows are printed.
     assert cli.main(["eval", "--model", str(forgot), "--data", f"folder:{folder}", "--forget-rule", "site == A",
                      "--skip-unreadable", *COMMON]) == 0
