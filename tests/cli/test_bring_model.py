@@ -15,6 +15,7 @@ from fastunlearn.data.forget import by_class, split
 
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "2"]
 FACTORY = """
+from torch import nn
 
 
 def tiny(num_classes):
