@@ -3,16 +3,13 @@ net unlearn to the weights the same net gives as a model file (same weights, nor
 seed); the output loads again; the forms that cannot be fine-tuned are refused in one line,
 saying what to do instead, before anything is written."""
 
-import copy
 import sys
 
 import pytest
 import torch
-from torch import nn
 
 from fastunlearn.cli import main as cli
 from fastunlearn.data.checkpoint import load_model, read_header
-from fastunlearn.nn.programs import ScriptedModel
 
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "4"]
 DATA = ["--data", "digits", "--train-size", "300"]
@@ -144,10 +141,3 @@ def test_a_program_file_is_never_changed(tmp_path, nets):
     for program in (script, exported):
         assert _unlearn(program, tmp_path / "o.safetensors", "--force") == 0
     assert all(open(p, "rb").read() == b for p, b in before.items())
-
-
-def test_the_program_wrapper_copies_into_trainable_leaves():
-    m = ScriptedModel(torch.jit.script(nn.Sequential(nn.Linear(3, 2))))
-    c = copy.deepcopy(m)
-    assert all(p.is_leaf and p.requires_grad for p in c.parameters())
-    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(c.parameters(), m.parameters(), strict=True))

@@ -126,6 +126,9 @@ def load_program(path: str) -> nn.Module:
 
 
 def _load_program(path: str) -> nn.Module:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"program file {path} does not exist (a model file unlearned from a program names "
+                                "it by its path: put it back there)")
     kind = program_kind(path)
     if kind is None:
         raise ValueError(f"{path} is not a TorchScript (torch.jit.save) or torch.export (torch.export.save) file")
