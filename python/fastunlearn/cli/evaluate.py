@@ -49,7 +49,7 @@ def add_parser(sub, fmt):
     e.add_argument("--retrain", help="a model retrained without the forget set, to report the gap")
     e.add_argument("--per-class", action="store_true", help="also print per-class test accuracy")
     e.add_argument("--json", help="write the metrics as JSON here")
-    add_normalisation_args(e, "a program --model / --retrain (when not given: none)")
+    add_normalisation_args(e, "a program --model / --retrain", "none; a model file records its own")
     add_data_args(e)
     add_common(e)
     e.set_defaults(func=cmd_eval)

@@ -41,9 +41,9 @@ def normalisation(args, channels: int) -> tuple:
     return mean, std
 
 
-def add_normalisation_args(p, what: str) -> None:
+def add_normalisation_args(p, what: str, when_not_given: str) -> None:
     p.add_argument("--mean", help=f"per-channel mean {what} expects, on the [0, 1] pixel scale, comma-separated "
-                   "(e.g. 0.485,0.456,0.406); with --std")
+                   f"(e.g. 0.485,0.456,0.406); with --std (when not given: {when_not_given})")
     p.add_argument("--std", help="per-channel standard deviation, on the [0, 1] pixel scale, comma-separated; "
                    "with --mean")
 

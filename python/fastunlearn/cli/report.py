@@ -60,7 +60,8 @@ def add_parser(sub, fmt):
     rp.add_argument("--title", help="title of report.md (when not given: none)")
     rp.add_argument("--test-size", type=int, default=2000, help="test images used (seeded subset)")
     rp.add_argument("--no-tsne", action="store_true", help="skip the t-SNE figure (the slow part)")
-    add_normalisation_args(rp, "the program --models (TorchScript / torch.export; when not given: none)")
+    add_normalisation_args(rp, "the program --models (TorchScript / torch.export)",
+                           "none; a model file records its own")
     add_data_args(rp)
     add_common(rp)
     rp.set_defaults(func=cmd_report)

@@ -164,7 +164,7 @@ def _add_train_args(t):
     t.add_argument("--train-epochs", type=int, default=5, help="passes over the training images; train only: 0 "
                    "with --weights saves a model trained elsewhere as a model file, untrained (bring your own)")
     t.add_argument("--train-lr", type=float, default=0.05, help="peak SGD learning rate of the one-cycle schedule")
-    add_normalisation_args(t, "the model (when not given: the training images' own)")
+    add_normalisation_args(t, "the model", "the training images' own")
     add_train_precision(t, "the training")
     t.add_argument("--out", required=True, help="output model file (.safetensors); its folder must exist")
     t.add_argument("--force", action="store_true", help="overwrite --out if it exists")

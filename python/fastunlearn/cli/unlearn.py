@@ -102,8 +102,8 @@ def add_parser(sub, fmt):
                    "it (so the program file must stay where it is)")
     u.add_argument("--json", help="also write the metrics as JSON here")
     u.add_argument("--force", action="store_true", help="allow --out to overwrite an input file")
-    add_normalisation_args(u, "a program --model (when not given: none, the program takes [0, 1] pixels); a "
-                           "model file records its own")
+    add_normalisation_args(u, "a program --model", "none, the program takes [0, 1] pixels; a model file "
+                           "records its own")
     add_resume_args(u)
     add_data_args(u)
     add_config_args(u)
