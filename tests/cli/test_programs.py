@@ -10,6 +10,7 @@ import torch
 
 from fastunlearn.cli import main as cli
 from fastunlearn.data.checkpoint import load_model, read_header
+from fastunlearn.runtime import manifest
 
 COMMON = ["--device", "cpu", "--no-progress", "--seed", "4"]
 DATA = ["--data", "digits", "--train-size", "300"]
@@ -139,5 +140,8 @@ def test_a_program_file_is_never_changed(tmp_path, nets):
     script, exported = _programs(tmp_path, nets.net(10))
     before = {p: open(p, "rb").read() for p in (script, exported)}
     for program in (script, exported):
-        assert _unlearn(program, tmp_path / "o.safetensors", "--force") == 0
+        out = tmp_path / f"o{program[-1]}.safetensors"
+        assert _unlearn(program, out) == 0
+        # verify loads the output through the program it names and re-runs the metrics.
+        assert cli.main(["verify", "--manifest", manifest.manifest_path(str(out)), "--device", "cpu"]) == 0
     assert all(open(p, "rb").read() == b for p, b in before.items())
