@@ -291,12 +291,14 @@ def test_halving_sweep_chooses_the_full_sweeps_point_on_a_constructed_case(gen, 
     assert res.spent["fine_tune_epochs"] == 4 + 1 + 2 < full.spent["fine_tune_epochs"]
 
 
-def test_default_sweep_runs_four_fine_tunes_and_continues_one(gen):
+def test_default_sweep_runs_two_fine_tunes_and_continues_one(gen):
     model, x, y = tiny(gen, n=48)
     f = y == 0
     res = fu.sweep(model, (x[f], y[f]), (x[~f], y[~f]), base=fu.UnlearnConfig(batch_size=16, backend="torch"),
                    mean=[0.5], std=[0.25])
-    # relabel x remain_reg on the true labels, BatchNorm frozen; epochs 1, 2, 4 by successive halving.
-    assert res.spent["runs"] == 4 and res.spent["runs_per_rung"] == [4, 1, 1]
-    assert res.spent["fine_tune_epochs"] == 4 + 1 + 2 and len(res.points) == 6
-    assert {p.settings["remain_target"] for p in res.points} == {"labels"} and res.searches == 1
+    # soft_incorrect x remain_reg 3 / 10 on the true labels, BatchNorm frozen; epochs 1, 2, 4 by
+    # successive halving: both runs to epoch 1, the better one on to 2 and 4.
+    assert res.spent["runs"] == 2 and res.spent["runs_per_rung"] == [2, 1, 1]
+    assert res.spent["fine_tune_epochs"] == 2 + 1 + 2 and len(res.points) == 4
+    assert {(p.settings["relabel"], p.settings["remain_target"]) for p in res.points} == {("soft_incorrect", "labels")}
+    assert res.searches == 1
