@@ -13,6 +13,7 @@ validation); then fu.sweep runs with its default grid while timers wrap its part
   other         the rest: copies of models, bookkeeping
 
     flock -x /tmp/fastunlearn-cpu.lock .venv/bin/python bench/profile_sweep.py --out runs/profile
+    ... --grid '{"relabel": ["nearest_incorrect", "soft_incorrect"]}'    # another grid
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def profile_case(spec, args) -> dict:
     try:
         t0 = time.perf_counter()
         sw = fu.sweep(c["original"], c["f"], c["r"], base=fu.UnlearnConfig(precision="fp32", seed=args.seed),
-                      mean=c["mean"], std=c["std"], **c["sweep_kw"])
+                      mean=c["mean"], std=c["std"], grid=json.loads(args.grid) if args.grid else None,
+                      **c["sweep_kw"])
         total = time.perf_counter() - t0
     finally:
         for u in reversed(undo):
@@ -137,6 +139,7 @@ def main(argv=None):
     p.add_argument("--forget-class", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="JSON grid for fu.sweep (default: its DEFAULT_GRID)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
