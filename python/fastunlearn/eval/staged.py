@@ -103,10 +103,10 @@ class StagedRuns:
                        checkpoint_every=0 if epochs == self.last else per_epoch * epochs,
                        max_steps=epochs * per_epoch,
                        resume=os.path.join(folder, "checkpoint.pt") if reached else None)
-        # The engine is this call's own (and its model a copy): its model is handed out as it is.
         except DivergedError:  # the fine-tune stopped at a non-finite loss or weight
             self.diverged[i] = (strip_frozen_batchnorm(engine.model).eval(), seconds + time.perf_counter() - t0)
             return self.diverged[i]
         seconds += time.perf_counter() - t0
         self.state[i] = (folder, epochs, seconds)
+        # The engine is this call's own and its model a copy of the original: handed out as it is.
         return strip_frozen_batchnorm(engine.model).eval(), seconds

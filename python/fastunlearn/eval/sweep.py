@@ -62,11 +62,12 @@ GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", 
 # everywhere; remain_reg 10 won on most models but made a weak one collapse, where 3 did not
 # (lr 1e-3 made more models collapse and is left out). soft_incorrect was the most robust
 # relabel mode over the study's cases; on bench_recipe's cases (two seeds) the sweep over it
-# alone came as close to the retrain as the sweep over both modes, or closer, in all but one
-# case (by a tenth of a point), at two fine-tunes instead of four. The remain target is the
-# true labels: the best point with labels came as close to the retrain as the best with
-# distillation on average, closer in the worst case, and was chosen every time on
-# bench_recipe's cases; distillation costs the original's forward on every remain batch.
+# alone came as close to the retrain as the sweep over both modes, closer in several cases and
+# a fraction of a point further in a few, at two fine-tunes instead of four. The remain target
+# is the true labels: the best point with labels came as close to the retrain as the best with
+# distillation on average, closer in the worst case, and the sweep over both rarely chose
+# distillation on bench_recipe's cases; distillation costs the original's forward on every
+# remain batch.
 # With BatchNorm frozen the head re-fit (compose="head_ft") rarely helped, and its pass over
 # the remain set costs more than a fine-tune epoch: it is left to grid=.
 DEFAULT_GRID = {
