@@ -10,6 +10,7 @@ is timed --reps times). Then, in the same process, at the same precision (fp32) 
   sweep   fu.sweep(original, forget, remain, val=...) with its default grid and successive halving,
           selecting on the validation split: for a whole class, val = (the class's val images, the
           others'); otherwise heldout = the val images of the forgotten kind (each point's own target)
+  sweep (before)  with --before-grid '{...}': the same sweep with that grid, right after it
 
 Every model is scored on the forget set, a seeded --eval-remain subset of the remain set and the
 test split. Timings are only meaningful alone on the machine:
@@ -52,7 +53,8 @@ def holdout(train, fraction: float, seed: int):
     return (train[0][t], train[1][t]), (train[0][v], train[1][v])
 
 
-def run_case(spec: str, args) -> dict:
+def prepare_case(spec: str, args) -> dict:
+    """The case's splits and its original model: what the recipe, the sweep and the retrain start from."""
     name, arch, what = spec.split(":")
     full, test, classes, epochs = load(name, args)
     train, val = holdout(full, 0.1, args.seed)
@@ -62,6 +64,17 @@ def run_case(spec: str, args) -> dict:
     fv, rv = forget.split(val[0], val[1], vmask)
     mean, std = data.channel_stats(train[0])
     original, _ = timed_train(arch, train, epochs, classes, mean, std, args, "original")
+    # The sweep's validation: a whole class chooses on its val images and the others'; anything
+    # else on each point's own accuracy on the val images of the forgotten kind.
+    sweep_kw = dict(val=(fv, rv)) if what == "class" else dict(val=(f, rv), heldout=fv)
+    return dict(arch=arch, what=what, test=test, classes=classes, epochs=epochs, train=train, f=f, r=r,
+                mean=mean, std=std, original=original, sweep_kw=sweep_kw)
+
+
+def run_case(spec: str, args) -> dict:
+    c = prepare_case(spec, args)
+    arch, test, classes, epochs, train = c["arch"], c["test"], c["classes"], c["epochs"], c["train"]
+    f, r, mean, std, original = c["f"], c["r"], c["mean"], c["std"], c["original"]
     retrain_s = []
     for _ in range(args.reps):
         retrain, secs = timed_train(arch, r, epochs, classes, mean, std, args, "retrain")
@@ -78,12 +91,13 @@ def run_case(spec: str, args) -> dict:
         model = model or res.model
     rows["recipe"] = dict(scores(model, sets, mean, std), seconds=recipe_s)
     if not args.no_sweep:
-        kw = dict(val=(fv, rv)) if what == "class" else dict(val=(f, rv), heldout=fv)
-        t0 = time.perf_counter()
-        sw = fu.sweep(original, f, r, base=fu.UnlearnConfig(precision="fp32", seed=args.seed), mean=mean, std=std,
-                      **kw)
-        rows["sweep"] = dict(scores(sw.model, sets, mean, std), seconds=[time.perf_counter() - t0],
-                             chosen=sw.chosen.settings, spent=sw.spent)
+        grids = [("sweep", None)] + ([("sweep (before)", json.loads(args.before_grid))] if args.before_grid else [])
+        for label, grid in grids:  # the default first: any warm-up helps the other grid, not it
+            t0 = time.perf_counter()
+            sw = fu.sweep(original, f, r, base=fu.UnlearnConfig(precision="fp32", seed=args.seed), mean=mean,
+                          std=std, grid=grid, **c["sweep_kw"])
+            rows[label] = dict(scores(sw.model, sets, mean, std), seconds=[time.perf_counter() - t0],
+                               chosen=sw.chosen.settings, spent=sw.spent)
     for row in rows.values():
         row["x_retrain"] = statistics.median(row["seconds"]) / t_rt
         row["gap"] = statistics.fmean(abs(row[m] - rows["retrain"][m]) for m in ("forget", "remain", "test")) * 100
@@ -114,6 +128,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--before-grid", default=None,
+                   help="JSON grid of a second sweep timed in the same process (e.g. a previous default)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -241,3 +241,64 @@ def test_sweep_result_save_writes_the_chosen_model_and_the_grid(gen, tmp_path):
     assert record["forget"]["count"] == int(f.sum())
     assert record["output"]["sha256"] == manifest.sha256_file(path)
     assert {k: v for k, v in record.items() if k != "output"} == meta["provenance"]
+
+
+class _Marker(torch.nn.Module):
+    """A stand-in model that only says which run and epoch count it is."""
+
+    def __init__(self, run, epochs):
+        super().__init__()
+        self.run, self.epochs = run, epochs
+
+
+@pytest.mark.parametrize("peak", [1, 2, 4])
+def test_halving_sweep_chooses_the_full_sweeps_point_on_a_constructed_case(gen, monkeypatch, peak):
+    # Every fine-tune is replaced by a table of scores (forget, remain) per (run, epochs): the
+    # runs keep their order at every epoch count, and each run's remain accuracy peaks at
+    # ``peak`` epochs. The halving sweep must choose the point the full sweep does, for less work.
+    from fastunlearn.eval import staged
+    from fastunlearn.eval import sweep as sweep_mod
+
+    quality = {0: 0.70, 1: 0.90, 2: 0.80, 3: 0.60}  # run 1 is the best at every epoch count
+    table = {(i, e): (0.0, q - 0.05 * abs(e - peak)) for i, q in quality.items() for e in (1, 2, 4)}
+    advanced = []
+
+    def advance(self, i, epochs):
+        advanced.append((i, epochs))
+        return _Marker(i, epochs), 0.0
+
+    def scores(self, model):
+        forget_acc, remain_acc = table[(model.run, model.epochs)]
+        return forget_acc, remain_acc, None, False
+
+    monkeypatch.setattr(staged.StagedRuns, "advance", advance)
+    monkeypatch.setattr(sweep_mod._Inputs, "scores", scores)
+    model, x, y = tiny(gen, n=40)
+    f = y == 0
+    grid = {"relabel": ["nearest_incorrect", "soft_incorrect"], "remain_reg": [3.0, 10.0],
+            "remain_target": ["labels"], "epochs": [1, 2, 4]}
+    kw = dict(grid=grid, base=fu.UnlearnConfig(batch_size=16, backend="torch"))
+    full = fu.sweep(model, (x[f], y[f]), (x[~f], y[~f]), keep=1.0, **kw)
+    assert len(advanced) == 4 * 3 and full.spent["fine_tune_epochs"] == 4 * 4
+    advanced.clear()
+    res = fu.sweep(model, (x[f], y[f]), (x[~f], y[~f]), **kw)
+    assert res.chosen.settings == full.chosen.settings
+    # Runs in grid order: (nearest_incorrect, 3), (nearest_incorrect, 10), (soft_incorrect, 3), ...
+    assert (res.chosen.settings["relabel"], res.chosen.settings["remain_reg"]) == ("nearest_incorrect", 10.0)
+    assert res.chosen.settings["epochs"] == peak
+    assert [e for i, e in advanced if i != 1] == [1, 1, 1], "only the best run goes past epoch 1"
+    assert [e for i, e in advanced if i == 1] == [1, 2, 4]
+    assert res.spent["fine_tune_epochs"] == 4 + 1 + 2 < full.spent["fine_tune_epochs"]
+
+
+def test_default_sweep_runs_two_fine_tunes_and_continues_one(gen):
+    model, x, y = tiny(gen, n=48)
+    f = y == 0
+    res = fu.sweep(model, (x[f], y[f]), (x[~f], y[~f]), base=fu.UnlearnConfig(batch_size=16, backend="torch"),
+                   mean=[0.5], std=[0.25])
+    # soft_incorrect x remain_reg 3 / 10 on the true labels, BatchNorm frozen; epochs 1, 2, 4 by
+    # successive halving: both runs to epoch 1, the better one on to 2 and 4.
+    assert res.spent["runs"] == 2 and res.spent["runs_per_rung"] == [2, 1, 1]
+    assert res.spent["fine_tune_epochs"] == 2 + 1 + 2 and len(res.points) == 4
+    assert {(p.settings["relabel"], p.settings["remain_target"]) for p in res.points} == {("soft_incorrect", "labels")}
+    assert res.searches == 1

@@ -104,9 +104,9 @@ class StagedRuns:
                        max_steps=epochs * per_epoch,
                        resume=os.path.join(folder, "checkpoint.pt") if reached else None)
         except DivergedError:  # the fine-tune stopped at a non-finite loss or weight
-            self.diverged[i] = (strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(),
-                                seconds + time.perf_counter() - t0)
+            self.diverged[i] = (strip_frozen_batchnorm(engine.model).eval(), seconds + time.perf_counter() - t0)
             return self.diverged[i]
         seconds += time.perf_counter() - t0
         self.state[i] = (folder, epochs, seconds)
-        return strip_frozen_batchnorm(copy.deepcopy(engine.model)).eval(), seconds
+        # The engine is this call's own and its model a copy of the original: handed out as it is.
+        return strip_frozen_batchnorm(engine.model).eval(), seconds
