@@ -220,9 +220,10 @@ def main(argv=None):
         warm_p50 = 1e3 * statistics.median(times)
 
     dname = device_name(dev)
-    fused_bn = batch_norm_fusion_on(dev, res.step_mode == "compiled", cfg)
+    fused_bn = batch_norm_fusion_on(dev, res.step_mode == "compiled", cfg) and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     precision_names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    ours_precision = precision_names[resolve_precision(cfg.precision, dev)]
+    ours_precision = precision_names[resolve_precision(cfg.precision, dev, model, tuple(forget[0].shape[1:]))]
     rows = [dict(provider="original", **m_orig),
             dict(provider="authors' loop (rewrite)", seconds=t_auth, ratio=1.0, **m_auth),
             *([dict(provider=f"  same, PIL per sample, {args.authors_workers} workers", seconds=t_pil,

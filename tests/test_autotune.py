@@ -155,8 +155,8 @@ def test_measure_stays_within_a_small_budget(gen, one_thread):
     cpu = torch.device("cpu")
     chosen, trials, spent = autotune.measure(trainable, frozen, x, y, cfg, None, torch.tensor(MEAN),
                                              torch.tensor(STD), cpu, None, cap_s=1e-9)
-    search0 = autotune.search_candidates(cfg, cpu)[0]
-    train0 = autotune.train_candidates(trainable, cfg, None, cpu)[0]
+    search0 = autotune.search_candidates(cfg, cpu, frozen, tuple(x.shape[1:]))[0]
+    train0 = autotune.train_candidates(trainable, cfg, None, cpu, tuple(x.shape[1:]))[0]
     assert [(t.part, t.settings) for t in trials if t.seconds is not None] == [("search", search0), ("train", train0)]
     assert len(trials) > 2  # there were candidates left out
     assert chosen == replace(train0, search_precision=search0.search_precision, search_chunk=search0.search_chunk)

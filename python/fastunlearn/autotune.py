@@ -99,11 +99,13 @@ def _name(dtype: Optional[torch.dtype]) -> str:
     return "fp32" if dtype is None else "bf16"
 
 
-def _precisions(config: UnlearnConfig, device: torch.device) -> list:
-    """The precision "auto" resolves to first, then the other where it may be faster: bf16
-    on GPUs and on CPUs with AMX or AVX512-BF16 (an emulated bf16 is several times slower,
-    not worth a measurement). An explicit precision is the only candidate."""
-    default = _name(resolve_precision(config.precision, device))
+def _precisions(config: UnlearnConfig, device: torch.device, model: Optional[nn.Module] = None,
+                sample_shape: Optional[tuple] = None) -> list:
+    """The precision "auto" resolves to (for ``model`` on inputs of ``sample_shape``) first,
+    then the other where it may be faster: bf16 on GPUs and on CPUs with AMX or AVX512-BF16
+    (an emulated bf16 is several times slower, not worth a measurement). An explicit precision
+    is the only candidate."""
+    default = _name(resolve_precision(config.precision, device, model, sample_shape))
     if config.precision != "auto":
         return [default]
     if device.type == "cuda" or cpu_has_native_bf16() or torch.cpu._is_avx512_bf16_supported():
@@ -120,23 +122,24 @@ def _by_distance(candidates: list, default: tuple, fields: tuple) -> list:
     return sorted(candidates, key=key)
 
 
-def search_candidates(config: UnlearnConfig, device: torch.device) -> list:
+def search_candidates(config: UnlearnConfig, device: torch.device, model: Optional[nn.Module] = None,
+                      sample_shape: Optional[tuple] = None) -> list:
     """The plain default first (the precision "auto" gives, the engine's own chunk size)."""
-    precisions = _precisions(config, device)
+    precisions = _precisions(config, device, model, sample_shape)
     chunks = CPU_CHUNKS if device.type == "cpu" and config.search_batch_size is None else (0,)
     out = [tuning.Settings(search_precision=p, search_chunk=c) for p in precisions for c in chunks]
     return _by_distance(out, (precisions[0], chunks[0]), ("search_precision", "search_chunk"))
 
 
 def train_candidates(model: nn.Module, config: UnlearnConfig, channels_last: Optional[bool],
-                     device: torch.device) -> list:
+                     device: torch.device, sample_shape: Optional[tuple] = None) -> list:
     """The plain default first (the engine's own precision, fusion and layout)."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     fusable = batch_norm_fusion_on(device, False, config.replace(fuse_batch_norm=True))
     default_fused = batch_norm_fusion_on(device, False, config)
     fusions = [default_fused, not default_fused] if config.fuse_batch_norm == "auto" and has_bn and fusable else [
         default_fused]
-    precisions = _precisions(config, device)
+    precisions = _precisions(config, device, model, sample_shape)
     out, default = [], None
     for p in precisions:
         for fused in fusions:
@@ -259,8 +262,9 @@ def measure(model, frozen, x, y, config, channels_last, mean, std, device, job: 
     xs, ys = x[:SEARCH_PROBE], y[:SEARCH_PROBE]
     measures = {"search": _search_measure(frozen, xs, ys, config, mean, std, device),
                 "train": _train_measure(model, frozen, x, config, mean, std, device)}
-    queues = {"search": search_candidates(config, device),
-              "train": train_candidates(model, config, channels_last, device)}
+    shape = tuple(x.shape[1:])
+    queues = {"search": search_candidates(config, device, frozen, shape),
+              "train": train_candidates(model, config, channels_last, device, shape)}
     spent = tuning.Spent()
     first = tuning.run_trials([(part, q[0]) for part, q in queues.items()], lambda p, c: measures[p](c), math.inf,
                               spent)
@@ -286,8 +290,8 @@ def plan(model: nn.Module, frozen: nn.Module, config: UnlearnConfig, channels_la
         return Plan(config, config, channels_last, "off (FASTUNLEARN_TUNE=0)")
     if world()[1] > 1:  # each rank would measure for itself, and might choose differently
         return Plan(config, config, channels_last, "off (several processes)")
-    n_search = len(search_candidates(config, device))
-    n_train = len(train_candidates(model, config, channels_last, device))
+    n_search = len(search_candidates(config, device, frozen, tuple(x.shape[1:])))
+    n_train = len(train_candidates(model, config, channels_last, device, tuple(x.shape[1:])))
     if n_search * n_train <= 1:
         return Plan(config, config, channels_last, "explicit")
     key = key_for(model, x, config, device)

@@ -66,8 +66,11 @@ class UnlearnConfig:
                    relies on.
     search_batch_size   samples per search chunk; None sizes it from free memory.
     seed           seeds the noise and the batch order.
-    precision      auto | fp32 | bf16 | fp16. auto is bf16 on GPUs and on CPUs with AMX, else
-                   fp32 (AVX512-BF16 alone runs bf16 convolutions slower than fp32). bf16 is
+    precision      auto | fp32 | bf16 | fp16. auto is bf16 on GPUs, and on CPUs with AMX for
+                   models whose multiply-adds are mostly in convolutions
+                   (precision.CPU_BF16_MIN_CONV_SHARE), else fp32 (AVX512-BF16 alone runs
+                   bf16 convolutions slower than fp32; a ViT's Linear layers at small widths
+                   run slower in bf16 on CPU). bf16 is
                    autocast: weights, gradients and the optimizer stay fp32; the search's
                    unsure samples are redone in fp32. Under auto, a small search on a GPU
                    (samples x refreshes x input values x parameters below

@@ -108,14 +108,14 @@ class Unlearner:
         """The session's trainable model (the last revision's weights until the next one)."""
         return self.engine.model if self.engine is not None else self._trainable
 
-    def _ensure_engine(self):
+    def _ensure_engine(self, sample_shape: tuple):
         if self.engine is None:
             if not any(True for _ in self._trainable.parameters()):
                 raise ValueError("the model has no parameters to fine-tune")
             t0 = time.perf_counter()
             self.engine = FinetuneEngine(self._trainable, self.plan.train_config, mean=self.mean, std=self.std,
                                          device=self.device, teacher=self.frozen, channels_last=self.plan.channels_last,
-                                         compile_mode=self._compile_mode)
+                                         compile_mode=self._compile_mode, sample_shape=sample_shape)
             self.setup_seconds += time.perf_counter() - t0
         return self.engine
 
@@ -232,4 +232,4 @@ class Unlearner:
             with phase("tune"):
                 self.plan = autotune.plan(self._trainable, self.frozen, cfg, self._cl, *pairs["forget"], self.mean,
                                           self.std, self.device, refreshes_for(cfg))
-        return pairs, self._ensure_engine()
+        return pairs, self._ensure_engine(tuple(pairs["forget"][0].shape[1:]))

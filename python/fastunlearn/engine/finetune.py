@@ -114,11 +114,12 @@ class FinetuneEngine:
 
     def __init__(self, model: nn.Module, config: UnlearnConfig, *, mean=None, std=None, device=None,
                  teacher: Optional[nn.Module] = None, channels_last: Optional[bool] = None,
-                 compile_mode: Optional[str] = None):
+                 compile_mode: Optional[str] = None, sample_shape: Optional[tuple] = None):
         self.device = resolve_device(model, device)
         self.config = config
         # compat="authors": fp32 throughout, as the published loop.
-        self.autocast = None if config.compat == "authors" else resolve_precision(config.precision, self.device)
+        self.autocast = None if config.compat == "authors" else resolve_precision(config.precision, self.device,
+                                                                                  model, sample_shape)
         self.rank, self.world = distributed.world()
         self.compiled = resolve_compile(config.compile)
         if self.world > 1 and self.compiled:
@@ -408,6 +409,7 @@ def finetune(model: nn.Module, forget_x: torch.Tensor, search: SearchResult, con
     A one-shot FinetuneEngine; keep an engine (or a fastunlearn.Unlearner) to reuse the
     compiled step across runs.
     """
-    engine = FinetuneEngine(model, config, mean=mean, std=std, device=device, teacher=teacher)
+    engine = FinetuneEngine(model, config, mean=mean, std=std, device=device, teacher=teacher,
+                            sample_shape=tuple(forget_x.shape[1:]))
     history = engine.run(forget_x, search, remain, progress=progress, probe=probe, **run_kw)
     return engine.model, history

@@ -158,18 +158,18 @@ def run_search(model: nn.Module, x, y: Optional[torch.Tensor], config: UnlearnCo
 
 def _run_search(model, x, y, config, *, mean, std, device, refreshes, progress, frozen, index_base, n_total):
     frozen = frozen if frozen is not None else frozen_copy(model, device)
-    if config.search_compile:
-        frozen = compiled(frozen)
     src = x if isinstance(x, ImageSource) else ImageSource(x, y)
     n = len(src)
     first_chunk = src.rows(0, min(n, 8))[0]
+    autocast = resolve_precision(config.precision, device, frozen, first_chunk.shape[1:])
+    if config.search_compile:
+        frozen = compiled(frozen)
     channels = first_chunk.shape[1]
     per_sample = first_chunk[0].numel()
     norm = Normalizer(mean, std, channels, device)
     if config.compat == "authors":
         # Searched in their attack space, normalised with their constants, in fp32.
         norm = compat.attack_normalizer(channels, device), norm
-    autocast = resolve_precision(config.precision, device)
     exact = contextlib.nullcontext()
     small = small_search_in_fp32(config.precision, device, refreshes * (n_total or n), per_sample,
                                  sum(p.numel() for p in frozen.parameters()))

@@ -54,7 +54,7 @@ def train_classifier(model: torch.nn.Module, train, epochs: int, lr: float = 0.0
     if epochs == 0:
         return net.eval()
 
-    autocast = resolve_precision(precision, dev)
+    autocast = resolve_precision(precision, dev, net, tuple(x.shape[1:]))
     fuse = batch_norm_fusion_on(dev, False, UnlearnConfig())  # the fine-tune's default rule
     channels_last = default_channels_last(net, dev, autocast, fused_batch_norm=fuse)
     if channels_last:

@@ -94,7 +94,8 @@ class StagedRuns:
         # waiting for the next rung hold no model or optimiser in memory.
         trainable = copy.deepcopy(self.model).to(self.dev)
         trainable.requires_grad_(True)
-        engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev, teacher=self.frozen)
+        engine = FinetuneEngine(trainable, cfg, mean=self.mean, std=self.std, device=self.dev, teacher=self.frozen,
+                                sample_shape=tuple(self.fx.shape[1:]))
         per_epoch = -(-self.fx.shape[0] // cfg.batch_size)
         try:
             engine.run(self.fx, search, self.remain, progress=self.progress, checkpoint_dir=folder,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Optional
 
 import torch
+import torch.nn as nn
 
 
 def cpu_has_native_bf16() -> bool:
@@ -23,13 +25,78 @@ def cpu_has_native_bf16() -> bool:
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for fp32. auto: bf16 on CUDA, and on CPUs with native bf16."""
+def resolve_precision(precision: str, device: torch.device, model: Optional[nn.Module] = None,
+                      sample_shape: Optional[tuple] = None) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32. auto: bf16 on CUDA, and on CPUs with native bf16
+    for models whose multiply-adds are mostly in convolutions (``cpu_bf16_pays``; given
+    ``model`` and the shape of one input sample, else assumed)."""
     if precision == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16() and cpu_bf16_pays(model, sample_shape):
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# On a CPU, bf16 autocast pays where oneDNN runs the convolutions on the AMX tiles. Where most
+# multiply-adds are in Linear layers between LayerNorms, GELUs and attention (a small ViT),
+# the casts around those fp32 ops cost more than the matrix units save (bench/RESULTS.md, "the
+# ViT by precision"). Below this share of convolution multiply-adds "auto" stays in fp32 on
+# CPU; tuning, where a job pays for it, measures both.
+CPU_BF16_MIN_CONV_SHARE = 0.5
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def cpu_bf16_pays(model: Optional[nn.Module], sample_shape: Optional[tuple]) -> bool:
+    """Whether convolutions hold at least CPU_BF16_MIN_CONV_SHARE of ``model``'s multiply-adds
+    on one input of ``sample_shape``; True when either is unknown or the count fails."""
+    if model is None or sample_shape is None:
+        return True
+    shape = tuple(sample_shape)
+    known = _CONV_SHARES.setdefault(model, {})
+    if shape not in known:  # a session's revisions ask again for the same model
+        known[shape] = conv_share(model, shape)
+    share = known[shape]
+    return share is None or share >= CPU_BF16_MIN_CONV_SHARE
+
+
+_CONV_SHARES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def conv_share(model: nn.Module, sample_shape: tuple) -> Optional[float]:
+    """The share of convolution multiply-adds among those of the model's convolution and
+    Linear modules, from one forward of a zero input in eval mode without autograd (no
+    random numbers drawn, no state changed; the modules' modes are put back). None when the
+    forward fails (the run itself reports the model's errors) or counts nothing."""
+    counts = {"conv": 0, "linear": 0}
+
+    def count(module, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            if isinstance(module, _CONV):
+                counts["conv"] += out.numel() * module.weight[0].numel()
+            else:
+                counts["linear"] += out.numel() * module.in_features
+
+    hooked = [m for m in model.modules() if isinstance(m, (*_CONV, nn.Linear))]
+    if not hooked:
+        return None
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_hook(count) for m in hooked]
+    param = next(model.parameters(), None)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *sample_shape), dtype=param.dtype, device=param.device))
+    except Exception:  # noqa: BLE001 - a count, not the run: the run reports the model's errors
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    total = counts["conv"] + counts["linear"]
+    return counts["conv"] / total if total else None
 
 
 # Under precision="auto" on a GPU, a search with less work than this runs in full fp32. It is
