@@ -7,6 +7,8 @@ the population framing (non-members = every test image) and in the same-class fr
 quantities behind them:
   H forget / H test   mean softmax entropy (nats) on the forget images / on the test images of
                       the other classes (the entropy attack compares these)
+  another retrain     reference 0 (a retrain of another seed) judged against the retrain and the
+                      other references: how far two retrains lie apart on every figure
   phi forget          mean logit-scaled confidence of class 0 on the forget images, and the
                       references' mean on them (the U-LiRA-style z is their difference over the
                       pooled reference std)
@@ -136,8 +138,12 @@ def main(argv=None):
     print(f"device: {device_name(torch.device('cpu'))}; {versions()}; commit {commit()}; seed {args.seed}", flush=True)
     rows = [measure("original", original, f, r, test, refs, mean, std),
             measure("retrain", retrain, f, r, test, refs, mean, std)]
+    if len(refs) > 1:
+        # The noise floor: reference 0 is another retrain (another seed); its references are the
+        # retrain and the other references, so it is judged like every other model, against K others.
+        rows.append(measure("another retrain", refs[0], f, r, test, [retrain, *refs[1:]], mean, std))
     print(table(rows), flush=True)
-    for name in args.configs.split(","):
+    for name in filter(None, args.configs.split(",")):
         base = name[:-len(HEAD_FT)] if name.endswith(HEAD_FT) else name
         fields = dict(CONFIGS[base](), seed=args.seed)
         t0 = time.perf_counter()
