@@ -52,6 +52,7 @@ CONFIGS = {
     "bench/4ep": lambda: dict(UNLEARN, epochs=4),
     "bench/8ep": lambda: dict(UNLEARN, epochs=8),
     "bench/16ep": lambda: dict(UNLEARN, epochs=16),
+    "bench/lr2e-3": lambda: dict(UNLEARN, lr=2e-3),
     "bench/lr3e-3": lambda: dict(UNLEARN, lr=3e-3),
     "bench/lr1e-2": lambda: dict(UNLEARN, lr=1e-2),
     "bench/soft": lambda: dict(UNLEARN, relabel="soft"),
