@@ -102,6 +102,22 @@ def test_ulira_test_separates_shifted_members(gen):
         A.ulira_test(member_like, unseen, ref_m, ref_n[:2])
 
 
+def test_ulira_z_by_hand():
+    # K = 2 references; per-sample means 1, 4 (members) and 2 (non-member); per-sample variances
+    # (ddof 1) 2, 8 and 2, pooled 4.
+    ref_m, ref_n = np.array([[0.0, 2.0], [2.0, 6.0]]), np.array([[1.0], [3.0]])
+    phi_m, phi_n = np.array([3.0, 4.0]), np.array([0.0])
+    out, z_m, z_n = A.ulira_test(phi_m, phi_n, ref_m, ref_n, alpha=0.2)
+    np.testing.assert_allclose(z_m, [1.0, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(z_n, [-1.0], rtol=1e-12)
+    # One-sided p-values 1 - Phi(z): 0.159 and 0.5 for the members, 0.84 for the non-member.
+    assert out["fixed_variance"] is True and out["members_rejected"] == 0.5 and out["nonmembers_rejected"] == 0.0
+    assert out["auc"] == 1.0
+    _, z_m, z_n = A.ulira_test(phi_m, phi_n, ref_m, ref_n, fixed_variance=False)
+    np.testing.assert_allclose(z_m, [2 / np.sqrt(2), 0.0], rtol=1e-12)
+    np.testing.assert_allclose(z_n, [-2 / np.sqrt(2)], rtol=1e-12)
+
+
 def _mlp():
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 

@@ -326,6 +326,11 @@ def attack_suite(model, forget, test, reference_models=None, *, remain=None, tra
     U-LiRA-style test and the per-example z. train_references_k > 0 trains that many on
     ``remain`` instead (train_references, small data only; reference_settings go to it).
     match_classes: compare against test samples of the forget set's classes (see _nonmembers).
+    This is the U-LiRA game (forgotten samples against unseen samples of the same distribution).
+    With match_classes=False on a forgotten class, the non-members are mostly other classes,
+    so the U-LiRA-style AUC asks whether the class's own output is as low as the references',
+    a test of the class rather than of its samples; two retrains can differ widely on it when
+    the references are few.
     """
     fx, fy = as_tensors(forget, "forget")
     tx, ty = as_tensors(test, "test")
