@@ -76,3 +76,33 @@ def test_a_model_that_cannot_run_the_count_keeps_the_cpu_rule(monkeypatch):
     monkeypatch.setenv("FASTUNLEARN_CPU_BF16", "1")
     assert precision.conv_share(Picky(), (1, 2, 2)) is None
     assert precision.resolve_precision("auto", CPU, Picky(), (1, 2, 2)) is torch.bfloat16
+
+
+def test_a_onednn_isa_cap_below_amx_turns_native_bf16_off(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AMX keeps oneDNN off the matrix units, so an AMX CPU then
+    behaves as one without: "auto" must not pick bf16, and the tuning cache must not share
+    its entry with the uncapped run."""
+    from fastunlearn.runtime import tuning
+
+    monkeypatch.delenv("FASTUNLEARN_CPU_BF16", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    cases = {None: True, "ALL": True, "avx512_core_amx": True, "AVX512_CORE_AMX_FP16": True,
+             "AVX512_CORE_BF16": False, "avx2": False, " AVX512_CORE ": False}
+    described = {}
+    for cap, want in cases.items():
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert precision.cpu_has_native_bf16() is want, cap
+        assert (precision.resolve_precision("auto", CPU, conv_net(), (3, 10, 10)) is torch.bfloat16) is want, cap
+        described[cap] = tuning.device_description(CPU)
+    assert described[None] == described["ALL"] != described["AVX512_CORE_BF16"]
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert precision.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "ALL")
+    assert precision.cpu_has_native_bf16() is False

@@ -11,18 +11,31 @@ import torch
 import torch.nn as nn
 
 
+def onednn_may_use_amx() -> bool:
+    """False when ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) caps oneDNN's
+    instruction set below AMX: oneDNN then runs bf16 convolutions on the vector units even
+    on a CPU that has AMX tiles."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
+
+
+def cpu_amx_usable() -> bool:
+    """The CPU has AMX tiles and oneDNN may use them."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()) and onednn_may_use_amx()
+
+
 def cpu_has_native_bf16() -> bool:
-    """AMX tiles: oneDNN then runs bf16 convolutions on the matrix units, faster than fp32.
-    AVX512-BF16 alone does not count: it only adds bf16 dot products to the vector units,
-    and there bf16 convolutions measured slower than fp32 (bench/RESULTS.md has the
-    figures). FASTUNLEARN_CPU_BF16=0 or 1 overrides the detection (for precision="auto"
-    only)."""
+    """AMX tiles that oneDNN may use: it then runs bf16 convolutions on the matrix units,
+    faster than fp32. AVX512-BF16 alone does not count: it only adds bf16 dot products to
+    the vector units, and there bf16 convolutions measured slower than fp32 (bench/RESULTS.md
+    has the figures). FASTUNLEARN_CPU_BF16=0 or 1 overrides the detection (for
+    precision="auto" only)."""
     forced = os.environ.get("FASTUNLEARN_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
     if not torch.backends.mkldnn.is_available():
         return False
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return cpu_amx_usable()
 
 
 def resolve_precision(precision: str, device: torch.device, model: Optional[nn.Module] = None,

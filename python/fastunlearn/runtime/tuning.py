@@ -35,6 +35,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from fastunlearn.runtime.precision import cpu_amx_usable
+
 TUNE_ENV = "FASTUNLEARN_TUNE"
 CACHE_ENV = "FASTUNLEARN_TUNE_CACHE"
 # Bumped when Settings or the measuring changes meaning: older files are then not read.
@@ -137,7 +139,7 @@ def device_description(device: torch.device) -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    amx = cpu_amx_usable()
     bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
     return f"{device.type}:{model};amx={amx};avx512_bf16={bf16};threads={torch.get_num_threads()}"
 
