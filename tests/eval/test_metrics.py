@@ -269,5 +269,6 @@ def test_mia_lr_published_is_the_published_attack(gen, n_forget, n_test):
     ours = metrics.mia_lr_published(torch.from_numpy(f), torch.from_numpy(t))
     assert ours == _published_mia(f, t)
     assert 0.6 < ours < 0.95  # a score that depends on the draw, not a constant
-    # The default (numpy draw, test size 0.2, seed 0) is another estimate of the same attack.
-    assert metrics.mia_lr(f, t) != ours
+    # The default (numpy draw, test size 0.2, seed 0) is another estimate of the same attack:
+    # other folds and subsample, so close to it but not bound to equal it.
+    assert abs(metrics.mia_lr(f, t) - ours) < 0.12
