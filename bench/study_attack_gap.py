@@ -20,6 +20,7 @@ quantities behind them:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attacks import UNLEARN, trained  # noqa: E402
 from common import commit, device_name, versions  # noqa: E402
+from head_steps import head_step  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn.cli.common import subset  # noqa: E402
@@ -38,6 +40,7 @@ from fastunlearn.data import forget  # noqa: E402
 from fastunlearn.data import io as data  # noqa: E402
 from fastunlearn.eval.attacks import attack_suite, logit_confidence  # noqa: E402
 from fastunlearn.eval.metrics import accuracy, predict_logits  # noqa: E402
+from fastunlearn.eval.representation import representation_checks  # noqa: E402
 
 N_FORGET = None  # filled in main: the recipe's epochs depend on the forget set's size
 
@@ -68,9 +71,9 @@ CONFIGS = {
     "bench/distill/lr3e-3": lambda: dict(UNLEARN, remain_target="distill", lr=3e-3),
     "bench/distill/8ep": lambda: dict(UNLEARN, remain_target="distill", epochs=8),
 }
-# A name ending in HEAD_FT: that setting, then the head fine-tuned 1 epoch on the remain set (lr 1e-2,
-# backbone frozen), bench_attacks.py's "unlearned + head fine-tune".
-HEAD_FT = "+hft"
+# A name "setting+step": that setting, then a post-step on the head (head_steps.py; "+hft" is the head
+# fine-tuned 1 epoch on the remain set, lr 1e-2, backbone frozen: bench_attacks.py's "unlearned + head
+# fine-tune"). The unlearning run of a setting is shared by all its post-steps.
 SHOWN = ("loss/threshold", "confidence/threshold", "entropy/threshold", "modified_entropy/threshold", "all/logistic")
 
 
@@ -98,11 +101,42 @@ def measure(name, model, f, r, test, refs, mean, std) -> dict:
     return row
 
 
+def representation(row, model, test, original, retrain, mean, std):
+    rep = representation_checks(model, test, [0], original=original, retrain=retrain, mean=mean, std=std)
+    row.update({"probe": rep["probe"]["accuracy"], "probe retrain": rep["probe_retrain"]["accuracy"],
+                "head only": str(rep["head_only_forgetting"])})
+    return row
+
+
+def run_settings(names, original, f, r, test, refs, mean, std, seed, retrain):
+    """One row per name: the unlearning run (once per setting), then its post-step, if any."""
+    unlearned, rows = {}, []
+    for name in names:
+        base, _, step = name.partition("+")
+        if base not in unlearned:
+            t0 = time.perf_counter()
+            fields = dict(CONFIGS[base](), seed=seed)
+            res = fu.unlearn(original, f, r, config=fu.UnlearnConfig(**fields), mean=mean, std=std, progress=False)
+            unlearned[base] = (res.model, time.perf_counter() - t0)
+        model, t_unlearn = unlearned[base]
+        t0 = time.perf_counter()
+        if step:
+            model = head_step(step, model, f, r, mean, std, seed)
+        t_step = time.perf_counter() - t0
+        row = measure(name, model, f, r, test, refs, mean, std)
+        row = representation(row, model, test, original, retrain, mean, std)
+        row.update({"unlearn s": t_unlearn, "step s": t_step})
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
 def table(rows) -> str:
     cols = list(rows[0])
     out = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     for r in rows:
-        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        out.append("| " + " | ".join("-" if r.get(c) is None else f"{r[c]:.3f}" if isinstance(r[c], float)
+                                     else str(r[c]) for c in cols) + " |")
     return "\n".join(out)
 
 
@@ -120,6 +154,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
@@ -143,20 +178,18 @@ def main(argv=None):
         # The noise floor: reference 0 is another retrain (another seed); its references are the
         # retrain and the other references, so it is judged like every other model, against K others.
         rows.append(measure("another retrain", refs[0], f, r, test, [retrain, *refs[1:]], mean, std))
+    names = list(filter(None, args.configs.split(",")))
+    rows = [representation(row, m, test, original, retrain, mean, std)
+            for row, m in zip(rows, [original, retrain, refs[0]][:len(rows)])]
     print(table(rows), flush=True)
-    for name in filter(None, args.configs.split(",")):
-        base = name[:-len(HEAD_FT)] if name.endswith(HEAD_FT) else name
-        fields = dict(CONFIGS[base](), seed=args.seed)
-        t0 = time.perf_counter()
-        res = fu.unlearn(original, f, r, config=fu.UnlearnConfig(**fields), mean=mean, std=std, progress=False)
-        model = res.model
-        if base != name:
-            model = fu.compose(model, model, remain=r, finetune="head", epochs=1, lr=1e-2, mean=mean, std=std,
-                               seed=args.seed, progress=False)
-        row = measure(name, model, f, r, test, refs, mean, std)
-        rows.append(row)
-        print(table([row]).splitlines()[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = [dict(row, **{"unlearn s": None, "step s": None}) for row in rows]
+    rows += run_settings(names, original, f, r, test, refs, mean, std, args.seed, retrain)
+    attacks = [k.split("/")[0] for k in SHOWN]
+    rows = [dict(row, **{"max gap": max(abs(row[a] - rows[1][a]) for a in attacks)}) for row in rows]
     print(table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"seed": args.seed, "commit": commit(), "versions": versions(), "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
