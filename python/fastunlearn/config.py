@@ -122,6 +122,12 @@ class UnlearnConfig:
                    workspace setting on CUDA; restored afterwards, see runtime/determinism.py):
                    two runs of the same job give bitwise-equal weights. An op with no
                    deterministic kernel then raises instead of running.
+    head_refit_epochs, head_refit_lr, head_refit_samples   after the fine-tune, re-train the
+                   classifier head alone on the remain set for this many epochs (0: not at all,
+                   the paper's loop) at this SGD learning rate, on at most head_refit_samples
+                   remain images (a seeded subset; None: all). The backbone and its BatchNorm
+                   statistics stay frozen; the head's inputs are computed once and the head is
+                   trained on them (fastunlearn.head_refit). Needs a remain set.
     """
 
     eps: float = 0.1
@@ -159,6 +165,9 @@ class UnlearnConfig:
     recheck_margin: float = 6.0
     loader_workers: Optional[int] = None
     deterministic: bool = False
+    head_refit_epochs: int = 0
+    head_refit_lr: float = 1e-2
+    head_refit_samples: Optional[int] = None
 
     def __post_init__(self):
         def bad(name, expected):
@@ -244,6 +253,14 @@ class UnlearnConfig:
                              f"published loop), got relabel={self.relabel!r}, joint_batch={self.joint_batch}")
         if number("recheck_margin") < 0 or self.recheck_margin == float("inf"):
             bad("recheck_margin", "a finite number >= 0 (0 turns the fp32 recheck off)")
+        if isinstance(self.head_refit_epochs, bool) or not isinstance(self.head_refit_epochs, int) \
+                or self.head_refit_epochs < 0:
+            bad("head_refit_epochs", "an integer >= 0 (0: no head re-fit)")
+        if number("head_refit_lr") <= 0:
+            bad("head_refit_lr", "> 0")
+        if self.head_refit_samples is not None and (isinstance(self.head_refit_samples, bool) or not isinstance(
+                self.head_refit_samples, int) or self.head_refit_samples < 1):
+            bad("head_refit_samples", "None or an integer >= 1")
         if self.loader_workers is not None and (isinstance(self.loader_workers, bool)
                                                 or not isinstance(self.loader_workers, int) or self.loader_workers < 0):
             bad("loader_workers", "None or an integer >= 0")
