@@ -96,7 +96,7 @@ def train_head(head: nn.Module, feats: torch.Tensor, y: torch.Tensor, epochs: in
     return head.eval()
 
 
-def refit_head(model: nn.Module, remain, *, epochs: int = 1, lr: float = 1e-2, batch_size: int = 128,
+def refit_head(model: nn.Module, remain, *, forget=None, epochs: int = 1, lr: float = 1e-2, batch_size: int = 128,
                samples: Optional[int] = None, head_name: Optional[str] = None, mean=None, std=None, device=None,
                seed: int = 0, progress: bool = False) -> nn.Module:
     """A new model: ``model`` with its classifier head re-trained on ``remain`` (x, y), backbone frozen.
@@ -104,7 +104,9 @@ def refit_head(model: nn.Module, remain, *, epochs: int = 1, lr: float = 1e-2, b
     The head's inputs on the remain images are computed once (no gradients, BatchNorm on its
     running statistics) and the head is trained on them for ``epochs`` epochs of SGD (momentum
     0.9, ``lr``, ``batch_size``, batches in a seeded order). samples: at most this many remain
-    images (a seeded subset; None: all). head_name: the head's submodule (default
+    images (a seeded subset; None: all). forget: optional (x, labels) trained on too, every row:
+    the forget images with the labels the unlearning gave them, so that re-fitting the head on
+    the remain classes does not hand the forgotten images back their old class. head_name: the head's submodule (default
     models.head_of). Where the head's output is not the model's output, the head is trained
     through the frozen backbone instead (compose.finetune_on_remain), with the same result
     and a forward pass per epoch. ``model`` is not modified.
@@ -117,33 +119,42 @@ def refit_head(model: nn.Module, remain, *, epochs: int = 1, lr: float = 1e-2, b
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples must be None or an integer >= 1, got {samples!r}")
     rx, ry = validate.pair(remain, "remain")
+    if forget is not None:
+        forget = validate.pair(forget, "forget")
+        if forget[0].shape[1:] != rx.shape[1:]:
+            raise ValueError(f"forget images must have the remain images' shape {tuple(rx.shape[1:])} per sample, "
+                             f"got {tuple(forget[0].shape[1:])}")
     out = copy.deepcopy(model)
     dev = validate.check_devices(out, device, remain=rx)
     out.to(dev)
     mean_t, std_t = validate.mean_std(mean, std, rx.shape[1])
-    return refit_head_(out, rx, ry, epochs=epochs, lr=lr, batch_size=batch_size, samples=samples,
+    return refit_head_(out, rx, ry, forget=forget, epochs=epochs, lr=lr, batch_size=batch_size, samples=samples,
                        head_name=head_name, mean=mean_t, std=std_t, device=dev, seed=seed, progress=progress)
 
 
-def refit_head_(model: nn.Module, rx, ry, *, epochs: int, lr: float, batch_size: int, samples: Optional[int],
-                head_name: Optional[str], mean, std, device, seed: int, progress: bool) -> nn.Module:
+def refit_head_(model: nn.Module, rx, ry, *, forget=None, epochs: int, lr: float, batch_size: int,
+                samples: Optional[int], head_name: Optional[str], mean, std, device, seed: int,
+                progress: bool) -> nn.Module:
     """refit_head on checked inputs, modifying ``model`` (already on ``device``) itself."""
     if epochs == 0:
         return model.eval()
     idx = remain_subset(len(ry), samples, seed)
     if idx is not None:
         rx, ry = rx[idx], ry[idx]
+    parts = [(rx, ry)] + ([forget] if forget is not None else [])
     name = head_name or head_of(model)[0]
     head = model.get_submodule(name)
     norm = Normalizer(mean, std, rx.shape[1], device)
     was = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
-        cached = head_inputs(model, head, rx, norm, device)
-        if cached is None:
-            return finetune_on_remain(model, name, rx, ry, "head", epochs, lr, batch_size, mean, std, device, seed,
+        cached = [head_inputs(model, head, x, norm, device) for x, _ in parts]
+        y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
+        if any(c is None for c in cached):
+            x = torch.cat([x[0:len(x)] for x, _ in parts])
+            return finetune_on_remain(model, name, x, y, "head", epochs, lr, batch_size, mean, std, device, seed,
                                       progress)
-        train_head(head, cached[0], ry, epochs, lr, batch_size, seed, progress)
+        train_head(head, torch.cat([c[0] for c in cached]), y, epochs, lr, batch_size, seed, progress)
     finally:
         for p, g in zip(model.parameters(), was):
             p.requires_grad_(g)

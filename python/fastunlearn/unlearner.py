@@ -204,9 +204,11 @@ class Unlearner:
         t0, t_head = time.perf_counter(), 0.0
         if cfg.head_refit_epochs:
             with phase("head_refit"):
-                model = refit_head_(model, *pairs["remain"], epochs=cfg.head_refit_epochs, lr=cfg.head_refit_lr,
-                                    batch_size=HEAD_REFIT_BATCH, samples=cfg.head_refit_samples, head_name=None,
-                                    mean=self.mean, std=self.std, device=self.device, seed=cfg.seed,
+                # The forget images go in with their last relabels, so the head keeps them forgotten.
+                forget_pair = (fx, search.relabels[-1])
+                model = refit_head_(model, *pairs["remain"], forget=forget_pair, epochs=cfg.head_refit_epochs,
+                                    lr=cfg.head_refit_lr, batch_size=HEAD_REFIT_BATCH, samples=cfg.head_refit_samples,
+                                    head_name=None, mean=self.mean, std=self.std, device=self.device, seed=cfg.seed,
                                     progress=progress)
             t_head = time.perf_counter() - t0
         self.revisions += 1
