@@ -130,7 +130,9 @@ def test_unlearn_runs_the_refit_when_the_config_says_so():
     plain = fu.unlearn(model, forget, remain, config=cfg, progress=False)
     refit = fu.unlearn(model, forget, remain, config=cfg.replace(head_refit_epochs=3, head_refit_lr=0.05,
                                                                  head_refit_samples=100), progress=False)
-    want = refit_head(plain.model, remain, epochs=3, lr=0.05, batch_size=128, samples=100, seed=4)
+    # The forget images go in with the labels of the run's (deterministic, single) search.
+    want = refit_head(plain.model, remain, forget=(forget[0], plain.relabels), epochs=3, lr=0.05, batch_size=128,
+                      samples=100, seed=4)
     for a, b in zip(refit.model.state_dict().values(), want.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     assert not torch.equal(refit.model[5].weight, plain.model[5].weight)
@@ -142,3 +144,22 @@ def test_unlearn_runs_the_refit_when_the_config_says_so():
                        progress=False)
     without = fu.unlearn(model, forget, config=cfg.replace(remain_reg=0.0), progress=False)
     assert not torch.equal(alone.model[5].weight, without.model[5].weight)
+
+
+def test_forget_rows_train_with_their_labels():
+    # forget=(x, labels) is the same as those rows appended to the remain set (after its subset).
+    model = trained_model("sequential")
+    x, y = data(200)
+    fx, fl = data(30, seed=9)
+    idx = remain_subset(200, 80, seed=2)
+    a = refit_head(model, (x, y), forget=(fx, fl), epochs=2, lr=0.05, samples=80, seed=2)
+    b = refit_head(model, (torch.cat([x[idx], fx]), torch.cat([y[idx], fl])), epochs=2, lr=0.05, seed=2)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+    # The fallback path (something after the head) takes the same rows.
+    scaled = trained_model("scaled")
+    c = refit_head(scaled, (x, y), forget=(fx, fl), epochs=1, lr=0.05, seed=2)
+    d = fu.compose(scaled, scaled, remain=(torch.cat([x, fx]), torch.cat([y, fl])), finetune="head", epochs=1,
+                   lr=0.05, batch_size=128, seed=2, progress=False)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(c.parameters(), d.parameters()))
+    with pytest.raises(ValueError, match="forget images"):
+        refit_head(model, (x, y), forget=(torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)))

@@ -128,11 +128,11 @@ class UnlearnConfig:
     head_refit_epochs, head_refit_lr, head_refit_samples   after the fine-tune, re-train the
                    classifier head alone on the remain set for this many epochs (0: not at all,
                    the paper's loop) at this SGD learning rate, on at most head_refit_samples
-                   remain images (a seeded subset; None: all) and on every forget image with its
-                   last relabel (so the head does not give the forgotten images their class
-                   back). The backbone and its BatchNorm statistics stay frozen; the head's
-                   inputs are computed once and the head is trained on them
-                   (fastunlearn.head_refit). Needs a remain set.
+                   remain images (a seeded subset; None: all) and on the forget images of any
+                   class the remain set no longer has, with their last relabels (so the head
+                   does not give a forgotten class back). The backbone and its BatchNorm
+                   statistics stay frozen; the head's inputs are computed once and the head is
+                   trained on them (fastunlearn.head_refit). Needs a remain set.
     """
 
     eps: float = 0.1
@@ -316,7 +316,8 @@ class UnlearnConfig:
                             fewer); without it, RECIPE_EPOCHS[0] + 2;
           head_refit_epochs=RECIPE_HEAD_REFIT_EPOCHS, head_refit_samples=RECIPE_HEAD_REFIT_SAMPLES
                             then the classifier head alone is re-trained on a seeded subset of
-                            the remain set and the relabelled forget set, on features computed
+                            the remain set and the relabelled forget images of whole classes
+                            forgotten (unlearner.gone_classes), on features computed
                             once (fastunlearn.head_refit): the fine-tune leaves the head tilted
                             against the remain classes, and this brings their accuracy back for
                             one forward pass over the subset. Needs the remain set.

@@ -41,6 +41,20 @@ def _tensor_pair(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
 
 
+def gone_classes(fx, fy, search, remain_y):
+    """(images, last relabels) of the forget rows whose class the remain set no longer has, or None.
+
+    The head re-fit trains on them so that it does not hand a forgotten class back (a retrain
+    never predicts it). Rows of a class the remain set still holds (a subgroup, part of a class)
+    stay out: a retrain still gives most of them their true class, not the relabel."""
+    fy = torch.as_tensor(fy).reshape(-1).cpu()
+    gone = ~torch.isin(fy, torch.as_tensor(remain_y).reshape(-1).cpu())
+    if not bool(gone.any()):
+        return None
+    idx = gone.nonzero().reshape(-1)
+    return fx[idx], search.relabels[-1].cpu()[idx]
+
+
 def refreshes_for(config: UnlearnConfig) -> int:
     """How many search refreshes the fine-tune uses: one when a single search serves every epoch."""
     return 1 if config.refresh_mode == "once" else max(1, config.epochs)
@@ -204,9 +218,8 @@ class Unlearner:
         t0, t_head = time.perf_counter(), 0.0
         if cfg.head_refit_epochs:
             with phase("head_refit"):
-                # The forget images go in with their last relabels, so the head keeps them forgotten.
-                forget_pair = (fx, search.relabels[-1])
-                model = refit_head_(model, *pairs["remain"], forget=forget_pair, epochs=cfg.head_refit_epochs,
+                model = refit_head_(model, *pairs["remain"], forget=gone_classes(fx, fy, search, pairs["remain"][1]),
+                                    epochs=cfg.head_refit_epochs,
                                     lr=cfg.head_refit_lr, batch_size=HEAD_REFIT_BATCH, samples=cfg.head_refit_samples,
                                     head_name=None, mean=self.mean, std=self.std, device=self.device, seed=cfg.seed,
                                     progress=progress)
