@@ -163,3 +163,17 @@ def test_forget_rows_train_with_their_labels():
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(c.parameters(), d.parameters()))
     with pytest.raises(ValueError, match="forget images"):
         refit_head(model, (x, y), forget=(torch.rand(4, 1, 6, 6), torch.zeros(4, dtype=torch.long)))
+
+
+def test_only_forget_rows_of_classes_gone_from_the_remain_set_join_the_refit():
+    from fastunlearn.engine.search import SearchResult
+    from fastunlearn.unlearner import gone_classes
+
+    fx = torch.rand(5, 3, 6, 6)
+    fy = torch.tensor([2, 2, 1, 2, 3])
+    search = SearchResult.__new__(SearchResult)
+    search.relabels = torch.tensor([[0, 0, 0, 0, 0], [1, 3, 0, 0, 1]])
+    # Class 2 is gone from the remain set, classes 1 and 3 are not (a subgroup of them was forgotten).
+    x, labels = gone_classes(fx, fy, search, torch.tensor([0, 1, 3, 1]))
+    assert torch.equal(x, fx[[0, 1, 3]]) and torch.equal(labels, torch.tensor([1, 3, 0])), "the last refresh"
+    assert gone_classes(fx, fy, search, torch.tensor([1, 2, 3])) is None
