@@ -6,7 +6,9 @@ remain set, with the same recipe, seed and epochs (the retrain's wall time is th
 is timed --reps times). Then, in the same process, at the same precision (fp32) and thread count:
 
   recipe  fu.unlearn(original, forget, remain, config=UnlearnConfig.recommended(forget_size=...,
-          remain_size=...)), timed --reps times (the model of the first run is scored)
+          remain_size=...)), timed --reps times (the model of the first run is scored); with
+          --recipes '{"label": {overrides}, ...}' one such row per label, recommended(**overrides)
+          ("recipe_steps": N sets epochs = ceil(N / steps per epoch) within [1, 8])
   sweep   fu.sweep(original, forget, remain, val=...) with its default grid and successive halving,
           selecting on the validation split: for a whole class, val = (the class's val images, the
           others'); otherwise heldout = the val images of the forgotten kind (each point's own target)
@@ -82,14 +84,20 @@ def run_case(spec: str, args) -> dict:
     t_rt = statistics.median(retrain_s)
     sets = {"forget": f, "remain": subset(r, args.eval_remain, args.seed), "test": test}
     rows = {"retrain": dict(scores(retrain, sets, mean, std), seconds=retrain_s)}
-    cfg = fu.UnlearnConfig.recommended(forget_size=len(f[1]), remain_size=len(r[1])).replace(precision="fp32",
-                                                                                              seed=args.seed)
-    recipe_s, model = [], None
-    for _ in range(args.reps):
-        res = fu.unlearn(original, f, r, config=cfg, mean=mean, std=std, progress=False)
-        recipe_s.append(res.seconds)
-        model = model or res.model
-    rows["recipe"] = dict(scores(model, sets, mean, std), seconds=recipe_s)
+    configs = {}
+    for label, overrides in json.loads(args.recipes).items():
+        overrides = dict(overrides)
+        if "recipe_steps" in overrides:  # the epoch rule with another number of steps
+            per_epoch = -(-len(f[1]) // overrides.get("batch_size", 64))
+            overrides["epochs"] = min(8, max(1, -(-overrides.pop("recipe_steps") // per_epoch)))
+        cfg = fu.UnlearnConfig.recommended(forget_size=len(f[1]), remain_size=len(r[1]), **overrides)
+        configs[label] = cfg = cfg.replace(precision="fp32", seed=args.seed)
+        recipe_s, model = [], None
+        for _ in range(args.reps):
+            res = fu.unlearn(original, f, r, config=cfg, mean=mean, std=std, progress=False)
+            recipe_s.append(res.seconds)
+            model = model or res.model
+        rows[label] = dict(scores(model, sets, mean, std), seconds=recipe_s)
     if not args.no_sweep:
         grids = [("sweep", None)] + ([("sweep (before)", json.loads(args.before_grid))] if args.before_grid else [])
         for label, grid in grids:  # the default first: any warm-up helps the other grid, not it
@@ -102,7 +110,7 @@ def run_case(spec: str, args) -> dict:
         row["x_retrain"] = statistics.median(row["seconds"]) / t_rt
         row["gap"] = statistics.fmean(abs(row[m] - rows["retrain"][m]) for m in ("forget", "remain", "test")) * 100
     return dict(case=spec, n_train=len(train[1]), n_forget=len(f[1]), forget_share=len(f[1]) / len(train[1]),
-                config=cfg.to_dict(), rows=rows)
+                configs={k: c.to_dict() for k, c in configs.items()}, rows=rows)
 
 
 def table(results: list) -> str:
@@ -128,6 +136,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--recipes", default='{"recipe": {}}',
+                   help="JSON {row label: overrides of UnlearnConfig.recommended(...)}: the recipes to time, in order")
     p.add_argument("--before-grid", default=None,
                    help="JSON grid of a second sweep timed in the same process (e.g. a previous default)")
     p.add_argument("--seed", type=int, default=0)

@@ -34,6 +34,8 @@ def test_recommended_settings_and_the_epoch_rule():
 
     cfg = fu.UnlearnConfig.recommended()
     assert cfg.relabel == "nearest_incorrect" and cfg.batchnorm == "frozen" and cfg.remain_reg > 1
+    assert cfg.head_refit_epochs > 0 and cfg.head_refit_samples >= 1, "the recipe re-fits the head"
+    assert fu.UnlearnConfig.recommended(head_refit_epochs=0).head_refit_epochs == 0
     lo, hi = RECIPE_EPOCHS
     # Epochs from steps: a small forget set gets more epochs, a large one fewer, within the bounds.
     for n in (1, 10, 64, 65, 200, 1000, 100000):

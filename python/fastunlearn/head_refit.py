@@ -1,0 +1,161 @@
+"""Re-fit a model's classifier head on the remain set, on features computed once.
+
+An unlearning fine-tune that pushes the forget set across the boundary also tilts the head
+against the remain classes. A few epochs of the head alone on the remain set (backbone and
+BatchNorm statistics frozen) bring the remain accuracy back, and cost almost nothing when the
+backbone's outputs on the remain set (the head's inputs) are computed once, without gradients,
+and the head is then trained on those cached inputs: one forward pass over the remain images
+instead of one per epoch. The result is the same as compose(..., finetune="head") with the same
+seed, batches and learning rate, because the frozen backbone maps each image to the same input
+of the head in every epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fastunlearn.compose import finetune_on_remain
+from fastunlearn.data import validate
+from fastunlearn.data.pixels import Normalizer, as_pixels
+from fastunlearn.nn.models import head_of
+from fastunlearn.runtime.progress import progress_bar
+
+# Images per forward pass of the feature pass.
+FEATURE_BATCH = 512
+
+
+def remain_subset(n: int, samples: Optional[int], seed: int) -> Optional[torch.Tensor]:
+    """Sorted indices of a seeded ``samples`` of ``n`` rows, or None for all of them."""
+    if samples is None or samples >= n:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:samples].sort().values
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, batch_size: int = FEATURE_BATCH):
+    """(inputs of ``head``, logits of ``model``) on images ``x``, the model in eval mode.
+
+    Returns None when the head is not called exactly once per forward with one tensor, or when
+    its output is not the model's output (something runs after it): its inputs alone then do
+    not determine the logits, and the head cannot be trained on them.
+    """
+    caught, calls = [], []
+
+    def hook(module, args):
+        calls.append(len(args))
+        if len(args) == 1 and isinstance(args[0], torch.Tensor):
+            caught.append(args[0].detach().float())
+
+    model.eval()
+    handle = head.register_forward_pre_hook(hook)
+    logits = []
+    try:
+        for i in range(0, len(x), batch_size):
+            calls.clear()
+            logits.append(model(norm(as_pixels(x[i:i + batch_size], device))).float())
+            if calls != [1] or len(caught) != len(logits):
+                return None
+    finally:
+        handle.remove()
+    feats, logits = torch.cat(caught), torch.cat(logits)
+    probe = slice(0, min(len(feats), 64))
+    again = head(feats[probe]).float()
+    if again.shape != logits[probe].shape or not torch.allclose(again, logits[probe], rtol=1e-4, atol=1e-4):
+        return None
+    return feats, logits
+
+
+def train_head(head: nn.Module, feats: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
+               seed: int, progress: bool) -> nn.Module:
+    """SGD (momentum 0.9) on the cross-entropy of ``head(feats)`` against ``y``, in place.
+
+    The batches are those of compose.finetune_on_remain with the same seed: a fresh seeded
+    permutation of the rows each epoch."""
+    head.requires_grad_(True)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    n = feats.shape[0]
+    y = y.to(feats.device)
+    for e in range(epochs):
+        head.train()
+        perm = torch.randperm(n, generator=gen)
+        bar = progress_bar((n + batch_size - 1) // batch_size, progress, f"head re-fit {e + 1}/{epochs}")
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size].to(feats.device)
+            loss = nn.functional.cross_entropy(head(feats[idx]).float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+        bar.close()
+    return head.eval()
+
+
+def refit_head(model: nn.Module, remain, *, forget=None, epochs: int = 1, lr: float = 1e-2, batch_size: int = 128,
+               samples: Optional[int] = None, head_name: Optional[str] = None, mean=None, std=None, device=None,
+               seed: int = 0, progress: bool = False) -> nn.Module:
+    """A new model: ``model`` with its classifier head re-trained on ``remain`` (x, y), backbone frozen.
+
+    The head's inputs on the remain images are computed once (no gradients, BatchNorm on its
+    running statistics) and the head is trained on them for ``epochs`` epochs of SGD (momentum
+    0.9, ``lr``, ``batch_size``, batches in a seeded order). samples: at most this many remain
+    images (a seeded subset; None: all). forget: optional (x, labels) trained on too, every row:
+    the forget images with the labels the unlearning gave them, so that re-fitting the head on
+    the remain classes does not hand the forgotten images back their old class. head_name: the head's submodule (default
+    models.head_of). Where the head's output is not the model's output, the head is trained
+    through the frozen backbone instead (compose.finetune_on_remain), with the same result
+    and a forward pass per epoch. ``model`` is not modified.
+    """
+    validate.check_model(model)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ValueError(f"samples must be None or an integer >= 1, got {samples!r}")
+    rx, ry = validate.pair(remain, "remain")
+    if forget is not None:
+        forget = validate.pair(forget, "forget")
+        if forget[0].shape[1:] != rx.shape[1:]:
+            raise ValueError(f"forget images must have the remain images' shape {tuple(rx.shape[1:])} per sample, "
+                             f"got {tuple(forget[0].shape[1:])}")
+    out = copy.deepcopy(model)
+    dev = validate.check_devices(out, device, remain=rx)
+    out.to(dev)
+    mean_t, std_t = validate.mean_std(mean, std, rx.shape[1])
+    return refit_head_(out, rx, ry, forget=forget, epochs=epochs, lr=lr, batch_size=batch_size, samples=samples,
+                       head_name=head_name, mean=mean_t, std=std_t, device=dev, seed=seed, progress=progress)
+
+
+def refit_head_(model: nn.Module, rx, ry, *, forget=None, epochs: int, lr: float, batch_size: int,
+                samples: Optional[int], head_name: Optional[str], mean, std, device, seed: int,
+                progress: bool) -> nn.Module:
+    """refit_head on checked inputs, modifying ``model`` (already on ``device``) itself."""
+    if epochs == 0:
+        return model.eval()
+    idx = remain_subset(len(ry), samples, seed)
+    if idx is not None:
+        rx, ry = rx[idx], ry[idx]
+    parts = [(rx, ry)] + ([forget] if forget is not None else [])
+    name = head_name or head_of(model)[0]
+    head = model.get_submodule(name)
+    norm = Normalizer(mean, std, rx.shape[1], device)
+    was = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        cached = [head_inputs(model, head, x, norm, device) for x, _ in parts]
+        y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
+        if any(c is None for c in cached):
+            x = torch.cat([x[0:len(x)] for x, _ in parts])
+            return finetune_on_remain(model, name, x, y, "head", epochs, lr, batch_size, mean, std, device, seed,
+                                      progress)
+        train_head(head, torch.cat([c[0] for c in cached]), y, epochs, lr, batch_size, seed, progress)
+    finally:
+        for p, g in zip(model.parameters(), was):
+            p.requires_grad_(g)
+    return model.eval()
