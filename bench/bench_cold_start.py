@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import FLAG, add_setup_args, setup  # noqa: E402
-from common import append_csv, device_name, sync  # noqa: E402
+from common import append_csv, device_name, model_label, sync  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn.data.checkpoint import atomic_write_text  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv=None):
         print(f"trace of the first call: {trace}")
     first, second = result["first"], result["second"]
     phases = sorted(set(first["phases"]) | set(second["phases"]))
-    row = {"bench": "cold_start", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
+    row = {"bench": "cold_start", "device": dname, "model": model_label(args.arch, args.width), "dataset": name,
            "n_forget": len(forget[1]), "epochs": args.epochs, "precision": args.precision,
            "threads": torch.get_num_threads(), "first_s": first["wall_s"], "second_s": second["wall_s"],
            "excess_s": first["wall_s"] - second["wall_s"],

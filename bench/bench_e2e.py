@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zoo  # noqa: E402
-from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
+from common import DATASETS, append_csv, device_name, load_splits, model_label, print_table, resized, sync  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn.data import io as data
@@ -233,7 +233,7 @@ def main(argv=None):
                  seconds=t_ours,
                  ratio=t_auth / t_ours, **m_ours)]
     print(f"\nend to end: forget class {args.forget_class} ({len(forget[1])} of {len(train[1])} {name} training "
-          f"images), {args.arch} width {args.width}, {args.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
+          f"images), {model_label(args.arch, args.width)}, {args.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
           f"eps {cfg.eps}, gamma {cfg.gamma}; {dname}")
     print_table(rows, ["provider", "seconds", "ratio", "forget_acc", "remain_acc", "test_acc", "mia_lr"])
     t = res.timings
@@ -262,7 +262,7 @@ def main(argv=None):
     d_remain = 100 * (m_ours["remain_acc"] - m_auth["remain_acc"])
     print(f"quality vs rewrite: forget {d_forget:+.2f} points, remain {d_remain:+.2f} points")
 
-    common = {"bench": "e2e", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
+    common = {"bench": "e2e", "device": dname, "model": model_label(args.arch, args.width), "dataset": name,
               "n_forget": len(forget[1]), "n_remain": len(remain[1]), "epochs": args.epochs,
               "threads": torch.get_num_threads()}
     csv_row = dict(common, provider="fastunlearn vs authors' rewrite", seconds_ours=t_ours, seconds_authors=t_auth,

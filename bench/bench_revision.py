@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zoo  # noqa: E402
 from bench_e2e import FLAG, add_setup_args, setup, timed  # noqa: E402
-from common import append_csv, device_name, print_table  # noqa: E402
+from common import append_csv, device_name, model_label, print_table  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn.eval.authors import authors_unlearn  # noqa: E402
@@ -100,14 +100,14 @@ def main(argv=None):
                 path = os.path.join(args.profile, f"revision_{precision}_{size}.json")
                 profiling.trace(lambda: session.revise(pick[1], progress=False), path, dev)
                 print(f"trace of one warm revision ({precision}, {size} samples): {path}")
-    print(f"\nwarm revisions of a FashionMNIST class-{args.forget_class} subset, {args.arch} width {args.width}, "
+    print(f"\nwarm revisions of a FashionMNIST class-{args.forget_class} subset, {model_label(args.arch, args.width)}, "
           f"{args.epochs} epochs; {dname}; ms, p50 of {args.reps}")
     cols = ["precision", "forget", "first_ms", "total_ms"] + [k for k in PHASES if any(k in r for r in rows)]
     print_table(rows, cols + [c for c in ("authors_ms", "ratio", "ratio_first") if authors_ms] +
                 ["step_mode", "rechecked"])
     print("\nthe first revision of each session (set-up, first-use costs, captures), ms by phase")
     print_table(firsts, ["precision", "forget", "first_ms"] + [k for k in PHASES if any(k in r for r in firsts)])
-    common = {"bench": "revision", "device": dname, "model": f"{args.arch}-w{args.width}", "dataset": name,
+    common = {"bench": "revision", "device": dname, "model": model_label(args.arch, args.width), "dataset": name,
               "input": "x".join(str(v) for v in forget[0].shape[1:]),
               "epochs": args.epochs, "threads": torch.get_num_threads()}
     for r, f in zip(rows, firsts):

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zoo  # noqa: E402
-from common import DATASETS, append_csv, device_name, load_splits, print_table, resized, sync  # noqa: E402
+from common import DATASETS, append_csv, device_name, load_splits, model_label, print_table, resized, sync  # noqa: E402
 
 from fastunlearn import UnlearnConfig
 from fastunlearn.data import io as data
@@ -245,14 +245,14 @@ def main(argv=None):
         r.update(first_s=first[key][0], ratio_first=first["authors"][0] / first[key][0])
     shape = "x".join(str(s) for s in fx.shape[1:])
     dname = device_name(dev)
-    print(f"\nsearch, T={args.steps}, {n} x {shape} {name} images, {args.arch} width {args.width}, {dname}")
+    print(f"\nsearch, T={args.steps}, {n} x {shape} {name} images, {model_label(args.arch, args.width)}, {dname}")
     print_table(rows, ["provider", "samples_per_s", "ratio", "first_s", "ratio_first", "labels_agree",
                        "agree_exact", "rechecked", "seconds_each"])
     print(f"labels_agree: with the authors' loop; agree_exact: with fastunlearn {exact}")
     flip_note = tf32_recheck_flips(runs)
     if flip_note:
         print(flip_note)
-    common = {"device": dname, "model": f"{args.arch}-w{args.width}", "input": shape, "n": n, "dataset": name,
+    common = {"device": dname, "model": model_label(args.arch, args.width), "input": shape, "n": n, "dataset": name,
               "steps": args.steps}
     csv_rows = [dict(common, bench="search", **r) for r in rows]
     cfg = base.replace(precision=args.precision)

@@ -55,6 +55,11 @@ def resized(x: torch.Tensor, size: int = 0, channels: int = 0, chunk: int = 64) 
     return out
 
 
+def model_label(arch: str, width: float) -> str:
+    """The model's name in tables and CSV rows: the width only where the architecture takes one."""
+    return f"{arch}-w{width}" if arch in ("allcnn", "smallcnn") else arch
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
