@@ -151,6 +151,7 @@ def refit_head_(model: nn.Module, rx, ry, *, forget=None, epochs: int, lr: float
         cached = [head_inputs(model, head, x, norm, device) for x, _ in parts]
         y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
         if any(c is None for c in cached):
+            # x[0:len(x)]: the whole set as one tensor (a Dataset's rows are read in batches otherwise).
             x = torch.cat([x[0:len(x)] for x, _ in parts])
             return finetune_on_remain(model, name, x, y, "head", epochs, lr, batch_size, mean, std, device, seed,
                                       progress)
