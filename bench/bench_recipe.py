@@ -8,7 +8,7 @@ is timed --reps times). Then, in the same process, at the same precision (fp32) 
   recipe  fu.unlearn(original, forget, remain, config=UnlearnConfig.recommended(forget_size=...,
           remain_size=...)), timed --reps times (the model of the first run is scored); with
           --recipes '{"label": {overrides}, ...}' one such row per label, recommended(**overrides)
-          ("recipe_steps": N sets epochs = ceil(N / steps per epoch) within [1, 8])
+          ("recipe_steps": N sets epochs by config.recipe_epochs with N steps)
   sweep   fu.sweep(original, forget, remain, val=...) with its default grid and successive halving,
           selecting on the validation split: for a whole class, val = (the class's val images, the
           others'); otherwise heldout = the val images of the forgotten kind (each point's own target)
@@ -39,6 +39,7 @@ from study_recipe import forget_mask, load, scores, timed_train  # noqa: E402
 
 import fastunlearn as fu  # noqa: E402
 from fastunlearn.cli.common import subset  # noqa: E402
+from fastunlearn.config import recipe_epochs  # noqa: E402
 from fastunlearn.data import forget  # noqa: E402
 from fastunlearn.data import io as data  # noqa: E402
 
@@ -88,8 +89,8 @@ def run_case(spec: str, args) -> dict:
     for label, overrides in json.loads(args.recipes).items():
         overrides = dict(overrides)
         if "recipe_steps" in overrides:  # the epoch rule with another number of steps
-            per_epoch = -(-len(f[1]) // overrides.get("batch_size", 64))
-            overrides["epochs"] = min(8, max(1, -(-overrides.pop("recipe_steps") // per_epoch)))
+            overrides["epochs"] = recipe_epochs(len(f[1]), overrides.get("batch_size", fu.UnlearnConfig.batch_size),
+                                                overrides.pop("recipe_steps"))
         cfg = fu.UnlearnConfig.recommended(forget_size=len(f[1]), remain_size=len(r[1]), **overrides)
         configs[label] = cfg = cfg.replace(precision="fp32", seed=args.seed)
         recipe_s, model = [], None

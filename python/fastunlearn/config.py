@@ -24,11 +24,19 @@ BATCHNORM_MODES = ("train", "frozen")
 # UnlearnConfig.recommended(): see its docstring and bench/study_recipe.py.
 RECIPE_REMAIN_REG = 3.0
 RECIPE_LR = 3e-4
-RECIPE_STEPS = 12
-RECIPE_EPOCHS = (2, 8)
+RECIPE_STEPS = 8
+RECIPE_EPOCHS = (1, 8)
 # The recipe's head re-fit: epochs, on at most this many remain images (head_refit_lr's default).
-RECIPE_HEAD_REFIT_EPOCHS = 5
-RECIPE_HEAD_REFIT_SAMPLES = 500
+RECIPE_HEAD_REFIT_EPOCHS = 10
+RECIPE_HEAD_REFIT_SAMPLES = 300
+
+
+def recipe_epochs(forget_size: int, batch_size: int, steps: int = RECIPE_STEPS) -> int:
+    """The recipe's epochs: enough for ``steps`` fine-tune steps of ``batch_size`` forget samples
+    (an epoch is ceil(forget_size / batch_size) steps), clipped to RECIPE_EPOCHS."""
+    lo, hi = RECIPE_EPOCHS
+    per_epoch = -(-forget_size // batch_size)
+    return min(hi, max(lo, -(-steps // per_epoch)))
 
 
 @dataclass(frozen=True)
@@ -311,9 +319,12 @@ class UnlearnConfig:
                             under-trained model collapse;
           epochs            the fine-tune needs a number of steps, not of epochs: an epoch is
                             ceil(forget_size / batch_size) steps, so with forget_size the
-                            epochs are ceil(RECIPE_STEPS / steps per epoch), clipped to
-                            RECIPE_EPOCHS (a small forget set gets more epochs, a large one
-                            fewer); without it, RECIPE_EPOCHS[0] + 2;
+                            epochs are recipe_epochs(forget_size, batch_size): ceil(RECIPE_STEPS /
+                            steps per epoch), clipped to RECIPE_EPOCHS (a small forget set gets
+                            more epochs, a large one fewer); without it, RECIPE_EPOCHS[0] + 2.
+                            Fewer steps with a longer head re-fit cost less at equal quality
+                            until the fine-tune stops removing the class or the remain
+                            accuracy drops; a larger step (lr 1e-3) made it collapse;
           head_refit_epochs=RECIPE_HEAD_REFIT_EPOCHS, head_refit_samples=RECIPE_HEAD_REFIT_SAMPLES
                             then the classifier head alone is re-trained on a seeded subset of
                             the remain set and the relabelled forget images of whole classes
@@ -333,11 +344,9 @@ class UnlearnConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"UnlearnConfig.recommended: {name} must be None or an integer >= 1, got {v!r}")
         batch = overrides.get("batch_size", cls.batch_size)
-        lo, hi = RECIPE_EPOCHS
-        epochs = lo + 2
+        epochs = RECIPE_EPOCHS[0] + 2
         if forget_size is not None and isinstance(batch, int) and batch >= 1:
-            per_epoch = -(-forget_size // batch)
-            epochs = min(hi, max(lo, -(-RECIPE_STEPS // per_epoch)))
+            epochs = recipe_epochs(forget_size, batch)
         settings = dict(relabel="nearest_incorrect", batchnorm="frozen", remain_reg=RECIPE_REMAIN_REG,
                         remain_target="labels", lr=RECIPE_LR, epochs=epochs,
                         head_refit_epochs=RECIPE_HEAD_REFIT_EPOCHS, head_refit_samples=RECIPE_HEAD_REFIT_SAMPLES)
