@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import fastunlearn as fu
 from fastunlearn.eval.metrics import predict_logits
 from fastunlearn.eval.representation import features
+from fastunlearn.nn.head_fit import train_head
 from fastunlearn.nn.models import head_of
 
 
@@ -128,7 +129,7 @@ def head_step(spec: str, model, f, r, mean, std, seed):
     elif m.group(1) in ("ft", "reinit"):
         if m.group(1) == "reinit":
             _reset(head, seed)
-        _sgd_fit(head, feats, y, int(m.group(2)), 1e-2, seed)
+        train_head(head, feats, y, int(m.group(2)), 1e-2, 128, seed, False)
     else:
         _reset(head, seed)
         _sgd_fit(head, feats, y, int(m.group(2)), 0.05, seed, wd=5e-4, onecycle=True)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from fastunlearn import reference
 from fastunlearn.data import validate
 from fastunlearn.data.pixels import Normalizer, as_pixels
+from fastunlearn.nn.head_fit import head_inputs, train_head
 from fastunlearn.nn.models import head_of
 from fastunlearn.runtime.progress import progress_bar
 
@@ -103,6 +104,15 @@ def finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, m
     model.to(dev)
     norm = Normalizer(mean, std, rx.shape[1], dev)
     head = model.get_submodule(head_name)
+    if mode == "head":
+        # A frozen backbone gives each image the same head input every epoch: train on them cached.
+        model.requires_grad_(False)
+        cached = head_inputs(model, head, rx, norm, dev)
+        if cached is not None:
+            train_head(head, cached[0], torch.as_tensor(ry).reshape(-1).long(), epochs, lr, batch_size, seed,
+                       progress)
+            model.requires_grad_(True)
+            return model.eval()
     params = list(head.parameters()) if mode == "head" else list(model.parameters())
     model.requires_grad_(mode == "full")
     head.requires_grad_(True)

@@ -3,11 +3,9 @@
 An unlearning fine-tune that pushes the forget set across the boundary also tilts the head
 against the remain classes. A few epochs of the head alone on the remain set (backbone and
 BatchNorm statistics frozen) bring the remain accuracy back, and cost almost nothing when the
-backbone's outputs on the remain set (the head's inputs) are computed once, without gradients,
-and the head is then trained on those cached inputs: one forward pass over the remain images
-instead of one per epoch. The result is the same as compose(..., finetune="head") with the same
-seed, batches and learning rate, because the frozen backbone maps each image to the same input
-of the head in every epoch.
+head is trained on its cached inputs (nn.head_fit): one forward pass over the remain images
+instead of one per epoch. On top of compose's head fine-tune this takes a seeded subset of the
+remain set and the relabelled forget images of classes gone from it, each set read in batches.
 """
 
 from __future__ import annotations
@@ -20,12 +18,9 @@ import torch.nn as nn
 
 from fastunlearn.compose import finetune_on_remain
 from fastunlearn.data import validate
-from fastunlearn.data.pixels import Normalizer, as_pixels
+from fastunlearn.data.pixels import Normalizer
+from fastunlearn.nn.head_fit import head_inputs, train_head
 from fastunlearn.nn.models import head_of
-from fastunlearn.runtime.progress import progress_bar
-
-# Images per forward pass of the feature pass.
-FEATURE_BATCH = 512
 
 
 def remain_subset(n: int, samples: Optional[int], seed: int) -> Optional[torch.Tensor]:
@@ -34,66 +29,6 @@ def remain_subset(n: int, samples: Optional[int], seed: int) -> Optional[torch.T
         return None
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[:samples].sort().values
-
-
-@torch.no_grad()
-def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, batch_size: int = FEATURE_BATCH):
-    """(inputs of ``head``, logits of ``model``) on images ``x``, the model in eval mode.
-
-    Returns None when the head is not called exactly once per forward with one tensor, or when
-    its output is not the model's output (something runs after it): its inputs alone then do
-    not determine the logits, and the head cannot be trained on them.
-    """
-    caught, calls = [], []
-
-    def hook(module, args):
-        calls.append(len(args))
-        if len(args) == 1 and isinstance(args[0], torch.Tensor):
-            caught.append(args[0].detach().float())
-
-    model.eval()
-    handle = head.register_forward_pre_hook(hook)
-    logits = []
-    try:
-        for i in range(0, len(x), batch_size):
-            calls.clear()
-            logits.append(model(norm(as_pixels(x[i:i + batch_size], device))).float())
-            if calls != [1] or len(caught) != len(logits):
-                return None
-    finally:
-        handle.remove()
-    feats, logits = torch.cat(caught), torch.cat(logits)
-    probe = slice(0, min(len(feats), 64))
-    again = head(feats[probe]).float()
-    if again.shape != logits[probe].shape or not torch.allclose(again, logits[probe], rtol=1e-4, atol=1e-4):
-        return None
-    return feats, logits
-
-
-def train_head(head: nn.Module, feats: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
-               seed: int, progress: bool) -> nn.Module:
-    """SGD (momentum 0.9) on the cross-entropy of ``head(feats)`` against ``y``, in place.
-
-    The batches are those of compose.finetune_on_remain with the same seed: a fresh seeded
-    permutation of the rows each epoch."""
-    head.requires_grad_(True)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    n = feats.shape[0]
-    y = y.to(feats.device)
-    for e in range(epochs):
-        head.train()
-        perm = torch.randperm(n, generator=gen)
-        bar = progress_bar((n + batch_size - 1) // batch_size, progress, f"head re-fit {e + 1}/{epochs}")
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size].to(feats.device)
-            loss = nn.functional.cross_entropy(head(feats[idx]).float(), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-        bar.close()
-    return head.eval()
 
 
 def refit_head(model: nn.Module, remain, *, forget=None, epochs: int = 1, lr: float = 1e-2, batch_size: int = 128,

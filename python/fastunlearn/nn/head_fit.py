@@ -1,0 +1,78 @@
+"""Fit a classifier head on its cached inputs: the head's inputs on a set of images computed
+once (backbone frozen, in eval mode, no gradients), then the head alone trained on them.
+
+With a frozen backbone every epoch maps an image to the same head input, so training on the
+cached inputs gives the result of training through the backbone, for one forward pass
+instead of one per epoch. Used by compose's head fine-tune and by the recipe's head re-fit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastunlearn.data.pixels import Normalizer, as_pixels
+from fastunlearn.runtime.progress import progress_bar
+
+# Images per forward pass of the feature pass.
+FEATURE_BATCH = 512
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, batch_size: int = FEATURE_BATCH):
+    """(inputs of ``head``, logits of ``model``) on images ``x``, the model in eval mode.
+
+    Returns None when the head is not called exactly once per forward with one tensor, or when
+    its output is not the model's output (something runs after it): its inputs alone then do
+    not determine the logits, and the head cannot be trained on them.
+    """
+    caught, calls = [], []
+
+    def hook(module, args):
+        calls.append(len(args))
+        if len(args) == 1 and isinstance(args[0], torch.Tensor):
+            caught.append(args[0].detach().float())
+
+    model.eval()
+    handle = head.register_forward_pre_hook(hook)
+    logits = []
+    try:
+        for i in range(0, len(x), batch_size):
+            calls.clear()
+            logits.append(model(norm(as_pixels(x[i:i + batch_size], device))).float())
+            if calls != [1] or len(caught) != len(logits):
+                return None
+    finally:
+        handle.remove()
+    feats, logits = torch.cat(caught), torch.cat(logits)
+    probe = slice(0, min(len(feats), 64))
+    again = head(feats[probe]).float()
+    if again.shape != logits[probe].shape or not torch.allclose(again, logits[probe], rtol=1e-4, atol=1e-4):
+        return None
+    return feats, logits
+
+
+def train_head(head: nn.Module, feats: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
+               seed: int, progress: bool) -> nn.Module:
+    """SGD (momentum 0.9) on the cross-entropy of ``head(feats)`` against ``y``, in place.
+
+    The batches are those of compose.finetune_on_remain's loop through the backbone with the
+    same seed: a fresh seeded permutation of the rows each epoch."""
+    head.requires_grad_(True)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    n = feats.shape[0]
+    y = y.to(feats.device)
+    for e in range(epochs):
+        head.train()
+        perm = torch.randperm(n, generator=gen)
+        bar = progress_bar((n + batch_size - 1) // batch_size, progress, f"head re-fit {e + 1}/{epochs}")
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size].to(feats.device)
+            loss = nn.functional.cross_entropy(head(feats[idx]).float(), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+        bar.close()
+    return head.eval()
