@@ -135,9 +135,14 @@ def test_unlearn_runs_the_refit_when_the_config_says_so():
     plain = fu.unlearn(model, forget, remain, config=cfg, progress=False)
     refit = fu.unlearn(model, forget, remain, config=cfg.replace(head_refit_epochs=3, head_refit_lr=0.05,
                                                                  head_refit_samples=100), progress=False)
-    # The forget images go in with the labels of the run's (deterministic, single) search.
-    want = refit_head(plain.model, remain, forget=(forget[0], plain.relabels), epochs=3, lr=0.05, batch_size=128,
-                      samples=100, seed=4)
+    # The forget images go in with the labels of the run's (deterministic, single) search, as
+    # many as the 100 re-fit images hold per remain class.
+    from fastunlearn.head_refit import gone_classes
+
+    kept = gone_classes(forget[0], forget[1], plain.search, remain[1], 100, 4)
+    per_class = -(-100 // len(remain[1].unique()))
+    assert len(forget[1]) > per_class == len(kept[1]), "the case must cut the forget rows"
+    want = refit_head(plain.model, remain, forget=kept, epochs=3, lr=0.05, batch_size=128, samples=100, seed=4)
     for a, b in zip(refit.model.state_dict().values(), want.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     assert not torch.equal(refit.model[5].weight, plain.model[5].weight)
@@ -172,13 +177,48 @@ def test_forget_rows_train_with_their_labels():
 
 def test_only_forget_rows_of_classes_gone_from_the_remain_set_join_the_refit():
     from fastunlearn.engine.search import SearchResult
-    from fastunlearn.unlearner import gone_classes
+    from fastunlearn.head_refit import gone_classes
 
     fx = torch.rand(5, 3, 6, 6)
     fy = torch.tensor([2, 2, 1, 2, 3])
     search = SearchResult.__new__(SearchResult)
-    search.relabels = torch.tensor([[0, 0, 0, 0, 0], [1, 3, 0, 0, 1]])
+    search.relabels, search.targets = torch.tensor([[0, 0, 0, 0, 0], [1, 3, 0, 0, 1]]), None
     # Class 2 is gone from the remain set, classes 1 and 3 are not (a subgroup of them was forgotten).
-    x, labels = gone_classes(fx, fy, search, torch.tensor([0, 1, 3, 1]))
+    remain_y = torch.tensor([0, 1, 3, 1, 0, 3, 1, 0, 3])  # 3 rows per class: no cut
+    x, labels = gone_classes(fx, fy, search, remain_y)
     assert torch.equal(x, fx[[0, 1, 3]]) and torch.equal(labels, torch.tensor([1, 3, 0])), "the last refresh"
     assert gone_classes(fx, fy, search, torch.tensor([1, 2, 3])) is None
+    # A failed argmax search leaves a row its own class: it stays out.
+    search.relabels = torch.tensor([[0, 0, 0, 0, 0], [1, 2, 0, 0, 1]])
+    x, labels = gone_classes(fx, fy, search, remain_y)
+    assert torch.equal(x, fx[[0, 3]]) and torch.equal(labels, torch.tensor([1, 0]))
+    # Soft targets: the most likely other class, even where the class itself is the most likely.
+    search.targets = torch.zeros(2, 5, 4)
+    search.targets[-1] = torch.tensor([[0.1, 0.2, 0.6, 0.1], [0.5, 0.1, 0.3, 0.1], [0.0, 1.0, 0.0, 0.0],
+                                       [0.2, 0.1, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    x, labels = gone_classes(fx, fy, search, remain_y)
+    assert torch.equal(x, fx[[0, 1, 3]]) and torch.equal(labels, torch.tensor([1, 0, 3]))
+
+
+def test_each_gone_class_keeps_as_many_rows_as_the_refit_holds_per_remain_class():
+    from fastunlearn.engine.search import SearchResult
+    from fastunlearn.head_refit import gone_classes
+
+    gen = torch.Generator().manual_seed(5)
+    fy = torch.cat([torch.full((40,), 7), torch.full((9,), 8), torch.full((30,), 2)])
+    fy = fy[torch.randperm(len(fy), generator=gen)]
+    fx = torch.rand(len(fy), 1, 4, 4, generator=gen)
+    search = SearchResult.__new__(SearchResult)
+    search.relabels, search.targets = torch.randint(0, 6, (2, len(fy)), generator=gen), None  # never 7 or 8
+    remain_y = torch.randint(0, 7, (700,), generator=gen)  # classes 0-6, class 2 among them
+    for samples, per_class in ((None, 100), (70, 10), (1000, 100), (6, 1)):
+        x, labels = gone_classes(fx, fy, search, remain_y, samples, seed=3)
+        rows = torch.cat([(fx == r).flatten(1).all(1).nonzero().reshape(-1) for r in x])
+        assert torch.equal(rows, rows.sort().values), "rows stay in order"
+        assert torch.equal(labels, search.relabels[-1][rows])
+        kept = fy[rows]
+        assert not (kept == 2).any(), "class 2 is still in the remain set"
+        assert int((kept == 7).sum()) == min(40, per_class) and int((kept == 8).sum()) == min(9, per_class)
+    a = gone_classes(fx, fy, search, remain_y, 70, seed=3)[0]
+    assert torch.equal(a, gone_classes(fx, fy, search, remain_y, 70, seed=3)[0]), "seeded"
+    assert not torch.equal(a, gone_classes(fx, fy, search, remain_y, 70, seed=4)[0])

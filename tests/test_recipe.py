@@ -37,16 +37,15 @@ def test_recommended_settings_and_the_epoch_rule():
     assert cfg.head_refit_epochs > 0 and cfg.head_refit_samples >= 1, "the recipe re-fits the head"
     assert fu.UnlearnConfig.recommended(head_refit_epochs=0).head_refit_epochs == 0
     lo, hi = RECIPE_EPOCHS
-    # Epochs from steps: a small forget set gets more epochs, a large one fewer, within the bounds.
-    for n in (1, 10, 64, 65, 200, 1000, 100000):
-        e = fu.UnlearnConfig.recommended(forget_size=n).epochs
-        per_epoch = -(-n // 64)
+    # Whole epochs, as many as come nearest RECIPE_STEPS steps, within the bounds.
+    for n, batch in ((1, 64), (10, 64), (64, 64), (65, 64), (200, 64), (300, 64), (378, 64), (1000, 64),
+                     (100000, 64), (640, 32), (97, 7)):
+        e = fu.UnlearnConfig.recommended(forget_size=n, batch_size=batch).epochs
+        per_epoch = -(-n // batch)
         assert lo <= e <= hi
-        assert e == hi or e * per_epoch >= RECIPE_STEPS
-        assert e == lo or (e - 1) * per_epoch < RECIPE_STEPS
+        for other in range(lo, hi + 1):  # no other count in the bounds comes nearer
+            assert abs(e * per_epoch - RECIPE_STEPS) <= abs(other * per_epoch - RECIPE_STEPS), (n, batch, e, other)
     assert fu.UnlearnConfig.recommended(forget_size=20, epochs=1).epochs == 1, "an override wins"
-    assert fu.UnlearnConfig.recommended(forget_size=640, batch_size=32).epochs == \
-        max(lo, min(hi, -(-RECIPE_STEPS // 20)))
     with pytest.raises(ValueError, match="forget_size"):
         fu.UnlearnConfig.recommended(forget_size=0)
     with pytest.raises(ValueError, match="batchnorm"):

@@ -22,6 +22,9 @@ from fastunlearn.data.pixels import Normalizer
 from fastunlearn.nn.head_fit import head_inputs, train_head
 from fastunlearn.nn.models import head_of
 
+# Rows per SGD step of a config's head re-fit (UnlearnConfig.head_refit_*): compose's default batch.
+HEAD_REFIT_BATCH = 128
+
 
 def remain_subset(n: int, samples: Optional[int], seed: int) -> Optional[torch.Tensor]:
     """Sorted indices of a seeded ``samples`` of ``n`` rows, or None for all of them."""
@@ -29,6 +32,38 @@ def remain_subset(n: int, samples: Optional[int], seed: int) -> Optional[torch.T
         return None
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=gen)[:samples].sort().values
+
+
+def gone_classes(fx, fy, search, remain_y, samples: Optional[int] = None, seed: int = 0):
+    """(images, labels) of the forget rows whose class the remain set no longer has, or None.
+
+    The head re-fit trains on them so that it does not hand a forgotten class back (a retrain
+    never predicts it). Rows of a class the remain set still holds (a subgroup, part of a class)
+    stay out: a retrain still gives most of them their true class, not the relabel.
+
+    Labels: the last refresh's relabels; with soft targets the most likely other class under
+    them. A row whose label is still its own class (a failed argmax search) stays out.
+    Each gone class keeps at most as many rows as the re-fit's remain images hold per class
+    (``samples`` of them, None: all; a seeded choice), so that a re-fit on a small remain subset
+    is not mostly relabelled forget images."""
+    fy = torch.as_tensor(fy).reshape(-1).cpu()
+    remain_y = torch.as_tensor(remain_y).reshape(-1).cpu()
+    if search.targets is not None:
+        labels = search.targets[-1].cpu().float().scatter(1, fy[:, None], float("-inf")).argmax(1)
+    else:
+        labels = search.relabels[-1].cpu()
+    gone = ~torch.isin(fy, remain_y) & (labels != fy)
+    if not bool(gone.any()):
+        return None
+    n_remain = len(remain_y) if samples is None else min(samples, len(remain_y))
+    per_class = -(-n_remain // max(1, len(remain_y.unique())))
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in fy[gone].unique():
+        rows = (gone & (fy == c)).nonzero().reshape(-1)
+        keep.append(rows[torch.randperm(len(rows), generator=gen)[:per_class]])
+    idx = torch.cat(keep).sort().values
+    return fx[idx], labels[idx]
 
 
 def refit_head(model: nn.Module, remain, *, forget=None, epochs: int = 1, lr: float = 1e-2, batch_size: int = 128,
@@ -95,3 +130,16 @@ def refit_head_(model: nn.Module, rx, ry, *, forget=None, epochs: int, lr: float
         for p, g in zip(model.parameters(), was):
             p.requires_grad_(g)
     return model.eval()
+
+
+def config_refit_(model: nn.Module, config, forget, search, remain, *, mean, std, device,
+                  progress: bool) -> nn.Module:
+    """The head re-fit ``config.head_refit_*`` asks for after an unlearning run, on ``model``
+    itself (on ``device``): ``config.head_refit_samples`` remain images and the forget rows of
+    gone classes (gone_classes, labelled from the run's ``search``). fu.unlearn and fu.sweep
+    both end a run with it."""
+    (fx, fy), (rx, ry) = forget, remain
+    gone = gone_classes(fx, fy, search, ry, config.head_refit_samples, config.seed)
+    return refit_head_(model, rx, ry, forget=gone, epochs=config.head_refit_epochs, lr=config.head_refit_lr,
+                       batch_size=HEAD_REFIT_BATCH, samples=config.head_refit_samples, head_name=None, mean=mean,
+                       std=std, device=device, seed=config.seed, progress=progress)

@@ -25,7 +25,7 @@ from fastunlearn.data.source import ImageSource
 from fastunlearn.engine.checkpoint import load_checkpoint, search_from_dict
 from fastunlearn.engine.distributed import barrier, sharded_search
 from fastunlearn.engine.finetune import FinetuneEngine
-from fastunlearn.head_refit import refit_head_
+from fastunlearn.head_refit import config_refit_
 from fastunlearn.nn.frozen import frozen_copy, set_requires_grad
 from fastunlearn.nn.layout import default_channels_last
 from fastunlearn.ops import resolve_backend
@@ -33,26 +33,9 @@ from fastunlearn.result import UnlearnResult
 from fastunlearn.runtime.determinism import deterministic_run
 from fastunlearn.runtime.phases import phase
 
-# Rows per SGD step of the head re-fit (config.head_refit_epochs): compose's default batch.
-HEAD_REFIT_BATCH = 128
-
 
 def _tensor_pair(data) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-
-
-def gone_classes(fx, fy, search, remain_y):
-    """(images, last relabels) of the forget rows whose class the remain set no longer has, or None.
-
-    The head re-fit trains on them so that it does not hand a forgotten class back (a retrain
-    never predicts it). Rows of a class the remain set still holds (a subgroup, part of a class)
-    stay out: a retrain still gives most of them their true class, not the relabel."""
-    fy = torch.as_tensor(fy).reshape(-1).cpu()
-    gone = ~torch.isin(fy, torch.as_tensor(remain_y).reshape(-1).cpu())
-    if not bool(gone.any()):
-        return None
-    idx = gone.nonzero().reshape(-1)
-    return fx[idx], search.relabels[-1].cpu()[idx]
 
 
 def refreshes_for(config: UnlearnConfig) -> int:
@@ -218,11 +201,8 @@ class Unlearner:
         t0, t_head = time.perf_counter(), 0.0
         if cfg.head_refit_epochs:
             with phase("head_refit"):
-                model = refit_head_(model, *pairs["remain"], forget=gone_classes(fx, fy, search, pairs["remain"][1]),
-                                    epochs=cfg.head_refit_epochs,
-                                    lr=cfg.head_refit_lr, batch_size=HEAD_REFIT_BATCH, samples=cfg.head_refit_samples,
-                                    head_name=None, mean=self.mean, std=self.std, device=self.device, seed=cfg.seed,
-                                    progress=progress)
+                model = config_refit_(model, cfg, (fx, fy), search, pairs["remain"], mean=self.mean, std=self.std,
+                                      device=self.device, progress=progress)
             t_head = time.perf_counter() - t0
         self.revisions += 1
         seconds = time.perf_counter() - t_start
