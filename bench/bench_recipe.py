@@ -9,10 +9,11 @@ is timed --reps times). Then, in the same process, at the same precision (fp32) 
           remain_size=...)), timed --reps times (the model of the first run is scored); with
           --recipes '{"label": {overrides}, ...}' one such row per label, recommended(**overrides)
           ("recipe_steps": N sets epochs by config.recipe_epochs with N steps)
-  sweep   fu.sweep(original, forget, remain, val=...) with its default grid and successive halving,
+  sweep   fu.sweep(original, forget, remain, val=...) with its default grid and base (fp32),
           selecting on the validation split: for a whole class, val = (the class's val images, the
           others'); otherwise heldout = the val images of the forgotten kind (each point's own target)
-  sweep (before)  with --before-grid '{...}': the same sweep with that grid, right after it
+  sweep (before)  with --before-grid '{...}': the same sweep with that grid, right after it (base: the
+          recipe's, or with --before-base plain the plain UnlearnConfig(), without the head re-fit)
 
 Every model is scored on the forget set, a seeded --eval-remain subset of the remain set and the
 test split. Timings are only meaningful alone on the machine:
@@ -100,11 +101,15 @@ def run_case(spec: str, args) -> dict:
             model = model or res.model
         rows[label] = dict(scores(model, sets, mean, std), seconds=recipe_s)
     if not args.no_sweep:
-        grids = [("sweep", None)] + ([("sweep (before)", json.loads(args.before_grid))] if args.before_grid else [])
-        for label, grid in grids:  # the default first: any warm-up helps the other grid, not it
+        recipe_base = fu.UnlearnConfig.recommended(precision="fp32", seed=args.seed)  # fu.sweep's default base
+        plain = fu.UnlearnConfig(precision="fp32", seed=args.seed)
+        before_base = recipe_base if args.before_base == "recipe" else plain
+        grids = [("sweep", None, recipe_base)]
+        if args.before_grid:
+            grids.append(("sweep (before)", json.loads(args.before_grid), before_base))
+        for label, grid, base in grids:  # the default first: any warm-up helps the other grid, not it
             t0 = time.perf_counter()
-            sw = fu.sweep(original, f, r, base=fu.UnlearnConfig(precision="fp32", seed=args.seed), mean=mean,
-                          std=std, grid=grid, **c["sweep_kw"])
+            sw = fu.sweep(original, f, r, base=base, mean=mean, std=std, grid=grid, **c["sweep_kw"])
             rows[label] = dict(scores(sw.model, sets, mean, std), seconds=[time.perf_counter() - t0],
                                chosen=sw.chosen.settings, spent=sw.spent)
     for row in rows.values():
@@ -141,6 +146,9 @@ def main(argv=None):
                    help="JSON {row label: overrides of UnlearnConfig.recommended(...)}: the recipes to time, in order")
     p.add_argument("--before-grid", default=None,
                    help="JSON grid of a second sweep timed in the same process (e.g. a previous default)")
+    p.add_argument("--before-base", choices=("recipe", "plain"), default="recipe",
+                   help="base config of the --before-grid sweep: the recipe (fu.sweep's default, with its head "
+                        "re-fit) or the plain UnlearnConfig() (no head re-fit)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

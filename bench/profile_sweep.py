@@ -106,7 +106,8 @@ def profile_case(spec, args) -> dict:
     sweep_mod.frozen_copy = time_teacher(timers, sweep_mod.frozen_copy)
     try:
         t0 = time.perf_counter()
-        sw = fu.sweep(c["original"], c["f"], c["r"], base=fu.UnlearnConfig(precision="fp32", seed=args.seed),
+        base = fu.UnlearnConfig.recommended(precision="fp32", seed=args.seed)  # fu.sweep's default base
+        sw = fu.sweep(c["original"], c["f"], c["r"], base=base,
                       mean=c["mean"], std=c["std"], grid=json.loads(args.grid) if args.grid else None,
                       **c["sweep_kw"])
         total = time.perf_counter() - t0

@@ -291,14 +291,47 @@ def test_halving_sweep_chooses_the_full_sweeps_point_on_a_constructed_case(gen, 
     assert res.spent["fine_tune_epochs"] == 4 + 1 + 2 < full.spent["fine_tune_epochs"]
 
 
-def test_default_sweep_runs_two_fine_tunes_and_continues_one(gen):
+def test_default_sweep_runs_the_recipe_at_two_remain_weights(gen):
+    from fastunlearn.config import recipe_epochs
+
     model, x, y = tiny(gen, n=48)
     f = y == 0
-    res = fu.sweep(model, (x[f], y[f]), (x[~f], y[~f]), base=fu.UnlearnConfig(batch_size=16, backend="torch"),
-                   mean=[0.5], std=[0.25])
-    # soft_incorrect x remain_reg 3 / 10 on the true labels, BatchNorm frozen; epochs 1, 2, 4 by
-    # successive halving: both runs to epoch 1, the better one on to 2 and 4.
-    assert res.spent["runs"] == 2 and res.spent["runs_per_rung"] == [2, 1, 1]
-    assert res.spent["fine_tune_epochs"] == 2 + 1 + 2 and len(res.points) == 4
-    assert {(p.settings["relabel"], p.settings["remain_target"]) for p in res.points} == {("soft_incorrect", "labels")}
-    assert res.searches == 1
+    forget, remain = (x[f], y[f]), (x[~f], y[~f])
+    base = fu.UnlearnConfig.recommended(batch_size=4, backend="torch", head_refit_samples=20)
+    res = fu.sweep(model, forget, remain, base=base, mean=[0.5], std=[0.25])
+    # nearest_incorrect x remain_reg 3 / 10 on the true labels, BatchNorm frozen, lr 3e-4, for the
+    # recipe's epochs of this forget set; one search; each run ends with the base's head re-fit.
+    epochs = recipe_epochs(int(f.sum()), 4)
+    assert res.spent["runs"] == 2 and res.spent["runs_per_rung"] == [2] and res.spent["rungs"] == [epochs]
+    assert {p.settings["remain_reg"] for p in res.points} == {3.0, 10.0}
+    assert {(p.settings["relabel"], p.settings["remain_target"], p.settings["batchnorm"], p.settings["lr"],
+             p.settings["epochs"]) for p in res.points} == {("nearest_incorrect", "labels", "frozen", 3e-4, epochs)}
+    assert res.searches == 1 and res.config.head_refit_epochs == base.head_refit_epochs > 0
+    want = fu.unlearn(model, forget, remain, config=res.config, mean=[0.5], std=[0.25], progress=False).model
+    for (name, a), b in zip(res.model.state_dict().items(), want.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    # The default base is the recipe; an explicit epochs list replaces the recipe's.
+    assert fu.sweep(model, forget, remain, grid={"epochs": [1]}, mean=[0.5], std=[0.25]).spent["rungs"] == [1]
+
+
+def test_sweep_ends_each_run_with_the_configs_head_refit(gen):
+    """base.head_refit_* is honoured as fu.unlearn honours it (each scored run ends with the
+    re-fit; the chosen config reproduces the model)."""
+    model, x, y = tiny(gen, n=80)
+    f = y == 0
+    forget, remain = (x[f], y[f]), (x[~f], y[~f])
+    base = fu.UnlearnConfig(batch_size=8, backend="torch", precision="fp32", head_refit_epochs=3,
+                            head_refit_samples=30, head_refit_lr=0.05)
+    grid = {"relabel": ["nearest_incorrect"], "remain_reg": [1.0], "remain_target": ["labels"], "lr": [0.05],
+            "epochs": [2], "batchnorm": ["frozen"], "compose": [None]}
+    res = fu.sweep(model, forget, remain, max_forget_acc=1.0, grid=grid, base=base, keep=1.0)
+    assert res.config.head_refit_epochs == 3 and res.config.epochs == 2
+    want = fu.unlearn(model, forget, remain, config=res.config, progress=False).model
+    for (name, a), b in zip(res.model.state_dict().items(), want.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    plain = fu.sweep(model, forget, remain, max_forget_acc=1.0, grid=grid, base=base.replace(head_refit_epochs=0),
+                     keep=1.0)
+    head = [k for k in res.model.state_dict() if k.endswith("weight")][-1]
+    assert not torch.allclose(plain.model.state_dict()[head], res.model.state_dict()[head], atol=1e-4)
+    others = [k for k in res.model.state_dict() if k != head and not k.startswith(head.rsplit(".", 1)[0])]
+    assert all(torch.equal(plain.model.state_dict()[k], res.model.state_dict()[k]) for k in others), "head only"
