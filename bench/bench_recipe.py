@@ -3,13 +3,15 @@
 For each case (data:arch:what, as in study_recipe.py) a seeded 10 % of the training split is held
 out as the validation split; the original model trains on the rest and the retrained one on its
 remain set, with the same recipe, seed and epochs (the retrain's wall time is the reference; it
-is timed --reps times). Then, in the same process, at the same precision (fp32) and thread count:
+is timed --reps times, each time right before the recipes). Then, in the same process, at the
+same precision (fp32) and thread count:
 
   recipe  fu.unlearn(original, forget, remain, config=UnlearnConfig.recommended(forget_size=...,
           remain_size=...)), timed --reps times (the model of the first run is scored); with
           --recipes '{"label": {overrides}, ...}' one such row per label, recommended(**overrides)
           ("recipe_steps": N sets epochs by config.recipe_epochs with N steps)
-  sweep   fu.sweep(original, forget, remain, val=...) with its default grid and base (fp32),
+  sweep   fu.sweep(original, forget, remain, val=...) with its default grid and base (fp32), timed
+          --sweep-reps times (the first scored),
           selecting on the validation split: for a whole class, val = (the class's val images, the
           others'); otherwise heldout = the val images of the forgotten kind (each point's own target)
   sweep (before)  with --before-grid '{...}': the same sweep with that grid, right after it (base: the
@@ -79,13 +81,6 @@ def run_case(spec: str, args) -> dict:
     c = prepare_case(spec, args)
     arch, test, classes, epochs, train = c["arch"], c["test"], c["classes"], c["epochs"], c["train"]
     f, r, mean, std, original = c["f"], c["r"], c["mean"], c["std"], c["original"]
-    retrain_s = []
-    for _ in range(args.reps):
-        retrain, secs = timed_train(arch, r, epochs, classes, mean, std, args, "retrain")
-        retrain_s.append(secs)
-    t_rt = statistics.median(retrain_s)
-    sets = {"forget": f, "remain": subset(r, args.eval_remain, args.seed), "test": test}
-    rows = {"retrain": dict(scores(retrain, sets, mean, std), seconds=retrain_s)}
     configs = {}
     for label, overrides in json.loads(args.recipes).items():
         overrides = dict(overrides)
@@ -93,13 +88,22 @@ def run_case(spec: str, args) -> dict:
             overrides["epochs"] = recipe_epochs(len(f[1]), overrides.get("batch_size", fu.UnlearnConfig.batch_size),
                                                 overrides.pop("recipe_steps"))
         cfg = fu.UnlearnConfig.recommended(forget_size=len(f[1]), remain_size=len(r[1]), **overrides)
-        configs[label] = cfg = cfg.replace(precision="fp32", seed=args.seed)
-        recipe_s, model = [], None
-        for _ in range(args.reps):
+        configs[label] = cfg.replace(precision="fp32", seed=args.seed)
+    # Each rep times the retrain and then every recipe once, so that a slow spell of the
+    # machine falls on both sides of the ratio; the first rep's models are scored.
+    seconds = {"retrain": [], **{label: [] for label in configs}}
+    models = {}
+    for _ in range(args.reps):
+        retrain, secs = timed_train(arch, r, epochs, classes, mean, std, args, "retrain")
+        seconds["retrain"].append(secs)
+        models.setdefault("retrain", retrain)
+        for label, cfg in configs.items():
             res = fu.unlearn(original, f, r, config=cfg, mean=mean, std=std, progress=False)
-            recipe_s.append(res.seconds)
-            model = model or res.model
-        rows[label] = dict(scores(model, sets, mean, std), seconds=recipe_s)
+            seconds[label].append(res.seconds)
+            models.setdefault(label, res.model)
+    t_rt = statistics.median(seconds["retrain"])
+    sets = {"forget": f, "remain": subset(r, args.eval_remain, args.seed), "test": test}
+    rows = {k: dict(scores(m, sets, mean, std), seconds=seconds[k]) for k, m in models.items()}
     if not args.no_sweep:
         recipe_base = fu.UnlearnConfig.recommended(precision="fp32", seed=args.seed)  # fu.sweep's default base
         plain = fu.UnlearnConfig(precision="fp32", seed=args.seed)
@@ -108,10 +112,14 @@ def run_case(spec: str, args) -> dict:
         if args.before_grid:
             grids.append(("sweep (before)", json.loads(args.before_grid), before_base))
         for label, grid, base in grids:  # the default first: any warm-up helps the other grid, not it
-            t0 = time.perf_counter()
-            sw = fu.sweep(original, f, r, base=base, mean=mean, std=std, grid=grid, **c["sweep_kw"])
-            rows[label] = dict(scores(sw.model, sets, mean, std), seconds=[time.perf_counter() - t0],
-                               chosen=sw.chosen.settings, spent=sw.spent)
+            secs, first = [], None
+            for _ in range(args.sweep_reps):
+                t0 = time.perf_counter()
+                sw = fu.sweep(original, f, r, base=base, mean=mean, std=std, grid=grid, **c["sweep_kw"])
+                secs.append(time.perf_counter() - t0)
+                first = first or sw
+            rows[label] = dict(scores(first.model, sets, mean, std), seconds=secs, chosen=first.chosen.settings,
+                               spent=first.spent)
     for row in rows.values():
         row["x_retrain"] = statistics.median(row["seconds"]) / t_rt
         row["gap"] = statistics.fmean(abs(row[m] - rows["retrain"][m]) for m in ("forget", "remain", "test")) * 100
@@ -142,6 +150,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--sweep-reps", type=int, default=1, help="times each sweep is timed (the first is scored)")
     p.add_argument("--recipes", default='{"recipe": {}}',
                    help="JSON {row label: overrides of UnlearnConfig.recommended(...)}: the recipes to time, in order")
     p.add_argument("--before-grid", default=None,
