@@ -222,3 +222,25 @@ def test_each_gone_class_keeps_as_many_rows_as_the_refit_holds_per_remain_class(
     a = gone_classes(fx, fy, search, remain_y, 70, seed=3)[0]
     assert torch.equal(a, gone_classes(fx, fy, search, remain_y, 70, seed=3)[0]), "seeded"
     assert not torch.equal(a, gone_classes(fx, fy, search, remain_y, 70, seed=4)[0])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_head_inputs_run_channels_last_and_leave_the_models_layout(layout):
+    from fastunlearn.data.pixels import Normalizer
+    from fastunlearn.nn.head_fit import head_inputs
+    from fastunlearn.nn.layout import model_is_channels_last
+
+    model = trained_model("allcnn").to(memory_format=layout)
+    x, _ = data(70, seed=4)
+    norm = Normalizer(torch.tensor([0.5, 0.4, 0.5]), torch.tensor([0.3, 0.3, 0.2]), 3, torch.device("cpu"))
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    hook = conv.register_forward_pre_hook(lambda m, a: seen.append(model_is_channels_last(m)))
+    feats, logits = head_inputs(model, model.classifier, x, norm, "cpu", batch_size=32)
+    hook.remove()
+    assert seen == [True] * 3, "the feature pass runs channels_last (3 batches)"
+    assert model_is_channels_last(model) == (layout == torch.channels_last), "the layout is put back"
+    with torch.no_grad():
+        want = model.to(memory_format=torch.contiguous_format)(norm(x.float() / 255 if x.dtype == torch.uint8 else x))
+    assert torch.allclose(logits, want, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(model.classifier(feats), want, rtol=1e-4, atol=1e-5)

@@ -70,6 +70,28 @@ def test_result_model_is_independent_and_contiguous(gen):
     assert r1.model[0].weight.is_contiguous() and not r1.model.training
 
 
+def test_unlearn_hands_over_the_sessions_own_model(gen, monkeypatch):
+    """fu.unlearn's one-shot session returns its engine's model (put back in NCHW) instead of a
+    copy; the result is the user's model nowhere, and the session cannot revise again."""
+    import fastunlearn.api as api
+
+    made = []
+
+    class Recording(fu.Unlearner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(api, "Unlearner", Recording)
+    model = small_model().to(memory_format=torch.channels_last)
+    res = fu.unlearn(model, data(gen, 16), config=fu.UnlearnConfig(epochs=1, batch_size=8, lr=0.05), progress=False)
+    ptrs = {t.data_ptr() for t in model.state_dict().values()}
+    assert all(t.data_ptr() not in ptrs for t in res.model.state_dict().values())
+    assert all(t.is_contiguous() for t in res.model.state_dict().values()) and not res.model.training
+    with pytest.raises(RuntimeError, match="handed its model over"):
+        made[0].revise(data(gen, 16), progress=False)
+
+
 class Untouchable(torch.utils.data.Dataset):
     def __len__(self):
         return 50

@@ -57,6 +57,7 @@ def unlearn(model: nn.Module, forget, remain=None, config: Optional[UnlearnConfi
     """
     t_start = time.perf_counter()
     session = Unlearner(model, config, mean, std, device)
+    session._last_revision = True
     res = session.revise(forget, remain, progress=progress, probe=probe, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every, resume=resume, on_step=on_step, max_steps=max_steps,
                          output=output)

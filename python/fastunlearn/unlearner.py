@@ -103,6 +103,9 @@ class Unlearner:
         self.plan: Optional[autotune.Plan] = None
         self.setup_seconds = time.perf_counter() - t0
         self.revisions = 0
+        # Set by fu.unlearn: the next revision is the session's last, so its result may be the
+        # engine's own model instead of a copy.
+        self._last_revision = False
 
     @property
     def model(self) -> nn.Module:
@@ -166,6 +169,8 @@ class Unlearner:
         """
 
         t_start = time.perf_counter()
+        if self._trainable is None:
+            raise RuntimeError("this Unlearner handed its model over as fu.unlearn's result; make a new one")
         with phase("check"):
             pairs, engine = self._prepare(forget, remain)
         fx, fy = pairs["forget"]
@@ -197,7 +202,12 @@ class Unlearner:
         t_tune = time.perf_counter() - t0
         t_compile = engine.compile_seconds - compile_before
         with phase("result"):
-            model = contiguous_copy(engine.model).eval()
+            if self._last_revision and engine.world == 1:
+                # fu.unlearn's session ends here: the engine's model itself, put back in NCHW.
+                model = engine.model.to(memory_format=torch.contiguous_format).eval()
+                self.engine = self._trainable = None
+            else:
+                model = contiguous_copy(engine.model).eval()
         t0, t_head = time.perf_counter(), 0.0
         if cfg.head_refit_epochs:
             with phase("head_refit"):
