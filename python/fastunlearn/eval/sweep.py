@@ -69,8 +69,9 @@ GRID_KEYS = ("relabel", "gamma", "remain_reg", "remain_target", "lr", "epochs", 
 # the retrain's remain accuracy within 1 point, where the previous default kept 7-20 % of the
 # class on one case and lost 3-5 points of remain accuracy on two; remain_reg 10 won on about
 # half the cases, 3 on the rest. Both relabel modes at remain_reg 3 did about as well at about
-# the same cost; a halving over half and all of the recipe's epochs cost less but once chose the
-# half-trained point, which kept 9 % of the class. Two recipe runs cost about two recipes.
+# the same cost; a halving over half and all of the recipe's epochs cost less but twice chose the
+# half-trained point (9 % of a class kept; a subgroup 6 points from the retrain). Two recipe runs
+# cost about two recipes.
 DEFAULT_GRID = {
     "relabel": ["nearest_incorrect"],
     "gamma": [0.0],
