@@ -13,6 +13,8 @@ Data and models (a narrow CPU-sized version of bench_quality.py's recipe):
           sweep's 2, which with the head fine-tune below brings the population attacks to the retrain's)
   unlearned + head fine-tune  the unlearned model's head fine-tuned 1 epoch on the remain set
           (lr 1e-2, backbone frozen: the sweep's "head_ft" composition)
+  recipe  fu.unlearn with UnlearnConfig.recommended(forget_size=...): the one-call recipe, its head
+          re-fit included
   head-only control  the original's backbone with the retrained model's head (fu.compose):
           forgetting in the head alone
 
@@ -117,8 +119,11 @@ def main(argv=None):
     # The sweep's "head_ft" step: the head fine-tuned on the remain set, backbone frozen.
     head_ft = fu.compose(res.model, res.model, remain=r, finetune="head", epochs=1, lr=1e-2, mean=mean, std=std,
                          seed=args.seed, progress=False)
+    # The library's one-call recipe (head re-fit included), as a user would call it.
+    recipe = fu.unlearn(original, f, r, config=fu.UnlearnConfig.recommended(forget_size=len(f[1]), seed=args.seed),
+                        mean=mean, std=std, progress=not args.no_progress)
     models = {"original": original, "retrain": retrain, "unlearned": res.model, "unlearned + head fine-tune": head_ft,
-              "original backbone + retrain head": fu.compose(original, retrain)}
+              "recipe": recipe.model, "original backbone + retrain head": fu.compose(original, retrain)}
     rep = fu.report(models, f, r, test, out_dir=args.out, mean=mean, std=std, tsne=False, attacks="all",
                     attack_kw=dict(reference_models=refs), title="FashionMNIST class 0: proof of forgetting")
     ev = json.load(open(rep.paths["json"]))["evidence"]
