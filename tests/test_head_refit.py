@@ -241,6 +241,6 @@ def test_head_inputs_run_channels_last_and_leave_the_models_layout(layout):
     assert seen == [True] * 3, "the feature pass runs channels_last (3 batches)"
     assert model_is_channels_last(model) == (layout == torch.channels_last), "the layout is put back"
     with torch.no_grad():
-        want = model.to(memory_format=torch.contiguous_format)(norm(x.float() / 255 if x.dtype == torch.uint8 else x))
+        want = model.to(memory_format=torch.contiguous_format)(norm(x))  # x: floats in [0, 1]
     assert torch.allclose(logits, want, rtol=1e-4, atol=1e-5)
     assert torch.allclose(model.classifier(feats), want, rtol=1e-4, atol=1e-5)
