@@ -244,3 +244,26 @@ def test_head_inputs_run_channels_last_and_leave_the_models_layout(layout):
         want = model.to(memory_format=torch.contiguous_format)(norm(x))  # x: floats in [0, 1]
     assert torch.allclose(logits, want, rtol=1e-4, atol=1e-5)
     assert torch.allclose(model.classifier(feats), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_head_that_cannot_be_cached_is_tried_once_then_trained_through_the_backbone(monkeypatch):
+    import fastunlearn.head_refit as head_refit_mod
+
+    compose_mod = importlib.import_module("fastunlearn.compose")  # the module (fu.compose is the function)
+    calls = []
+    real = head_refit_mod.head_inputs
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(head_refit_mod, "head_inputs", counted)
+    monkeypatch.setattr(compose_mod, "head_inputs", counted)
+    scaled = trained_model("scaled")  # something runs after the head: its inputs cannot stand for it
+    x, y = data()
+    fx, fl = data(30, seed=9)
+    got = refit_head(scaled, (x, y), forget=(fx, fl), epochs=1, lr=0.05, seed=2)
+    assert len(calls) == 1, "one feature pass, then the loop through the backbone"
+    want = fu.compose(scaled, scaled, remain=(torch.cat([x, fx]), torch.cat([y, fl])), finetune="head", epochs=1,
+                      lr=0.05, batch_size=128, seed=2, progress=False)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(got.parameters(), want.parameters()))

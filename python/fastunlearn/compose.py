@@ -100,11 +100,15 @@ def compose(backbone: nn.Module, head: nn.Module, *, head_name: Optional[str] = 
                                progress)
 
 
-def finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress):
+def finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress,
+                       try_cache: bool = True):
+    """Fine-tune ``model`` (in place) on (rx, ry): its head alone (mode "head", backbone frozen) or
+    all of it ("full"). A head is trained on its cached inputs (nn.head_fit) unless they cannot
+    stand for it or try_cache is False (the caller found so already)."""
     model.to(dev)
     norm = Normalizer(mean, std, rx.shape[1], dev)
     head = model.get_submodule(head_name)
-    if mode == "head":
+    if mode == "head" and try_cache:
         # A frozen backbone gives each image the same head input every epoch: train on them cached.
         model.requires_grad_(False)
         cached = head_inputs(model, head, rx, norm, dev)

@@ -118,13 +118,17 @@ def refit_head_(model: nn.Module, rx, ry, *, forget=None, epochs: int, lr: float
     was = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
-        cached = [head_inputs(model, head, x, norm, device) for x, _ in parts]
+        cached = []
+        for x, _ in parts:  # stop at the first set whose head inputs cannot stand for the head
+            cached.append(head_inputs(model, head, x, norm, device))
+            if cached[-1] is None:
+                break
         y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
-        if any(c is None for c in cached):
+        if cached[-1] is None:
             # x[0:len(x)]: the whole set as one tensor (a Dataset's rows are read in batches otherwise).
             x = torch.cat([x[0:len(x)] for x, _ in parts])
             return finetune_on_remain(model, name, x, y, "head", epochs, lr, batch_size, mean, std, device, seed,
-                                      progress)
+                                      progress, try_cache=False)
         train_head(head, torch.cat([c[0] for c in cached]), y, epochs, lr, batch_size, seed, progress)
     finally:
         for p, g in zip(model.parameters(), was):
