@@ -79,7 +79,7 @@ def test_equals_compose_head_finetune(arch, monkeypatch):
     x, y = data()
     mean, std = [0.5, 0.4, 0.5], [0.3, 0.3, 0.2]
     got = refit_head(model, (x, y), epochs=2, lr=0.05, batch_size=32, mean=mean, std=std, seed=3)
-    monkeypatch.setattr(compose, "head_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(compose, "fit_head_cached", lambda *a, **k: False)
     want = fu.compose(model, model, remain=(x, y), finetune="head", epochs=2, lr=0.05, batch_size=32, mean=mean,
                       std=std, seed=3, progress=False)
     head = {"allcnn": "classifier", "resnet18": "fc", "sequential": "5", "scaled": "head"}[arch]
@@ -247,18 +247,16 @@ def test_head_inputs_run_channels_last_and_leave_the_models_layout(layout):
 
 
 def test_a_head_that_cannot_be_cached_is_tried_once_then_trained_through_the_backbone(monkeypatch):
-    import fastunlearn.head_refit as head_refit_mod
+    import fastunlearn.nn.head_fit as head_fit_mod
 
-    compose_mod = importlib.import_module("fastunlearn.compose")  # the module (fu.compose is the function)
     calls = []
-    real = head_refit_mod.head_inputs
+    real = head_fit_mod._feature_pass
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(head_refit_mod, "head_inputs", counted)
-    monkeypatch.setattr(compose_mod, "head_inputs", counted)
+    monkeypatch.setattr(head_fit_mod, "_feature_pass", counted)
     scaled = trained_model("scaled")  # something runs after the head: its inputs cannot stand for it
     x, y = data()
     fx, fl = data(30, seed=9)

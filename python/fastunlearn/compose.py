@@ -19,7 +19,7 @@ import torch.nn as nn
 from fastunlearn import reference
 from fastunlearn.data import validate
 from fastunlearn.data.pixels import Normalizer, as_pixels
-from fastunlearn.nn.head_fit import head_inputs, train_head
+from fastunlearn.nn.head_fit import fit_head_cached
 from fastunlearn.nn.models import head_of
 from fastunlearn.runtime.progress import progress_bar
 
@@ -100,23 +100,25 @@ def compose(backbone: nn.Module, head: nn.Module, *, head_name: Optional[str] = 
                                progress)
 
 
-def finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress,
-                       try_cache: bool = True):
+def finetune_on_remain(model, head_name, rx, ry, mode, epochs, lr, batch_size, mean, std, dev, seed, progress):
     """Fine-tune ``model`` (in place) on (rx, ry): its head alone (mode "head", backbone frozen) or
     all of it ("full"). A head is trained on its cached inputs (nn.head_fit) unless they cannot
-    stand for it or try_cache is False (the caller found so already)."""
+    stand for it."""
     model.to(dev)
     norm = Normalizer(mean, std, rx.shape[1], dev)
     head = model.get_submodule(head_name)
-    if mode == "head" and try_cache:
+    if mode == "head":
         # A frozen backbone gives each image the same head input every epoch: train on them cached.
         model.requires_grad_(False)
-        cached = head_inputs(model, head, rx, norm, dev)
-        if cached is not None:
-            train_head(head, cached[0], torch.as_tensor(ry).reshape(-1).long(), epochs, lr, batch_size, seed,
-                       progress)
+        if fit_head_cached(model, head, [(rx, ry)], norm, dev, epochs, lr, batch_size, seed, progress):
             model.requires_grad_(True)
             return model.eval()
+    return finetune_through_model(model, head, rx, ry, mode, epochs, lr, batch_size, norm, dev, seed, progress)
+
+
+def finetune_through_model(model, head, rx, ry, mode, epochs, lr, batch_size, norm, dev, seed, progress):
+    """finetune_on_remain's loop through the whole model: SGD (momentum 0.9) on seeded batches,
+    the backbone frozen in eval mode for mode "head"."""
     params = list(head.parameters()) if mode == "head" else list(model.parameters())
     model.requires_grad_(mode == "full")
     head.requires_grad_(True)

@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastunlearn.compose import finetune_on_remain
+from fastunlearn.compose import finetune_through_model
 from fastunlearn.data import validate
 from fastunlearn.data.pixels import Normalizer
-from fastunlearn.nn.head_fit import head_inputs, train_head
+from fastunlearn.nn.head_fit import fit_head_cached
 from fastunlearn.nn.models import head_of
 
 # Rows per SGD step of a config's head re-fit (UnlearnConfig.head_refit_*): compose's default batch.
@@ -78,7 +78,7 @@ def refit_head(model: nn.Module, remain, *, forget=None, epochs: int = 1, lr: fl
     the forget images with the labels the unlearning gave them, so that re-fitting the head on
     the remain classes does not hand the forgotten images back their old class. head_name: the head's submodule (default
     models.head_of). Where the head's output is not the model's output, the head is trained
-    through the frozen backbone instead (compose.finetune_on_remain), with the same result
+    through the frozen backbone instead (compose.finetune_through_model), with the same result
     and a forward pass per epoch. ``model`` is not modified.
     """
     validate.check_model(model)
@@ -118,18 +118,12 @@ def refit_head_(model: nn.Module, rx, ry, *, forget=None, epochs: int, lr: float
     was = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
-        cached = []
-        for x, _ in parts:  # stop at the first set whose head inputs cannot stand for the head
-            cached.append(head_inputs(model, head, x, norm, device))
-            if cached[-1] is None:
-                break
-        y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
-        if cached[-1] is None:
+        if not fit_head_cached(model, head, parts, norm, device, epochs, lr, batch_size, seed, progress):
             # x[0:len(x)]: the whole set as one tensor (a Dataset's rows are read in batches otherwise).
             x = torch.cat([x[0:len(x)] for x, _ in parts])
-            return finetune_on_remain(model, name, x, y, "head", epochs, lr, batch_size, mean, std, device, seed,
-                                      progress, try_cache=False)
-        train_head(head, torch.cat([c[0] for c in cached]), y, epochs, lr, batch_size, seed, progress)
+            y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
+            return finetune_through_model(model, head, x, y, "head", epochs, lr, batch_size, norm, device, seed,
+                                          progress)
     finally:
         for p, g in zip(model.parameters(), was):
             p.requires_grad_(g)

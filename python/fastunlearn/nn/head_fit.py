@@ -8,6 +8,8 @@ instead of one per epoch. Used by compose's head fine-tune and by the recipe's h
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -19,18 +21,25 @@ from fastunlearn.runtime.progress import progress_bar
 FEATURE_BATCH = 512
 
 
-@torch.no_grad()
-def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, batch_size: int = FEATURE_BATCH):
-    """(inputs of ``head``, logits of ``model``) on images ``x``, the model in eval mode.
-
-    The pass runs in the layout the train step would use (nn.layout.default_channels_last:
+@contextlib.contextmanager
+def _train_step_layout(model: nn.Module, device):
+    """The model in the layout the train step would use (nn.layout.default_channels_last:
     channels_last for conv models, where a small CNN's forward runs several times faster on
-    CPU); the model is put back in its own layout afterwards.
+    CPU), put back in its own layout on exit. Yields whether that layout is channels_last."""
+    was_cl = model_is_channels_last(model)
+    cl = default_channels_last(model, torch.device(device))
+    if cl != was_cl:
+        model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    try:
+        yield cl
+    finally:
+        if cl != was_cl:
+            model.to(memory_format=torch.channels_last if was_cl else torch.contiguous_format)
 
-    Returns None when the head is not called exactly once per forward with one tensor, or when
-    its output is not the model's output (something runs after it): its inputs alone then do
-    not determine the logits, and the head cannot be trained on them.
-    """
+
+@torch.no_grad()
+def _feature_pass(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, cl: bool, batch_size: int):
+    """head_inputs with the model already in its layout (``cl``: channels_last inputs)."""
     caught, calls = [], []
 
     def hook(module, args):
@@ -39,10 +48,6 @@ def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, 
             caught.append(args[0].detach().float())
 
     model.eval()
-    was_cl = model_is_channels_last(model)
-    cl = default_channels_last(model, torch.device(device))
-    if cl != was_cl:
-        model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     handle = head.register_forward_pre_hook(hook)
     logits = []
     try:
@@ -54,14 +59,44 @@ def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, 
                 return None
     finally:
         handle.remove()
-        if cl != was_cl:
-            model.to(memory_format=torch.channels_last if was_cl else torch.contiguous_format)
     feats, logits = torch.cat(caught), torch.cat(logits)
     probe = slice(0, min(len(feats), 64))
     again = head(feats[probe]).float()
     if again.shape != logits[probe].shape or not torch.allclose(again, logits[probe], rtol=1e-4, atol=1e-4):
         return None
     return feats, logits
+
+
+def head_inputs(model: nn.Module, head: nn.Module, x, norm: Normalizer, device, batch_size: int = FEATURE_BATCH):
+    """(inputs of ``head``, logits of ``model``) on images ``x``, the model in eval mode.
+
+    The pass runs in the train step's layout (_train_step_layout); the model is put back in
+    its own layout afterwards.
+
+    Returns None when the head is not called exactly once per forward with one tensor, or when
+    its output is not the model's output (something runs after it): its inputs alone then do
+    not determine the logits, and the head cannot be trained on them.
+    """
+    with _train_step_layout(model, device) as cl:
+        return _feature_pass(model, head, x, norm, device, cl, batch_size)
+
+
+def fit_head_cached(model: nn.Module, head: nn.Module, parts, norm: Normalizer, device, epochs: int, lr: float,
+                    batch_size: int, seed: int, progress: bool) -> bool:
+    """Train ``head`` (in place) on its cached inputs over the images of every (x, y) in
+    ``parts``, concatenated in order: one feature pass per part, in one layout switch. Returns
+    False, having trained nothing, at the first part whose head inputs cannot stand for the
+    head (head_inputs' None): the caller then trains through the backbone."""
+    feats = []
+    with _train_step_layout(model, device) as cl:
+        for x, _ in parts:
+            got = _feature_pass(model, head, x, norm, device, cl, FEATURE_BATCH)
+            if got is None:
+                return False
+            feats.append(got[0])
+    y = torch.cat([torch.as_tensor(t).reshape(-1).long().cpu() for _, t in parts])
+    train_head(head, torch.cat(feats), y, epochs, lr, batch_size, seed, progress)
+    return True
 
 
 def train_head(head: nn.Module, feats: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int,
