@@ -131,10 +131,10 @@ def pareto_front(points: Sequence[SweepPoint]) -> list:
 
 # -------------------------------------------------------------- relabel modes
 # ---------------------------------------------------------------- the sweep
-def _grid(grid: Optional[dict], recipe_epochs: int) -> dict:
-    """DEFAULT_GRID with ``grid``'s keys replaced, checked; epochs [recipe_epochs] unless given."""
+def _grid(grid: Optional[dict], default_epochs: int) -> dict:
+    """DEFAULT_GRID with ``grid``'s keys replaced, checked; epochs [default_epochs] unless given."""
     g = {k: list(v) for k, v in DEFAULT_GRID.items()}
-    g["epochs"] = [recipe_epochs]
+    g["epochs"] = [default_epochs]
     if grid is not None:
         unknown = set(grid) - set(GRID_KEYS)
         if unknown:
